@@ -1,0 +1,100 @@
+"""The `mesh-convert` command line.
+
+`mesh-convert MODEL --loops K` converts (the default command); other work lives in
+subcommands (`mesh-convert eval ...`, `mesh-convert push ...`). Every failure that a user can
+cause is a `UserError`, printed as one line with a non-zero exit; `--debug` shows tracebacks.
+"""
+
+import os
+import sys
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from .errors import UserError
+
+err_console = Console(stderr=True)
+
+
+class DefaultToConvert(TyperGroup):
+    """Routes `mesh-convert MODEL ...` to the `convert` command, so that the common case needs
+    no subcommand while `mesh-convert eval ...` etc. still work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        first = next((a for a in args if a != "--debug"), None)
+        if first is not None and first not in self.commands and first not in ("--help", "-h", "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultToConvert,
+    help="Convert pretrained GPT-NeoX (Pythia) checkpoints into MeSH recursive transformers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"mesh-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    if debug:
+        os.environ["MESH_CONVERT_DEBUG"] = "1"
+
+
+def _register_commands():
+    from . import cli_convert
+
+    cli_convert.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("MESH_CONVERT_DEBUG") == "1"
+    _register_commands()
+    try:
+        app(args=args, standalone_mode=False, prog_name="mesh-convert")
+    except UserError as error:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return 1
+    except click.exceptions.Exit as exit_:
+        return exit_.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        err_console.print("[bold red]error:[/] interrupted", highlight=False)
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("[bold red]error:[/] interrupted", highlight=False)
+        return 130
+    except Exception as error:  # a bug: say so in one line, unless --debug
+        if debug:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

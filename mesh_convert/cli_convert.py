@@ -1,0 +1,147 @@
+"""`mesh-convert MODEL --loops K [options]`: plan or run a conversion, with tables and --json."""
+
+import json
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _options_error(error: ValidationError) -> UserError:
+    first = error.errors()[0]
+    flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+    return UserError(f"{flag}: {first['msg']}")
+
+
+def _plan_tables(plan) -> list[Table]:
+    params, layout = plan.params, plan.layout
+    summary = Table(title=f"{plan.options.model} -> MeSH {layout.text}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("source", plan.mesh_config.provenance["source"]["model"])
+    summary.add_row("layout", f"{layout.text}  (prelude {layout.prelude}, core {layout.core} x {layout.loops} loops, coda {layout.coda})")
+    summary.add_row("variant", plan.mesh_config.variant)
+    if plan.mesh_config.variant == "mesh":
+        summary.add_row("memory", f"{plan.mesh_config.num_slots} slots, router gap {plan.mesh_config.router_gap:g}")
+    summary.add_row("tie", plan.options.tie)
+    summary.add_row("relax rank", str(plan.mesh_config.relax_rank))
+    summary.add_row("dtype", plan.dtype_name)
+    summary.add_row("output", str(plan.output_dir))
+
+    counts = Table(title="parameters", title_justify="left")
+    counts.add_column("")
+    counts.add_column("count", justify="right")
+    counts.add_row("original non-embedding", f"{params['original_nonembedding']:,}")
+    counts.add_row("converted non-embedding", f"{params['converted_nonembedding']:,}")
+    counts.add_row("routers", f"{params['routers']:,}")
+    counts.add_row("relax deltas", f"{params['relax']:,}")
+    counts.add_row("embedding + head", f"{params['embedding']:,}")
+    counts.add_row("reduction (non-embedding)", f"{params['reduction']:.1%}")
+
+    layers = Table(title="layer map", title_justify="left")
+    layers.add_column("unique layer")
+    layers.add_column("original layers it is made from")
+    layers.add_column("runs as unrolled layers")
+    layer_map = plan.mesh_config.provenance["layer_map"]
+    loop_sources = plan.mesh_config.provenance["loop_sources"]
+    for j, sources in enumerate(layer_map["prelude"]):
+        layers.add_row(f"prelude {j}", _ints(sources), str(sources[0]))
+    for i, sources in enumerate(layer_map["core"]):
+        joined = "mean of " + _ints(sources) if len(sources) > 1 else _ints(sources)
+        layers.add_row(f"core {i}", joined, _ints([loop[i] for loop in loop_sources]))
+    for j, sources in enumerate(layer_map["coda"]):
+        layers.add_row(f"coda {j}", _ints(sources), str(sources[0]))
+    return [summary, counts, layers]
+
+
+def _ints(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def convert_command(
+    model: str = typer.Argument(..., help="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
+    loops: int = typer.Option(..., "--loops", "-k", help="K: how many times the shared core runs."),
+    prelude: int | None = typer.Option(None, "--prelude", help="P unshared bottom layers (default: the paper's layout)."),
+    coda: int | None = typer.Option(None, "--coda", help="Q unshared top layers (default: the paper's layout)."),
+    variant: str = typer.Option("mesh", "--variant", help="mesh | base | residual | anchor | anchor_emb"),
+    tie: str = typer.Option("average", "--tie", help="How a core layer is made from its K stand-ins: average | stepwise | lower | upper"),
+    slots: int | None = typer.Option(None, "--slots", help="B memory slots (default K+3)."),
+    router_gap: float | None = typer.Option(None, "--router-gap", help="Logit gap of the function-preserving router init."),
+    relax_rank: str = typer.Option("0", "--relax-rank", help="Per-loop delta rank: 0 (none), N, or full (exact)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (as the source) | float32 | float16 | bfloat16"),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision, e.g. step143000 for Pythia."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory (default ./<model>-mesh-<layout>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 500MB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; downloads no weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+):
+    """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
+    from .convert import ConvertOptions, command_line, convert, make_plan
+    from .plan import DEFAULT_ROUTER_GAP
+
+    try:
+        options = ConvertOptions(
+            model=model,
+            loops=loops,
+            prelude=prelude,
+            coda=coda,
+            variant=variant,
+            tie=tie,
+            slots=slots,
+            router_gap=DEFAULT_ROUTER_GAP if router_gap is None else router_gap,
+            relax_rank=relax_rank,
+            dtype=dtype,
+            revision=revision,
+            output=output,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+        )
+    except ValidationError as error:
+        raise _options_error(error) from None
+
+    plan = make_plan(options, command=command_line())
+    if dry_run:
+        if as_json:
+            typer.echo(json.dumps(plan.to_dict(), indent=2))
+        else:
+            for table in _plan_tables(plan):
+                console.print(table)
+        return
+
+    with _progress(enabled=not as_json) as progress:
+        result = convert(plan, progress)
+    if as_json:
+        info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
+        typer.echo(json.dumps(info, indent=2))
+        return
+    summary, counts, _ = _plan_tables(plan)
+    summary.add_row("written", f"{len(result.shards)} shard(s), {result.bytes_written / 2**20:,.1f} MiB in {result.seconds:.1f} s")
+    console.print(summary)
+    console.print(counts)
+    console.print(f"[green]done:[/] {result.output_dir}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert_command)

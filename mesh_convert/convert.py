@@ -1,0 +1,458 @@
+"""Converting a pretrained checkpoint into a MeSH recursive model (spec section 5).
+
+The conversion streams: tensors are read lazily one layer group at a time (an embedding, a
+prelude layer, the K stand-ins of one core position, ...), and each output shard is written
+as soon as all its tensors exist, so peak memory stays near one shard plus one group. The
+result is built in a hidden directory beside the target and renamed into place at the end.
+"""
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save_file
+from transformers import GenerationConfig, PreTrainedConfig
+
+from . import __version__
+from .checkpoint import (
+    TOKENIZER_FILES,
+    CheckpointReader,
+    SourceRef,
+    fetch_checkpoint,
+    fetch_config,
+    load_source_config,
+    resolve_source,
+)
+from .configuration_mesh import MeshConfig
+from .errors import UserError
+from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, SourceFamily, layer_tensor_names, source_family
+from .modeling_mesh import FAMILIES, MeshForCausalLM, relax_is_dense
+from .plan import (
+    DEFAULT_ROUTER_GAP,
+    Layout,
+    count_parameters,
+    layer_map,
+    loop_sources,
+    mesh_config_from_source,
+    resolve_layout,
+    shared_sources,
+)
+from .pythia import parse_alias, pythia_config
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_mesh.MeshConfig",
+    "AutoModel": "modeling_mesh.MeshModel",
+    "AutoModelForCausalLM": "modeling_mesh.MeshForCausalLM",
+}
+
+
+class ConvertOptions(BaseModel):
+    """Everything a conversion depends on; the CLI (and recipes) build this, and it validates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    loops: int = Field(ge=1)
+    prelude: int | None = Field(default=None, ge=0)
+    coda: int | None = Field(default=None, ge=0)
+    variant: Literal["mesh", "base", "residual", "anchor", "anchor_emb"] = "mesh"
+    tie: Literal["average", "stepwise", "lower", "upper"] = "average"
+    slots: int | None = Field(default=None, ge=2)
+    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0)
+    relax_rank: int | Literal["full"] = 0
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    revision: str | None = None
+    output: Path | None = None
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+    @field_validator("relax_rank", mode="before")
+    @classmethod
+    def _parse_rank(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "full":
+            return "full"
+        try:
+            rank = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a non-negative integer or 'full'") from None
+        if rank < 0:
+            raise ValueError("must be a non-negative integer or 'full'")
+        return rank
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _parse_size(cls, value: str):
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            if parse_size_to_int(value) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError("must be a size like 500MB or 5GB") from None
+        return value
+
+
+@dataclass
+class ConversionPlan:
+    options: ConvertOptions
+    source: SourceRef
+    source_config: PreTrainedConfig
+    layout: Layout
+    mesh_config: MeshConfig
+    params: dict
+    command: str = ""
+
+    @property
+    def family(self) -> SourceFamily:
+        return source_family(self.source_config.model_type)
+
+    @property
+    def output_dir(self) -> Path:
+        if self.options.output is not None:
+            return self.options.output
+        base = Path(self.source.name.rstrip("/")).name
+        return Path(f"{base}-mesh-{self.layout.text}")
+
+    def to_dict(self) -> dict:
+        """The full plan and provenance, as written to conversion.json and printed by --dry-run --json."""
+        config = self.mesh_config
+        return {
+            "mesh_convert_version": __version__,
+            "command": self.command,
+            "source": config.provenance["source"],
+            "layout": self.layout.text,
+            "prelude": self.layout.prelude,
+            "core": self.layout.core,
+            "loops": self.layout.loops,
+            "coda": self.layout.coda,
+            "variant": config.variant,
+            "tie": self.options.tie,
+            "slots": config.num_slots if config.variant == "mesh" else None,
+            "router_gap": config.router_gap if config.variant == "mesh" else None,
+            "relax_rank": config.relax_rank,
+            "dtype": self.dtype_name,
+            "layer_map": config.provenance["layer_map"],
+            "loop_sources": config.provenance["loop_sources"],
+            "params": self.params,
+            "output": str(self.output_dir),
+            "training": None,
+            "eval_results": None,
+        }
+
+    @property
+    def dtype_name(self) -> str:
+        if self.options.dtype != "auto":
+            return self.options.dtype
+        dtype = getattr(self.source_config, "dtype", None) or torch.float32
+        name = str(dtype).removeprefix("torch.")
+        return name if name in DTYPES else "float32"
+
+
+def make_plan(options: ConvertOptions, command: str = "") -> ConversionPlan:
+    """Resolve the source, its architecture and the layout, without reading any weights.
+
+    For `pythia-<size>` aliases the architecture is built in, so this works offline."""
+    ref = resolve_source(options.model, options.revision)
+    alias = parse_alias(options.model) if ref.local_dir is None else None
+    source_config = pythia_config(alias.size) if alias else load_source_config(fetch_config(ref))
+    family = source_family(source_config.model_type)
+    try:
+        layout = resolve_layout(source_config.num_hidden_layers, options.loops, options.prelude, options.coda)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    slots = options.slots if options.slots is not None else layout.loops + 3
+    if options.variant == "mesh" and slots < layout.loops + 2:
+        raise UserError(
+            f"--slots {slots} is too few for {layout.loops} loops: the function-preserving router init needs "
+            f"K+2 = {layout.loops + 2} slots (one per step plus the embedding); the paper's default is K+3"
+        )
+    provenance = {
+        "source": {
+            "model": ref.repo_id or str(ref.local_dir),
+            "revision": ref.revision,
+            "model_type": family.model_type,
+            "license": "apache-2.0" if alias else None,
+            "num_layers": source_config.num_hidden_layers,
+            "hidden_size": source_config.hidden_size,
+            "num_attention_heads": source_config.num_attention_heads,
+        },
+        "tie": options.tie,
+        "layer_map": layer_map(layout, options.tie),
+        "loop_sources": loop_sources(layout),
+        "router_gap": options.router_gap,
+        "relax_rank": options.relax_rank,
+    }
+    mesh_config = mesh_config_from_source(
+        source_config, layout, options.variant, slots, options.router_gap, options.relax_rank, provenance
+    )
+    params = count_parameters(source_config, mesh_config)
+    return ConversionPlan(options, ref, source_config, layout, mesh_config, params, command)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensors of the converted model, one layer group at a time.
+# ---------------------------------------------------------------------------------------------
+
+
+def _delta_tensors(name: str, deltas: list[torch.Tensor], rank) -> dict[str, torch.Tensor]:
+    """Per-loop deltas of one shared tensor: exact for vectors (biases, norms) and dense matrices,
+    truncated SVD for low-rank ones (split as sqrt(S) on both factors, so both train alike)."""
+    if deltas[0].ndim == 1:
+        return {f"{name}_delta": torch.stack(deltas)}
+    out_features, in_features = deltas[0].shape
+    if relax_is_dense(rank, in_features, out_features):
+        return {f"{name}_delta": torch.stack(deltas)}
+    factors_in, factors_out = [], []
+    for delta in deltas:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        root = S[:rank].sqrt()
+        factors_out.append(U[:, :rank] * root)
+        factors_in.append(root[:, None] * Vh[:rank])
+    return {f"{name}_delta_in": torch.stack(factors_in), f"{name}_delta_out": torch.stack(factors_out)}
+
+
+def _router_tensors(config: MeshConfig) -> dict[str, torch.Tensor]:
+    """Function-preserving routers (spec section 5): zero weights, and a bias that puts almost all
+    mass on the step's own slot (transitional step -> slot 1, loop t -> slot t+2), for writing and
+    reading alike, so each step reads back exactly what it wrote."""
+    tensors = {}
+    for step in range(config.num_router_pairs):
+        bias = torch.zeros(config.num_slots)
+        bias[step + 1] = config.router_gap
+        for kind in ("write_routers", "read_routers"):
+            tensors[f"model.memory.{kind}.{step}.weight"] = torch.zeros(config.num_slots, config.hidden_size)
+            tensors[f"model.memory.{kind}.{step}.bias"] = bias.clone()
+    return tensors
+
+
+def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield (label, {output name: float32 tensor}) in the order of the model's state dict."""
+    family, layout, config = plan.family, plan.layout, plan.mesh_config
+    names = layer_tensor_names(config)
+
+    def load(name: str) -> torch.Tensor:
+        return reader.get(name).to(torch.float32)
+
+    def copy_layer(stage: str, position: int, source_layer: int):
+        prefix = family.layer(source_layer)
+        return {f"model.{stage}.{position}.{name}": load(prefix + name) for name in names}
+
+    yield "embedding", {MESH_EMBED: load(family.embed)}
+    for j in range(layout.prelude):
+        yield f"prelude layer {j}", copy_layer("prelude", j, j)
+
+    shared = shared_sources(layout, plan.options.tie)
+    stand_ins = loop_sources(layout)
+    for i in range(layout.core):
+        group = {}
+        for name in names:
+            originals = {layer: load(family.layer(layer) + name) for layer in {*shared[i], *(s[i] for s in stand_ins)}}
+            shared_tensor = torch.stack([originals[layer] for layer in shared[i]]).mean(0)
+            group[f"model.core.{i}.{name}"] = shared_tensor
+            if config.relax_rank != 0:
+                deltas = [originals[loop[i]] - shared_tensor for loop in stand_ins]
+                group.update(
+                    (f"model.core.{i}.{key}", value)
+                    for key, value in _delta_tensors(name, deltas, config.relax_rank).items()
+                )
+        yield f"core layer {i}", group
+
+    first_coda = layout.unrolled_layers - layout.coda
+    for j in range(layout.coda):
+        yield f"coda layer {j}", copy_layer("coda", j, first_coda + j)
+    yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in ("weight", "bias")}
+    if config.variant == "mesh":
+        yield "routers", _router_tensors(config)
+    if not config.tie_word_embeddings:
+        head = next(name for name in family.heads if name in reader)
+        yield "output head", {MESH_HEAD: load(head)}
+
+
+def expected_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The converted model's state dict on the meta device: names, shapes, order."""
+    with torch.device("meta"):
+        model = MeshForCausalLM(config).to(dtype)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop(MESH_HEAD)
+    return state
+
+
+def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None:
+    """Every tensor the conversion needs exists with the shape its config implies; checked before any output."""
+    family, config = plan.family, plan.mesh_config
+    with torch.device("meta"):
+        layer = FAMILIES[config.base_model_type].layer(config)
+    layer_shapes = {name: tuple(tensor.shape) for name, tensor in layer.state_dict().items()}
+    embedding = (config.vocab_size, config.hidden_size)
+    wanted = {family.embed: embedding, family.final_norm + "weight": (config.hidden_size,)}
+    for layer in range(plan.layout.unrolled_layers):
+        wanted.update({family.layer(layer) + name: shape for name, shape in layer_shapes.items()})
+    if not config.tie_word_embeddings:
+        head = next((name for name in family.heads if name in reader), family.heads[0])
+        wanted[head] = embedding
+    for name, shape in wanted.items():
+        if name not in reader:
+            raise UserError(f"the checkpoint lacks tensor {name} (truncated, or not a {family.model_type} model?)")
+        if reader.shape(name) != shape:
+            raise UserError(
+                f"tensor {name} has shape {list(reader.shape(name))}, but config.json implies {list(shape)}"
+            )
+
+
+def convert_state_dict(reader: CheckpointReader, plan: ConversionPlan) -> dict[str, torch.Tensor]:
+    """All converted tensors at once, in memory (for small models and the Python API)."""
+    dtype = DTYPES[plan.dtype_name]
+    state = {}
+    for _, group in iter_tensor_groups(reader, plan):
+        state.update((name, tensor.to(dtype)) for name, tensor in group.items())
+    return state
+
+
+def convert_model(model, loops: int, **options) -> MeshForCausalLM:
+    """Convert an in-memory source model (e.g. a `GPTNeoXForCausalLM`) into a `MeshForCausalLM`.
+
+    `options` are those of `ConvertOptions` (prelude, coda, variant, tie, slots, router_gap, relax_rank, dtype)."""
+    with tempfile.TemporaryDirectory() as config_dir:
+        model.config.save_pretrained(config_dir)
+        plan = make_plan(ConvertOptions(model=config_dir, loops=loops, **options))
+    plan.options = plan.options.model_copy(update={"model": type(model).__name__})
+    reader = CheckpointReader(state_dict=model.state_dict())
+    check_source_tensors(reader, plan)
+    converted = MeshForCausalLM(plan.mesh_config)
+    converted.load_state_dict(convert_state_dict(reader, plan), strict=not plan.mesh_config.tie_word_embeddings)
+    converted.tie_weights()
+    return converted.to(DTYPES[plan.dtype_name]).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the output directory.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    plan: ConversionPlan
+    shards: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise UserError(f"output {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"output directory {target} exists and is not empty (use --overwrite to replace it)")
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A hidden directory beside `target` that replaces it on success and vanishes on any failure."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as error:
+        raise UserError(f"cannot write to {target.parent}: {error.strerror or error}") from None
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"writing {target} failed: {error.strerror or error}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan, progress) -> tuple[list[str], int]:
+    """Stream the converted tensors into safetensors shards, writing each shard once it is complete."""
+    dtype = DTYPES[plan.dtype_name]
+    expected = expected_tensors(plan.mesh_config, dtype)
+    split = split_torch_state_dict_into_shards(expected, max_shard_size=plan.options.max_shard_size)
+    total = sum(t.numel() * t.element_size() for t in expected.values())
+    task = progress.add_task("converting", total=total)
+    pending: dict[str, torch.Tensor] = {}
+    unwritten = dict(split.filename_to_tensors)
+
+    def flush_complete_shards():
+        for filename, names in list(unwritten.items()):
+            if all(name in pending for name in names):
+                save_file({name: pending.pop(name) for name in names}, staging / filename, metadata={"format": "pt"})
+                del unwritten[filename]
+
+    for label, group in iter_tensor_groups(reader, plan):
+        progress.update(task, description=label)
+        for name, tensor in group.items():
+            if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+                raise RuntimeError(f"converter produced {name} {tuple(tensor.shape)}, which the model does not expect")
+            pending[name] = tensor.to(dtype).contiguous()
+            progress.advance(task, tensor.numel() * dtype.itemsize)
+        flush_complete_shards()
+    if unwritten:
+        missing = sorted(name for names in unwritten.values() for name in names if name not in pending)
+        raise RuntimeError(f"converter did not produce {missing[:5]}")
+    if split.is_sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return list(split.filename_to_tensors), total
+
+
+def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> None:
+    """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card."""
+    config = plan.mesh_config
+    config.dtype = DTYPES[plan.dtype_name]
+    config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(staging)
+    package_dir = Path(__file__).parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(package_dir / name, staging / name)
+    if (source_dir / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(source_dir)
+    else:
+        generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(staging)
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, staging / name)
+    info = plan.to_dict()
+    (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+    from .card import write_model_card
+
+    write_model_card(staging, info)
+
+
+def convert(plan: ConversionPlan, progress) -> ConversionResult:
+    """Run a planned conversion; `progress` is a rich Progress (or anything with its task methods)."""
+    started = time.perf_counter()
+    target = plan.output_dir
+    check_target(target, plan.options.overwrite)
+    source_dir = fetch_checkpoint(plan.source)
+    reader = CheckpointReader(source_dir)
+    check_source_tensors(reader, plan)
+    with staged_directory(target) as staging:
+        shards, total = write_weights(staging, reader, plan, progress)
+        write_metadata(staging, source_dir, plan)
+    return ConversionResult(target, plan, shards, total, time.perf_counter() - started)
+
+
+def command_line() -> str:
+    return " ".join(["mesh-convert", *sys.argv[1:]])

@@ -1,0 +1,199 @@
+"""The conversion plan: which layout, which original layers feed which unique layer, and how
+many parameters the result has. Pure bookkeeping, no weights (spec sections 1 and 5)."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedConfig
+
+from .configuration_mesh import MeshConfig
+from .families import source_family
+from .modeling_mesh import MeshForCausalLM
+
+TIES = ("average", "stepwise", "lower", "upper")
+# Logit gap of the function-preserving router init (spec section 5): off-target mass is
+# (B-1)*e^-gap. See BENCHMARKS.md / scripts/bench_router_gap.py for how it was chosen.
+DEFAULT_ROUTER_GAP = 8.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    prelude: int
+    core: int
+    loops: int
+    coda: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
+
+    @property
+    def unrolled_layers(self) -> int:
+        return self.prelude + self.core * self.loops + self.coda
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _layouts(num_layers: int, loops: int, min_outer: int = 1) -> list[Layout]:
+    """Every compute-matched layout P + C*K + Q = num_layers with C >= 1 and P, Q >= min_outer."""
+    layouts = []
+    for core in range(1, num_layers // loops + 1):
+        rest = num_layers - core * loops
+        for prelude in range(min_outer, rest - min_outer + 1):
+            layouts.append(Layout(prelude, core, loops, rest - prelude))
+    return layouts
+
+
+def default_layout(num_layers: int, loops: int) -> Layout:
+    """The paper's rule: prelude = coda ~ C/2, i.e. C ~ N/(K+1), with the outer layers split evenly.
+
+    Reproduces 2+4R2+2 (12 layers), 4+8R2+4 and 3+6R3+3 (24), 3+5R2+3 (16). Among the layouts
+    closest to C = N/(K+1), an even split of the outer layers wins; an odd extra layer goes to the coda.
+    """
+    if loops < 1:
+        raise ValueError("--loops must be at least 1")
+    balanced = [layout for layout in _layouts(num_layers, loops) if 0 <= layout.coda - layout.prelude <= 1]
+    if not balanced:
+        raise ValueError(
+            f"{num_layers} layers are too few for {loops} loops with at least one prelude and one coda layer"
+        )
+    target = num_layers / (loops + 1)
+    return min(balanced, key=lambda l: (abs(l.core - target), l.coda != l.prelude, -l.core))
+
+
+def resolve_layout(num_layers: int, loops: int, prelude: int | None = None, coda: int | None = None) -> Layout:
+    """The default layout, or the one the user's --prelude/--coda pin down, or a ValueError that names
+    layouts that would work."""
+    if prelude is None and coda is None:
+        return default_layout(num_layers, loops)
+    if loops < 1:
+        raise ValueError("--loops must be at least 1")
+    for name, value in (("--prelude", prelude), ("--coda", coda)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0")
+    options = [
+        layout
+        for layout in _layouts(num_layers, loops, min_outer=0)
+        if (prelude is None or layout.prelude == prelude) and (coda is None or layout.coda == coda)
+    ]
+    if options:
+        # With one of the two given, the other follows as close to it as the layer count allows.
+        given = prelude if prelude is not None else coda
+        return min(options, key=lambda l: (abs(l.prelude - l.coda), -l.core, abs(l.prelude - given)))
+    asked = " ".join(f"{flag} {value}" for flag, value in (("--prelude", prelude), ("--coda", coda)) if value is not None)
+    rest = num_layers - (prelude or 0) - (coda or 0)
+    message = f"{asked} does not fit {num_layers} layers with {loops} loops"
+    if coda is not None and prelude is not None:
+        message += f" ({rest} layers are left for the core, not a positive multiple of {loops})"
+    valid = _layouts(num_layers, loops)
+    if not valid:
+        raise ValueError(f"{message}; no layout of {num_layers} layers fits {loops} loops")
+    near = sorted(valid, key=lambda l: abs(l.prelude - (prelude or l.prelude)) + abs(l.coda - (coda or l.coda)))[:4]
+    raise ValueError(f"{message}; these would: " + "; ".join(f"--prelude {l.prelude} --coda {l.coda} ({l.text})" for l in near))
+
+
+def loop_sources(layout: Layout) -> list[list[int]]:
+    """sources[t][i]: the original layer that loop t of core position i stands in for (P + t*C + i)."""
+    P, C = layout.prelude, layout.core
+    return [[P + t * C + i for i in range(C)] for t in range(layout.loops)]
+
+
+def shared_sources(layout: Layout, tie: str) -> list[list[int]]:
+    """For each core position, the original layers its shared weights are made from."""
+    P, C, K = layout.prelude, layout.core, layout.loops
+    stand_ins = [[P + t * C + i for t in range(K)] for i in range(C)]
+    if tie == "average":
+        return stand_ins
+    if tie == "lower":
+        return [[P + i] for i in range(C)]
+    if tie == "upper":
+        return [[P + (K - 1) * C + i] for i in range(C)]
+    if tie == "stepwise":
+        # round(linspace(P, P + C*K - 1, C)): evenly spaced over the middle block (Python rounds half to even, as numpy)
+        if C == 1:
+            return [[P]]
+        step = (C * K - 1) / (C - 1)
+        return [[P + round(i * step)] for i in range(C)]
+    raise ValueError(f"unknown tie strategy {tie!r}; choose one of {', '.join(TIES)}")
+
+
+def layer_map(layout: Layout, tie: str) -> dict[str, list[list[int]]]:
+    """Which original layers fed each unique layer (recorded in the config and conversion.json)."""
+    n = layout.unrolled_layers
+    return {
+        "prelude": [[j] for j in range(layout.prelude)],
+        "core": shared_sources(layout, tie),
+        "coda": [[n - layout.coda + j] for j in range(layout.coda)],
+    }
+
+
+def mesh_config_from_source(
+    source_config: PreTrainedConfig,
+    layout: Layout,
+    variant: str = "mesh",
+    slots: int | None = None,
+    router_gap: float | None = None,
+    relax_rank: int | str = 0,
+    provenance: dict | None = None,
+) -> MeshConfig:
+    family = source_family(getattr(source_config, "model_type", None))
+    if layout.unrolled_layers != source_config.num_hidden_layers:
+        raise ValueError(
+            f"layout {layout.text} unrolls to {layout.unrolled_layers} layers, "
+            f"but the model has {source_config.num_hidden_layers}"
+        )
+    return MeshConfig(
+        base_model_type=family.model_type,
+        num_prelude_layers=layout.prelude,
+        num_core_layers=layout.core,
+        num_loops=layout.loops,
+        num_coda_layers=layout.coda,
+        num_hidden_layers=layout.unrolled_layers,
+        variant=variant,
+        num_slots=slots,
+        router_gap=DEFAULT_ROUTER_GAP if router_gap is None else router_gap,
+        relax_rank=relax_rank,
+        provenance=provenance,
+        architectures=["MeshForCausalLM"],
+        **family.mesh_fields(source_config),
+    )
+
+
+def count_parameters(source_config: PreTrainedConfig, mesh_config: MeshConfig) -> dict[str, float]:
+    """Parameter counts of the original and the converted model, counted on the meta device.
+
+    `converted_nonembedding` is the unique layers plus the final norm, without routers or relax deltas.
+    """
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(source_config)
+        converted = MeshForCausalLM(mesh_config)
+
+    def embedding_params(model) -> int:
+        tensors = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+        return sum(p.numel() for p in tensors.values())
+
+    counts = {"original_nonembedding": sum(p.numel() for p in original.parameters()) - embedding_params(original)}
+    routers = relax = 0
+    for name, param in converted.named_parameters():
+        if name.startswith("model.memory."):
+            routers += param.numel()
+        elif "_delta" in name:
+            relax += param.numel()
+    embedding = embedding_params(converted)
+    total = sum(p.numel() for p in converted.parameters())
+    counts.update(
+        converted_nonembedding=total - embedding - routers - relax,
+        routers=routers,
+        relax=relax,
+        embedding=embedding,
+        total=total,
+    )
+    counts["reduction"] = 1 - counts["converted_nonembedding"] / counts["original_nonembedding"]
+    return counts
+
+
+def off_target_mass(slots: int, gap: float) -> float:
+    """Softmax mass that the function-preserving router init leaves off its target slot."""
+    return (slots - 1) * math.exp(-gap) / (1 + (slots - 1) * math.exp(-gap))

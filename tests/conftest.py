@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random checkpoints built in the tests, and `../shared` when present."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+import mesh_convert  # noqa: F401  (registers the Auto classes)
+from mesh_convert import MeshConfig, MeshForCausalLM
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_pythia_config(num_layers: int = 8, **overrides) -> GPTNeoXConfig:
+    """A Pythia-shaped config (parallel residual, 25% rotary, untied head), just very small."""
+    values = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    values.update(overrides)
+    return GPTNeoXConfig(**values)
+
+
+def make_tiny_pythia(path: Path, num_layers: int = 8, seed: int = 0, **overrides) -> GPTNeoXForCausalLM:
+    """Save a random tiny GPT-NeoX checkpoint (fp32 safetensors) at `path` and return it."""
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(tiny_pythia_config(num_layers, **overrides)).eval()
+    # Random LayerNorm parameters too, so that tying and averaging them is really tested.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def tiny_pythia(tmp_path) -> Path:
+    """Directory of a random 8-layer GPT-NeoX checkpoint."""
+    path = tmp_path / "tiny-pythia"
+    make_tiny_pythia(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mesh_model() -> MeshForCausalLM:
+    """A random MeSH model (1+3R2+1, 8 unrolled layers), not converted from anything."""
+    torch.manual_seed(0)
+    config = MeshConfig(
+        num_prelude_layers=1,
+        num_core_layers=3,
+        num_loops=2,
+        num_coda_layers=1,
+        num_hidden_layers=8,
+        vocab_size=128,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return MeshForCausalLM(config).eval()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent (it exists only in the project's own checkouts and CI)")
+    return SHARED
