@@ -6,6 +6,7 @@ cause is a `UserError`, printed as one line with a non-zero exit; `--debug` show
 """
 
 import os
+import shlex
 import sys
 
 import click
@@ -61,13 +62,23 @@ def _register_commands():
     cli_convert.register(app)
 
 
+_invoked_with: list[str] = []
+
+
+def invocation() -> str:
+    """The command line as the user typed it (recorded in conversion.json and model cards)."""
+    return shlex.join(["mesh-convert", *_invoked_with])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("MESH_CONVERT_DEBUG") == "1"
     _register_commands()
+    _invoked_with[:] = args
     try:
-        app(args=args, standalone_mode=False, prog_name="mesh-convert")
+        # Not standalone: typer then returns exit codes (130 for Ctrl-C) instead of exiting.
+        code = app(args=args, standalone_mode=False, prog_name="mesh-convert")
     except UserError as error:
         if debug:
             raise
@@ -93,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
-    return 0
+    if code == 130:
+        err_console.print("[bold red]error:[/] interrupted", highlight=False)
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ):
     """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
-    from .convert import ConvertOptions, command_line, convert, make_plan
+    from .cli import invocation
+    from .convert import ConvertOptions, convert, make_plan
     from .plan import DEFAULT_ROUTER_GAP
 
     try:
@@ -121,7 +122,7 @@ def convert_command(
     except ValidationError as error:
         raise _options_error(error) from None
 
-    plan = make_plan(options, command=command_line())
+    plan = make_plan(options, command=invocation())
     if dry_run:
         if as_json:
             typer.echo(json.dumps(plan.to_dict(), indent=2))

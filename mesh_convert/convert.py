@@ -8,7 +8,6 @@ result is built in a hidden directory beside the target and renamed into place a
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -452,7 +451,3 @@ def convert(plan: ConversionPlan, progress) -> ConversionResult:
         shards, total = write_weights(staging, reader, plan, progress)
         write_metadata(staging, source_dir, plan)
     return ConversionResult(target, plan, shards, total, time.perf_counter() - started)
-
-
-def command_line() -> str:
-    return " ".join(["mesh-convert", *sys.argv[1:]])

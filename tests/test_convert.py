@@ -1,0 +1,328 @@
+"""The converter: exactness, the layer maps, streaming, output layout, and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXForCausalLM, LlamaConfig
+
+from conftest import make_tiny_pythia
+from mesh_convert import convert as convert_module
+from mesh_convert.cli import main
+from mesh_convert.convert import convert_model
+from mesh_convert.plan import Layout, layer_map, resolve_layout, shared_sources
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def logits_of(path: Path, x: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "tiny-pythia"
+    model = make_tiny_pythia(path)
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return path, model, x, model(x).logits
+
+
+# --- exactness ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", ["average", "stepwise", "lower", "upper"])
+@pytest.mark.parametrize("loops", [2, 3])
+def test_full_relaxation_reproduces_the_original(source, tmp_path, capsys, tie, loops):
+    path, _, x, expected = source
+    for variant in ("mesh", "base"):
+        out = tmp_path / variant
+        code, _, err = run_cli(
+            capsys, path, "--loops", loops, "--tie", tie, "--relax-rank", "full", "--variant", variant,
+            "--router-gap", 40, "-o", out,
+        )
+        assert code == 0, err
+        torch.testing.assert_close(logits_of(out, x), expected, atol=1e-4, rtol=0)
+
+
+def test_one_loop_with_a_large_gap_is_exact(source, tmp_path, capsys):
+    path, _, x, expected = source
+    code, _, err = run_cli(capsys, path, "--loops", 1, "--router-gap", 40, "-o", tmp_path / "k1")
+    assert code == 0, err
+    torch.testing.assert_close(logits_of(tmp_path / "k1", x), expected, atol=1e-4, rtol=0)
+
+
+def test_tying_without_relaxation_changes_the_function_and_rank_interpolates(source):
+    _, model, x, expected = source
+    errors = {}
+    for rank in (0, 4, 16, "full"):
+        converted = convert_model(model, loops=2, relax_rank=rank, router_gap=40)
+        errors[rank] = (converted(x).logits - expected).abs().max().item()
+    assert errors[0] > 1e-2  # tying really ties
+    assert errors[0] > errors[4] > errors[16] > errors["full"]
+    assert errors["full"] < 1e-4
+
+
+def test_low_rank_deltas_are_the_truncated_svd(source):
+    _, model, _, _ = source
+    rank = 3
+    converted = convert_model(model, loops=2, relax_rank=rank)
+    layer = converted.model.core[0].attention.dense
+    original = model.gpt_neox.layers[1 + 1 * 3 + 0].attention.dense.weight  # loop 1 of core 0 in 1+3R2+1
+    delta = (original - layer.weight).detach()
+    best = torch.linalg.svd(delta)
+    truncated = best.U[:, :rank] @ torch.diag(best.S[:rank]) @ best.Vh[:rank]
+    produced = layer.weight_delta_out[1] @ layer.weight_delta_in[1]
+    torch.testing.assert_close(produced, truncated, atol=1e-5, rtol=1e-4)
+
+
+# --- plans and layer maps ----------------------------------------------------------------
+
+
+def test_layer_map_of_each_tie_strategy():
+    layout = Layout(4, 8, 2, 4)  # pythia-1.4b / 410m K=2
+    assert shared_sources(layout, "average")[0] == [4, 12]
+    assert shared_sources(layout, "lower") == [[4 + i] for i in range(8)]
+    assert shared_sources(layout, "upper") == [[12 + i] for i in range(8)]
+    # round(linspace(4, 19, 8)) = 4, 6.14, 8.29, 10.43, 12.57, 14.71, 16.86, 19
+    assert shared_sources(layout, "stepwise") == [[4], [6], [8], [10], [13], [15], [17], [19]]
+    mapping = layer_map(layout, "average")
+    assert mapping["prelude"] == [[0], [1], [2], [3]]
+    assert mapping["coda"] == [[20], [21], [22], [23]]
+    assert mapping["core"] == [[4 + i, 12 + i] for i in range(8)]
+
+
+def test_layout_options_and_their_errors():
+    assert resolve_layout(24, 3).text == "3+6R3+3"
+    assert resolve_layout(24, 2, prelude=2, coda=2).text == "2+10R2+2"
+    assert resolve_layout(12, 2, prelude=4).text == "4+2R2+4"
+    with pytest.raises(ValueError, match="--prelude 3 --coda 3 .*these would: .*4\\+4R4\\+4"):
+        resolve_layout(24, 4, prelude=3, coda=3)
+    with pytest.raises(ValueError, match="too few"):
+        resolve_layout(2, 2)
+
+
+def test_dry_run_json_for_pythia_1_4b_offline(capsys):
+    code, out, err = run_cli(capsys, "pythia-1.4b", "--loops", 2, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["layout"] == "4+8R2+4"
+    assert plan["params"]["original_nonembedding"] == 1_208_602_624
+    assert plan["params"]["converted_nonembedding"] == 805_736_448
+    assert plan["params"]["routers"] == 61_470
+    assert plan["params"]["relax"] == 0
+
+
+def test_the_users_command_line_works(capsys):
+    code, out, err = run_cli(capsys, "pythia-1.4b", "--loops", 3, "--dry-run")
+    assert code == 0, err
+    assert "3+6R3+3" in out and "1,208,602,624" in out and "mean of 3, 9, 15" in out
+
+
+def test_relaxation_is_counted(capsys):
+    code, out, _ = run_cli(capsys, "pythia-160m", "--loops", 2, "--relax-rank", 16, "--dry-run", "--json")
+    plan = json.loads(out)
+    D, K, C = 768, 2, 4
+    per_layer = 16 * (D + 3 * D) + 16 * (D + D) + 16 * (D + 4 * D) + 16 * (4 * D + D)  # low-rank factors
+    per_layer += 3 * D + D + 4 * D + D + 4 * D  # bias deltas and two norms' weight and bias deltas
+    assert plan["params"]["relax"] == C * K * per_layer
+
+
+# --- the written checkpoint --------------------------------------------------------------
+
+
+def test_streaming_output_equals_in_memory_conversion(source, tmp_path, capsys):
+    path, model, _, _ = source
+    out = tmp_path / "streamed"
+    code, _, err = run_cli(capsys, path, "--loops", 2, "--relax-rank", 4, "--max-shard-size", "30KB", "-o", out)
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3, "a small shard size must give several shards"
+    in_memory = convert_model(model, loops=2, relax_rank=4).state_dict()
+    streamed = {}
+    for shard in shards:
+        with safe_open(out / shard, "pt") as handle:
+            streamed.update({name: handle.get_tensor(name) for name in handle.keys()})
+    assert streamed.keys() == in_memory.keys()
+    for name, tensor in in_memory.items():
+        torch.testing.assert_close(streamed[name], tensor, atol=0, rtol=0, msg=name)
+
+
+def test_output_directory_contents(source, tmp_path, capsys):
+    path, _, _, _ = source
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out)
+    assert code == 0, err
+    for name in ("config.json", "generation_config.json", "model.safetensors", "configuration_mesh.py",
+                 "modeling_mesh.py", "README.md", "conversion.json"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mesh.MeshForCausalLM"
+    assert config["num_hidden_layers"] == 8 and config["num_loops"] == 2
+    assert config["provenance"]["layer_map"]["core"] == [[1, 4], [2, 5], [3, 6]]
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["layout"] == "1+3R2+1" and info["tie"] == "average"
+    assert "--loops 2" in info["command"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory may remain"
+
+
+def test_bin_checkpoints_load_with_weights_only(source, tmp_path, capsys):
+    path, model, x, _ = source
+    bin_dir = tmp_path / "bin-src"
+    _save_bin(model, bin_dir)
+    assert not list(bin_dir.glob("*.safetensors"))
+    code, _, err = run_cli(capsys, bin_dir, "--loops", 2, "-o", tmp_path / "from-bin")
+    assert code == 0, err
+    run_cli(capsys, path, "--loops", 2, "-o", tmp_path / "from-st")
+    torch.testing.assert_close(logits_of(tmp_path / "from-bin", x), logits_of(tmp_path / "from-st", x))
+
+
+def _save_bin(model: GPTNeoXForCausalLM, directory: Path) -> None:
+    """A legacy pickled checkpoint, as older Pythia revisions ship (transformers 5 only writes safetensors)."""
+    directory.mkdir(parents=True)
+    model.config.save_pretrained(directory)
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in model.state_dict().items()}
+    torch.save(state, directory / "pytorch_model.bin")
+
+
+def test_real_gpt_neox_tokenizer_is_copied(shared_dir, source, tmp_path, capsys):
+    path, _, _, _ = source
+    src = tmp_path / "with-tokenizer"
+    src.mkdir()
+    for item in path.iterdir():
+        (src / item.name).write_bytes(item.read_bytes())
+    for item in (shared_dir / "tokenizers" / "gpt-neox-20b").iterdir():
+        if item.name != "20B_tokenizer.json":
+            (src / item.name).write_bytes(item.read_bytes())
+    code, _, err = run_cli(capsys, src, "--loops", 2, "-o", tmp_path / "out")
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("Hello world")["input_ids"] == [12092, 1533]
+
+
+# --- bad input: one line, non-zero exit, nothing left behind -------------------------------
+
+
+def assert_clean_failure(code, out, err, workdir: Path, before: set, match: str):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match.lower() in " ".join(err.split()).lower(), err
+    assert set(workdir.iterdir()) == before, "a failed conversion must leave nothing behind"
+
+
+def corrupt_copy(path: Path, tmp_path: Path, how: str) -> Path:
+    target = tmp_path / f"src-{how}"
+    target.mkdir()
+    for item in path.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    if how == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "corrupt":
+        weights.write_bytes(b"\xff" * 64 + data[64:])
+    elif how == "no-weights":
+        weights.unlink()
+    elif how == "llama":
+        (target / "config.json").write_text(LlamaConfig(num_hidden_layers=8).to_json_string())
+    elif how == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        tensors.pop("gpt_neox.layers.5.mlp.dense_h_to_4h.weight")
+        save_file(tensors, weights)
+    return target
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("truncated", "corrupt or truncated safetensors"),
+        ("corrupt", "corrupt or truncated safetensors"),
+        ("no-weights", "no weights found"),
+        ("llama", "unsupported architecture 'llama'"),
+        ("missing-tensor", "lacks tensor gpt_neox.layers.5.mlp.dense_h_to_4h.weight"),
+    ],
+)
+def test_bad_checkpoints(source, tmp_path, capsys, how, match):
+    path, _, _, _ = source
+    bad = corrupt_copy(path, tmp_path, how)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    code, out, err = run_cli(capsys, bad, "--loops", 2, "-o", workdir / "out")
+    assert_clean_failure(code, out, err, workdir, set(), match)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["{tmp}/does-not-exist", "--loops", "2"], "no such checkpoint directory"),
+        (["pythia-3b", "--loops", "2"], "unknown Pythia size '3b'"),
+        (["pythia-14m-deduped", "--loops", "2"], "no deduplicated run"),
+        (["{src}", "--loops", "4", "--prelude", "3", "--coda", "3"], "does not fit 8 layers"),
+        (["{src}", "--loops", "2", "--relax-rank", "many"], "--relax-rank"),
+        (["{src}", "--loops", "2", "--tie", "median"], "--tie"),
+        (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
+        (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),
+    ],
+)
+def test_bad_options(source, tmp_path, capsys, args, match):
+    path, _, _, _ = source
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    before = set(tmp_path.iterdir())
+    filled = [arg.format(tmp=tmp_path, src=path, file=a_file) for arg in args]
+    code, out, err = run_cli(capsys, *filled)
+    assert_clean_failure(code, out, err, tmp_path, before, match)
+
+
+def test_existing_output_needs_overwrite(source, tmp_path, capsys):
+    path, _, x, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out)
+    assert code == 1 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_interrupted_conversion_leaves_nothing(source, tmp_path, capsys, monkeypatch):
+    path, _, _, _ = source
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous result")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "write_metadata", interrupted)
+    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out, "--overwrite")
+    assert code == 130 and "interrupted" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"], "the previous output must survive an interruption"
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_convert.cli", str(tmp_path / "nothing-here"), "--loops", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: no such checkpoint directory")
+    assert "Traceback" not in result.stderr
