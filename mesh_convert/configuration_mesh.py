@@ -14,7 +14,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 VARIANTS = ("mesh", "base", "residual", "anchor", "anchor_emb")
-FAMILIES = ("gpt_neox",)
+FAMILIES = ("gpt_neox", "llama")
 
 
 class MeshConfig(PreTrainedConfig):
@@ -39,7 +39,7 @@ class MeshConfig(PreTrainedConfig):
     # Per-loop relaxation of the shared core: 0 = none, "full" = dense deltas, N = rank-N deltas.
     relax_rank: int | str = 0
 
-    # Decoder hyper-parameters (named as in the source family's config).
+    # Decoder hyper-parameters (named as in the source family's config; GPT-NeoX defaults).
     vocab_size: int = 50304
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -52,6 +52,11 @@ class MeshConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     rope_parameters: dict | None = None
+    # Llama-style decoders.
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    mlp_bias: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     use_cache: bool = True
@@ -68,6 +73,8 @@ class MeshConfig(PreTrainedConfig):
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
         if self.num_slots is None:
             self.num_slots = self.num_loops + 3
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
         self.validate_layout()
 

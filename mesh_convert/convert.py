@@ -34,8 +34,16 @@ from .checkpoint import (
 )
 from .configuration_mesh import MeshConfig
 from .errors import UserError
-from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, SourceFamily, layer_tensor_names, source_family
-from .modeling_mesh import FAMILIES, MeshForCausalLM, relax_is_dense
+from .families import (
+    MESH_EMBED,
+    MESH_FINAL_NORM,
+    MESH_HEAD,
+    SourceFamily,
+    final_norm_names,
+    layer_tensor_shapes,
+    source_family,
+)
+from .modeling_mesh import MeshForCausalLM, relax_is_dense
 from .plan import (
     DEFAULT_ROUTER_GAP,
     Layout,
@@ -239,7 +247,7 @@ def _router_tensors(config: MeshConfig) -> dict[str, torch.Tensor]:
 def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield (label, {output name: float32 tensor}) in the order of the model's state dict."""
     family, layout, config = plan.family, plan.layout, plan.mesh_config
-    names = layer_tensor_names(config)
+    names = list(layer_tensor_shapes(config))
 
     def load(name: str) -> torch.Tensor:
         return reader.get(name).to(torch.float32)
@@ -271,7 +279,7 @@ def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterat
     first_coda = layout.unrolled_layers - layout.coda
     for j in range(layout.coda):
         yield f"coda layer {j}", copy_layer("coda", j, first_coda + j)
-    yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in ("weight", "bias")}
+    yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in final_norm_names(config)}
     if config.variant == "mesh":
         yield "routers", _router_tensors(config)
     if not config.tie_word_embeddings:
@@ -292,11 +300,10 @@ def expected_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.
 def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None:
     """Every tensor the conversion needs exists with the shape its config implies; checked before any output."""
     family, config = plan.family, plan.mesh_config
-    with torch.device("meta"):
-        layer = FAMILIES[config.base_model_type].layer(config)
-    layer_shapes = {name: tuple(tensor.shape) for name, tensor in layer.state_dict().items()}
+    layer_shapes = layer_tensor_shapes(config)
     embedding = (config.vocab_size, config.hidden_size)
-    wanted = {family.embed: embedding, family.final_norm + "weight": (config.hidden_size,)}
+    wanted = {family.embed: embedding}
+    wanted.update({family.final_norm + name: (config.hidden_size,) for name in final_norm_names(config)})
     for layer in range(plan.layout.unrolled_layers):
         wanted.update({family.layer(layer) + name: shape for name, shape in layer_shapes.items()})
     if not config.tie_word_embeddings:

@@ -61,7 +61,35 @@ GPT_NEOX = SourceFamily(
     ),
 )
 
-SOURCE_FAMILIES = {family.model_type: family for family in (GPT_NEOX,)}
+LLAMA = SourceFamily(
+    model_type="llama",
+    embed="model.embed_tokens.weight",
+    heads=("lm_head.weight",),
+    final_norm="model.norm.",
+    layer_prefix="model.layers.{i}.",
+    config_fields=(
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "attention_bias",
+        "attention_dropout",
+        "mlp_bias",
+        "rope_parameters",
+        "initializer_range",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ),
+)
+
+SOURCE_FAMILIES = {family.model_type: family for family in (GPT_NEOX, LLAMA)}
 
 
 def source_family(model_type: str | None) -> SourceFamily:
@@ -72,10 +100,18 @@ def source_family(model_type: str | None) -> SourceFamily:
     return SOURCE_FAMILIES[model_type]
 
 
-def layer_tensor_names(mesh_config) -> list[str]:
-    """Names of one unshared layer's tensors (relative to the layer), from the MeSH layer class."""
+def layer_tensor_shapes(mesh_config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one unshared layer's tensors (relative to the layer), from the MeSH layer class."""
     from .modeling_mesh import FAMILIES
 
     with torch.device("meta"):
         layer = FAMILIES[mesh_config.base_model_type].layer(mesh_config)
-    return list(layer.state_dict())
+    return {name: tuple(tensor.shape) for name, tensor in layer.state_dict().items()}
+
+
+def final_norm_names(mesh_config) -> list[str]:
+    """The final norm's tensor names (LayerNorm: weight and bias; RMSNorm: weight)."""
+    from .modeling_mesh import FAMILIES
+
+    with torch.device("meta"):
+        return list(FAMILIES[mesh_config.base_model_type].final_norm(mesh_config).state_dict())

@@ -31,11 +31,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.models.gpt_neox.modeling_gpt_neox import (
-    GPTNeoXRotaryEmbedding,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager_attention_forward
 
 from .configuration_mesh import MeshConfig
 
@@ -97,16 +94,66 @@ class LoopLayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
+class LoopRMSNorm(nn.Module):
+    """RMSNorm computed as in transformers' Llama (in float32, weight applied in the input dtype),
+    plus (in relaxed core layers) a per-loop delta on its weight."""
+
+    def __init__(self, hidden_size: int, eps: float, num_loops: int = 0, rank=0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.relaxed = num_loops > 0 and rank != 0
+        if self.relaxed:
+            self.weight_delta = nn.Parameter(torch.empty(num_loops, hidden_size))
+
+    def forward(self, x: torch.Tensor, loop: int | None = None) -> torch.Tensor:
+        weight = self.weight if not self.relaxed or loop is None else self.weight + self.weight_delta[loop]
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return weight * x.to(input_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention shared by the families: rotary, the KV cache at the call's unrolled index, and
+# transformers' attention backends (eager / sdpa / flash).
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopAttention(nn.Module):
+    is_causal = True
+    layer_idx = None  # one module serves several unrolled layers: the cache index comes per call
+    num_key_value_groups = 1
+
+    def attend(self, query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs):
+        """query/key/value: (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim), weights."""
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)  # rotates the leading cos.shape[-1] dims
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, cache_index)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        return attn_output.reshape(*attn_output.shape[:2], -1).contiguous(), attn_weights
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-NeoX (Pythia) decoder layer. Same parameter names and maths as transformers' GPTNeoXLayer;
 # the differences are the loop index and a KV-cache index given per call, not per module.
 # ---------------------------------------------------------------------------------------------
 
 
-class GPTNeoXLoopAttention(nn.Module):
-    is_causal = True
-    layer_idx = None  # one module serves several unrolled layers: the cache index comes per call
-
+class GPTNeoXLoopAttention(LoopAttention):
     def __init__(self, config: MeshConfig, num_loops: int = 0, rank=0):
         super().__init__()
         self.config = config
@@ -121,25 +168,9 @@ class GPTNeoXLoopAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         qkv = self.query_key_value(hidden_states, loop).view(*input_shape, -1, 3 * self.head_size).transpose(1, 2)
         query, key, value = qkv.chunk(3, dim=-1)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_index)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attn_output, attn_weights = self.attend(
+            query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=self.scaling,
-            dropout=self.attention_dropout if self.training else 0.0,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.dense(attn_output, loop), attn_weights
 
 
@@ -197,6 +228,83 @@ class GPTNeoXLoopLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
+# ---------------------------------------------------------------------------------------------
+# Llama-style decoder layer (Llama 2/3, SmolLM2, TinyLlama): RMSNorm, grouped KV heads, SwiGLU.
+# Same parameter names as transformers' LlamaDecoderLayer.
+# ---------------------------------------------------------------------------------------------
+
+
+class LlamaLoopAttention(LoopAttention):
+    def __init__(self, config: MeshConfig, num_loops: int = 0, rank=0):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        D, H, KV, bias = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.attention_bias
+        self.q_proj = LoopLinear(D, H * self.head_dim, bias, num_loops, rank)
+        self.k_proj = LoopLinear(D, KV * self.head_dim, bias, num_loops, rank)
+        self.v_proj = LoopLinear(D, KV * self.head_dim, bias, num_loops, rank)
+        self.o_proj = LoopLinear(H * self.head_dim, D, bias, num_loops, rank)
+
+    def forward(self, hidden_states, attention_mask, position_embeddings, past_key_values, cache_index, loop, **kwargs):
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states, loop).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states, loop).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states, loop).view(shape).transpose(1, 2)
+        attn_output, attn_weights = self.attend(
+            query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs
+        )
+        return self.o_proj(attn_output, loop), attn_weights
+
+
+class LlamaLoopMLP(nn.Module):
+    def __init__(self, config: MeshConfig, num_loops: int = 0, rank=0):
+        super().__init__()
+        D, F_, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = LoopLinear(D, F_, bias, num_loops, rank)
+        self.up_proj = LoopLinear(D, F_, bias, num_loops, rank)
+        self.down_proj = LoopLinear(F_, D, bias, num_loops, rank)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x, loop):
+        return self.down_proj(self.act_fn(self.gate_proj(x, loop)) * self.up_proj(x, loop), loop)
+
+
+class LlamaLoopLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MeshConfig, num_loops: int = 0, rank=0):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = LoopRMSNorm(D, eps, num_loops, rank)
+        self.self_attn = LlamaLoopAttention(config, num_loops, rank)
+        self.post_attention_layernorm = LoopRMSNorm(D, eps, num_loops, rank)
+        self.mlp = LlamaLoopMLP(config, num_loops, rank)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
+        loop: int | None = None,
+        **kwargs,
+    ):
+        attn_output, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states, loop),
+            attention_mask,
+            position_embeddings,
+            past_key_values,
+            cache_index,
+            loop,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, loop), loop)
+        return hidden_states, attn_weights
+
+
 @dataclass(frozen=True)
 class DecoderFamily:
     """What differs between decoder families, for the model: layers, the final norm, rotary."""
@@ -211,6 +319,11 @@ FAMILIES = {
         layer=GPTNeoXLoopLayer,
         final_norm=lambda config: LoopLayerNorm(config.hidden_size, config.layer_norm_eps),
         rotary_embedding=GPTNeoXRotaryEmbedding,
+    ),
+    "llama": DecoderFamily(
+        layer=LlamaLoopLayer,
+        final_norm=lambda config: LoopRMSNorm(config.hidden_size, config.rms_norm_eps),
+        rotary_embedding=LlamaRotaryEmbedding,
     ),
 }
 
@@ -266,7 +379,7 @@ class MeshPreTrainedModel(PreTrainedModel):
     config_class = MeshConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["GPTNeoXLoopLayer"]
+    _no_split_modules = ["GPTNeoXLoopLayer", "LlamaLoopLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -276,7 +389,7 @@ class MeshPreTrainedModel(PreTrainedModel):
         """Random init (for `from_config` and from-scratch training). Converted checkpoints load
         every tensor, so this only touches parameters that a checkpoint lacks."""
         super()._init_weights(module)
-        if isinstance(module, (LoopLinear, LoopLayerNorm)) and module.relaxed:
+        if isinstance(module, (LoopLinear, LoopLayerNorm, LoopRMSNorm)) and module.relaxed:
             # Deltas start at zero so every loop starts as the shared layer.
             for name in ("weight_delta", "weight_delta_out", "bias_delta"):
                 if hasattr(module, name):

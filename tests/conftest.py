@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import mesh_convert  # noqa: F401  (registers the Auto classes)
 from mesh_convert import MeshConfig, MeshForCausalLM
@@ -40,6 +40,28 @@ def make_tiny_pythia(path: Path, num_layers: int = 8, seed: int = 0, **overrides
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "layernorm" in name or "layer_norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return model
+
+
+def make_tiny_llama(path: Path, num_layers: int = 8, seed: int = 0) -> LlamaForCausalLM:
+    """Save a random tiny Llama-style checkpoint (grouped KV heads, tied embeddings, as SmolLM2)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
     return model

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXForCausalLM
 
 from conftest import make_tiny_pythia
 from mesh_convert import convert as convert_module
@@ -235,8 +235,8 @@ def corrupt_copy(path: Path, tmp_path: Path, how: str) -> Path:
         weights.write_bytes(b"\xff" * 64 + data[64:])
     elif how == "no-weights":
         weights.unlink()
-    elif how == "llama":
-        (target / "config.json").write_text(LlamaConfig(num_hidden_layers=8).to_json_string())
+    elif how == "gpt2":
+        (target / "config.json").write_text(GPT2Config(n_layer=8).to_json_string())
     elif how == "missing-tensor":
         from safetensors.torch import load_file, save_file
 
@@ -252,7 +252,7 @@ def corrupt_copy(path: Path, tmp_path: Path, how: str) -> Path:
         ("truncated", "corrupt or truncated safetensors"),
         ("corrupt", "corrupt or truncated safetensors"),
         ("no-weights", "no weights found"),
-        ("llama", "unsupported architecture 'llama'"),
+        ("gpt2", "unsupported architecture 'gpt2'"),
         ("missing-tensor", "lacks tensor gpt_neox.layers.5.mlp.dense_h_to_4h.weight"),
     ],
 )

@@ -1,0 +1,79 @@
+"""Llama-family conversion (SmolLM2, TinyLlama, Llama 3.x) has the GPT-NeoX guarantees."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_llama
+from mesh_convert.cli import main
+from mesh_convert.convert import convert_model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama") / "tiny-llama"
+    model = make_tiny_llama(path)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return path, model, x, model(x).logits
+
+
+@pytest.mark.parametrize("tie", ["average", "stepwise", "lower", "upper"])
+@pytest.mark.parametrize("loops", [2, 3])
+def test_full_relaxation_is_exact(llama, tie, loops):
+    _, model, x, expected = llama
+    converted = convert_model(model, loops=loops, tie=tie, relax_rank="full", router_gap=40)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_one_loop_is_exact_and_tying_is_not(llama):
+    _, model, x, expected = llama
+    with torch.no_grad():
+        torch.testing.assert_close(convert_model(model, loops=1, router_gap=40)(x).logits, expected, atol=1e-4, rtol=0)
+        assert (convert_model(model, loops=2)(x).logits - expected).abs().max() > 1e-2
+
+
+def test_written_checkpoint_ties_embeddings_caches_and_loads_as_remote_code(llama, tmp_path, capsys):
+    path, _, x, expected = llama
+    out = tmp_path / "out"
+    assert main([str(path), "--loops", "2", "--relax-rank", "full", "--router-gap", "40", "-o", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.config.base_model_type == "llama" and model.config.num_key_value_heads == 2
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-4, rtol=0)
+        cached = model.generate(x[:, :4], max_new_tokens=8, do_sample=False)
+        uncached = model.generate(x[:, :4], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["mesh_convert"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        assert torch.allclose(model(expected["x"]).logits, expected["logits"], atol=1e-4)
+        print("REMOTE-OK")
+        """
+    )
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_eager_and_sdpa_agree_with_grouped_kv_heads(llama, tmp_path):
+    _, model, x, _ = llama
+    convert_model(model, loops=2, relax_rank=4).save_pretrained(tmp_path)
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl, dtype=torch.float32)
+        with torch.no_grad():
+            logits[impl] = loaded(x).logits
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=0)
