@@ -12,6 +12,7 @@ import sys
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from .errors import UserError
@@ -57,9 +58,13 @@ def root(
 
 
 def _register_commands():
-    from . import cli_convert
+    """Add the subcommands (once): their modules import heavy libraries only when they run."""
+    if app.registered_commands:
+        return
+    from . import cli_convert, cli_push
 
-    cli_convert.register(app)
+    for module in (cli_convert, cli_push):
+        module.register(app)
 
 
 _invoked_with: list[str] = []
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 1
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+            f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))} (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -96,6 +96,7 @@ def convert_command(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 500MB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; downloads no weights."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Then upload the result to this Hub repo."),
 ):
     """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
     from .cli import invocation
@@ -118,6 +119,7 @@ def convert_command(
             output=output,
             overwrite=overwrite,
             max_shard_size=max_shard_size,
+            push_to_hub=push_to_hub,
         )
     except ValidationError as error:
         raise _options_error(error) from None
@@ -133,15 +135,28 @@ def convert_command(
 
     with _progress(enabled=not as_json) as progress:
         result = convert(plan, progress)
+    url = _push(result.output_dir, push_to_hub) if push_to_hub else None
     if as_json:
         info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
-        typer.echo(json.dumps(info, indent=2))
+        typer.echo(json.dumps(info | ({"url": url} if url else {}), indent=2))
         return
     summary, counts, _ = _plan_tables(plan)
     summary.add_row("written", f"{len(result.shards)} shard(s), {result.bytes_written / 2**20:,.1f} MiB in {result.seconds:.1f} s")
     console.print(summary)
     console.print(counts)
     console.print(f"[green]done:[/] {result.output_dir}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    if url:
+        console.print(f"[green]pushed:[/] {url}")
+
+
+def _push(output_dir: Path, repo_id: str) -> str:
+    """Upload a finished conversion; on failure the local result stays and the error says so."""
+    from .hub import push_to_hub
+
+    try:
+        return push_to_hub(output_dir, repo_id)
+    except UserError as error:
+        raise UserError(f"converted to {output_dir}, but the upload failed: {error}") from None
 
 
 def register(app: typer.Typer) -> None:

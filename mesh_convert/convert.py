@@ -84,6 +84,7 @@ class ConvertOptions(BaseModel):
     output: Path | None = None
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    push_to_hub: str | None = None  # the card's usage snippet then names this repo
 
     @field_validator("relax_rank", mode="before")
     @classmethod
@@ -443,7 +444,7 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     from .card import write_model_card
 
-    write_model_card(staging, info)
+    write_model_card(staging, info, repo_id=plan.options.push_to_hub)
 
 
 def convert(plan: ConversionPlan, progress) -> ConversionResult:

@@ -1,0 +1,47 @@
+"""`mesh-convert push DIR REPO_ID`: publish a converted model to the Hugging Face Hub.
+
+There is deliberately no `--token` option: a token on the command line ends up in shell
+history and process listings. The token comes from HF_TOKEN or `hf auth login`.
+"""
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `push` command to `app`."""
+
+    @app.command("push")
+    def push(
+        directory: Path = typer.Argument(..., help="Directory of a converted model (as written by mesh-convert)."),
+        repo_id: str = typer.Argument(..., help="Hub repository, NAMESPACE/NAME (or NAME for your own namespace)."),
+        private: bool = typer.Option(False, "--private", help="Create the repository as private (if it is new)."),
+        revision: str | None = typer.Option(
+            None, "--revision", help="Branch to push to; created from main if it does not exist."
+        ),
+        commit_message: str | None = typer.Option(None, "--commit-message", "-m", help="Commit message."),
+        as_json: bool = typer.Option(False, "--json", help="Print {url, repo_id, revision} as JSON."),
+    ):
+        """Upload a converted model (weights, config, remote code, tokenizer, card) to the Hub.
+
+        The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
+        """
+        from .hub import push_folder
+
+        result = push_folder(
+            directory,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+        )
+        if as_json:
+            # Plain stdout, no rich markup, so that scripts can parse it.
+            typer.echo(json.dumps({"url": result.url, "repo_id": result.repo_id, "revision": result.revision}))
+        else:
+            console.print(f"pushed {directory} to {result.url}", highlight=False, soft_wrap=True)

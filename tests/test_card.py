@@ -1,0 +1,150 @@
+"""The model card built from conversion.json."""
+
+import copy
+import re
+
+import pytest
+from huggingface_hub import ModelCard
+
+from mesh_convert.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
+
+INFO = {
+    "mesh_convert_version": "0.1.0",
+    "command": "mesh-convert pythia-160m --loops 2",
+    "source": {"model": "EleutherAI/pythia-160m", "revision": "main", "model_type": "gpt_neox",
+               "license": "apache-2.0", "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
+    "layout": "2+4R2+2", "prelude": 2, "core": 4, "loops": 2, "coda": 2,
+    "variant": "mesh", "tie": "average", "slots": 5, "router_gap": 8.0, "relax_rank": 0, "dtype": "float16",
+    "layer_map": {"prelude": [[0], [1]], "core": [[2, 6], [3, 7], [4, 8], [5, 9]], "coda": [[10], [11]]},
+    "params": {"original_nonembedding": 85056000, "converted_nonembedding": 56705280, "routers": 23070,
+               "relax": 0, "embedding": 77266944, "total": 133995294},
+    "training": {"recipe": "heal", "method": "lora", "tokens": 2000000, "steps": 10, "final_loss": 2.25},
+    "eval_results": [{"task": "wikitext2", "metric": "perplexity", "value": 30.1},
+                     {"task": "piqa", "metric": "acc", "value": 0.6271}],
+}
+
+
+def reparse(card: ModelCard) -> ModelCard:
+    """What the Hub (or `ModelCard.load`) would read back from the written README."""
+    return ModelCard(str(card))
+
+
+def table_value(text: str, label: str) -> str:
+    match = re.search(rf"^\| {re.escape(label)} \| (.+?) \|$", text, re.MULTILINE)
+    assert match, f"no row {label!r}"
+    return match.group(1)
+
+
+def test_metadata():
+    data = reparse(build_model_card(INFO, repo_id="alice/pythia-160m-mesh")).data
+    assert data.base_model == "EleutherAI/pythia-160m"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-generation"
+    assert data.license == "apache-2.0"
+    assert {"mesh", "recursive-transformer", "custom_code"} <= set(data.tags)
+    assert data.model_name == "pythia-160m-mesh"
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("wikitext", "perplexity"): 30.1, ("ybisk/piqa", "acc"): 0.6271}
+
+
+def test_parameter_table():
+    text = build_model_card(INFO).text
+    assert table_value(text, "original model, non-embedding") == "85,056,000"
+    assert table_value(text, "converted layers (stored once), non-embedding") == "56,705,280"
+    assert table_value(text, "MeSH routers") == "23,070"
+    assert table_value(text, "relaxation deltas") == "0"
+    # The converted model's non-embedding count includes its routers: 56,705,280 + 23,070.
+    assert table_value(text, "**converted model, non-embedding**") == "**56,728,350**"
+    assert table_value(text, REDUCTION_LABEL) == "33.3%"  # 1 - 56,728,350 / 85,056,000
+    assert table_value(text, "converted model, total") == "133,995,294"
+
+
+def test_relaxation_counts_toward_the_converted_size():
+    rows = dict(map(tuple, parameter_rows({"original_nonembedding": 1000, "converted_nonembedding": 500,
+                                           "routers": 0, "relax": 250})))
+    assert rows["**converted model, non-embedding**"] == "**750**"
+    assert rows[REDUCTION_LABEL] == "25.0%"
+
+
+def test_body_sections():
+    text = build_model_card(INFO, repo_id="alice/pythia-160m-mesh").text
+    assert "arXiv 2510.07739" in text and "https://arxiv.org/abs/2510.07739" in text
+    assert "`2+4R2+2`" in text
+    assert "| core (×2) | 1 | 3, 7 |" in text and "| coda | 1 | 11 |" in text
+    assert "mesh-convert pythia-160m --loops 2" in text
+    for fact in ("tie strategy: `average`", "router bias gap: `8.0`", "relaxation rank: `0 (none)`"):
+        assert fact in text
+    assert "## Training" in text and "method: lora" in text and "tokens: 2,000,000" in text
+    assert "| wikitext2 | perplexity | 30.1 |" in text and "| piqa | acc | 0.6271 |" in text
+
+
+def test_usage_snippet():
+    text = build_model_card(INFO, repo_id="alice/pythia-160m-mesh").text
+    assert 'AutoModelForCausalLM.from_pretrained("alice/pythia-160m-mesh", trust_remote_code=True)' in text
+    assert 'AutoTokenizer.from_pretrained("alice/pythia-160m-mesh")' in text
+    assert "model.generate(" in text
+    # Without a tokenizer next to the weights, the snippet borrows the source model's.
+    text = build_model_card(INFO, repo_id="alice/pythia-160m-mesh", has_tokenizer=False).text
+    assert 'AutoTokenizer.from_pretrained("EleutherAI/pythia-160m")' in text
+
+
+def test_write_model_card_notices_the_tokenizer(tmp_path):
+    write_model_card(tmp_path, INFO)
+    assert 'AutoTokenizer.from_pretrained("EleutherAI/pythia-160m")' in (tmp_path / "README.md").read_text()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    write_model_card(tmp_path, INFO)
+    assert 'AutoTokenizer.from_pretrained("path/to/converted-model")' in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "strip",
+    [
+        ["training", "eval_results"],
+        ["params", "layer_map", "command"],
+        ["source"],
+        ["layout", "prelude", "core", "loops", "coda"],
+        list(INFO),
+    ],
+)
+def test_missing_fields_are_left_out(strip):
+    info = {k: v for k, v in copy.deepcopy(INFO).items() if k not in strip}
+    card = reparse(build_model_card(info))
+    assert card.data.library_name == "transformers"
+    assert "from_pretrained(" in card.text
+    assert "None" not in card.text and "unknown" not in card.text
+    if "source" in strip:
+        assert card.data.base_model is None and card.data.license is None
+    if "eval_results" in strip:
+        assert not card.data.eval_results and "Not evaluated yet" in card.text
+    if "params" in strip:
+        assert "## Parameters" not in card.text
+
+
+def test_none_and_malformed_values():
+    info = copy.deepcopy(INFO)
+    info.update(source=None, params={"original_nonembedding": None, "converted_nonembedding": 5},
+                layer_map=None, training={"steps": "many"}, variant=None, relax_rank=None,
+                eval_results=[{"task": "piqa"}, "junk", {"task": "sciq", "metric": "acc", "value": 0.8}])
+    card = reparse(build_model_card(info))
+    assert card.data.base_model is None
+    assert [r.dataset_type for r in card.data.eval_results] == ["allenai/sciq"]
+    assert "## Training" not in card.text and "## Layer map" not in card.text
+    assert table_value(card.text, "original model, non-embedding") == "unknown"
+    assert "reduction" not in card.text
+    assert build_model_card(None).data.library_name == "transformers"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("EleutherAI/pythia-160m", True), ("/models/pythia", False), ("./out/pythia", False),
+     ("~/pythia", False), ("pythia-160m", False), ("a/b/c", False), (None, False)],
+)
+def test_only_hub_ids_become_base_model(name, expected):
+    assert (hub_model_id(name) is not None) == expected
+
+
+def test_baseline_variants_are_not_presented_as_mesh():
+    info = dict(INFO, variant="anchor", params=dict(INFO["params"], routers=0))
+    text = build_model_card(info).text
+    assert "`anchor` baseline recurrence" in text
+    assert "the routers were set" not in text

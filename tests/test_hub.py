@@ -1,0 +1,335 @@
+"""Publishing to the Hub, against the loopback stand-in in `hub_standin.py`.
+
+No test reaches the real Hub: HF_ENDPOINT points at the stand-in, huggingface_hub's telemetry
+and agent-registry requests are disabled, and the login cache is hidden.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError
+
+from mesh_convert.cli import main
+from mesh_convert.errors import UserError
+from mesh_convert.hub import _httpx as httpx  # the HTTP client module huggingface_hub uses
+from mesh_convert.hub import http_error_message, push_folder, push_to_hub, scrub, to_user_error
+
+from hub_standin import HubStandin, User
+
+WRITE_TOKEN = "hf_standinWriteToken0123456789abcd"
+READ_TOKEN = "hf_standinReadOnlyToken0123456789ab"
+WRONG_TOKEN = "hf_notAValidToken0123456789abcdefgh"
+TOKENS = {WRITE_TOKEN: User("alice", write=True), READ_TOKEN: User("alice", write=False)}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running stand-in, with HF_ENDPOINT pointing at it and no token anywhere yet."""
+    # huggingface_hub reads these at import time; patch the values it consults per call.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks LFS, not Xet
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))  # no login cache
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    with HubStandin(tmp_path / "standin", TOKENS) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        yield standin
+    assert standin.unhandled == [], "requests the stand-in could not answer"
+
+
+def conversion_info() -> dict:
+    """A conversion.json for the `tiny_mesh_model` fixture (1+3R2+1 over 8 layers)."""
+    return {
+        "mesh_convert_version": "0.1.0",
+        "command": "mesh-convert tiny --loops 2",
+        "source": {"model": "EleutherAI/pythia-14m", "revision": "main", "model_type": "gpt_neox",
+                   "license": "apache-2.0", "num_layers": 8, "hidden_size": 32, "num_attention_heads": 4},
+        "layout": "1+3R2+1", "prelude": 1, "core": 3, "loops": 2, "coda": 1,
+        "variant": "mesh", "tie": "average", "slots": 5, "router_gap": 8.0, "relax_rank": 0, "dtype": "float32",
+        "layer_map": {"prelude": [[0]], "core": [[1, 4], [2, 5], [3, 6]], "coda": [[7]]},
+        "params": {"original_nonembedding": 100000, "converted_nonembedding": 62500, "routers": 1000,
+                   "relax": 0, "embedding": 8192, "total": 71692},
+        "training": None,
+        "eval_results": None,
+    }
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_mesh_model) -> Path:
+    """A converted-model directory without README.md (so a push must generate the card)."""
+    path = tmp_path / "converted"
+    tiny_mesh_model.save_pretrained(path)
+    (path / "conversion.json").write_text(json.dumps(conversion_info(), indent=2))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder`."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- running the CLI
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, str, str]:
+    capfd.readouterr()
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def assert_one_clear_line(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    for token in (WRITE_TOKEN, READ_TOKEN, WRONG_TOKEN):
+        assert token not in err
+
+
+# ----------------------------------------------------------------------------- round trip
+
+LOAD_AND_COMPARE = r"""
+import sys
+sys.modules["mesh_convert"] = None  # the published remote code must be enough on its own
+import torch
+from transformers import AutoModelForCausalLM
+
+repo_id, expected_path = sys.argv[1], sys.argv[2]
+expected = torch.load(expected_path)
+model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+with torch.no_grad():
+    logits = model(expected["input_ids"]).logits
+torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+print("logits match")
+"""
+
+
+def test_round_trip_through_the_cli(hub, model_dir, tiny_mesh_model, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    code, out, err = run_cli(["push", str(model_dir), "alice/tiny-mesh", "--json"], capfd)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result == {"url": f"{hub.endpoint}/alice/tiny-mesh", "repo_id": "alice/tiny-mesh", "revision": "main"}
+    assert WRITE_TOKEN not in out + err
+
+    # Everything in the folder was uploaded, weights through LFS, plus the generated card,
+    # which the successful push also left in the folder.
+    remote = hub.files("alice/tiny-mesh")
+    local = snapshot(model_dir)
+    assert "README.md" in local
+    assert set(local) | {".gitattributes"} == set(remote)
+    for name, digest in local.items():
+        assert hashlib.sha256(remote[name]).hexdigest() == digest, name
+    assert "model.safetensors" in hub.lfs_paths("alice/tiny-mesh")
+
+    # The Hub sees the card's metadata.
+    card = HfApi(endpoint=hub.endpoint).model_info("alice/tiny-mesh").card_data
+    assert card.base_model == "EleutherAI/pythia-14m"
+    assert card.library_name == "transformers"
+    assert card.pipeline_tag == "text-generation"
+    assert card.license == "apache-2.0"
+    assert {"mesh", "recursive-transformer", "custom_code"} <= set(card.tags)
+
+    # Download it anonymously in a fresh process that cannot import mesh_convert.
+    input_ids = torch.tensor([[1, 5, 9, 27, 3, 64, 100, 7]])
+    with torch.no_grad():
+        logits = tiny_mesh_model(input_ids).logits
+    expected = tmp_path / "expected.pt"
+    torch.save({"input_ids": input_ids, "logits": logits}, expected)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "download-home"), HF_HUB_OFFLINE="0",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH="")
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_COMPARE, "alice/tiny-mesh", str(expected)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "logits match" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def test_push_to_a_new_branch_of_a_private_repo(hub, model_dir, tmp_path):
+    # HF_ENDPOINT is read when pushing, not when huggingface_hub was imported.
+    assert constants.ENDPOINT != hub.endpoint
+    (model_dir / "README.md").write_text("---\nlicense: mit\n---\n# my own card\n")
+    before = snapshot(model_dir)
+
+    result = push_folder(model_dir, "tiny-mesh", private=True, revision="dev",
+                         commit_message="first", token=WRITE_TOKEN)
+
+    assert result.url == f"{hub.endpoint}/alice/tiny-mesh/tree/dev"
+    assert (result.repo_id, result.revision) == ("alice/tiny-mesh", "dev")
+    assert hub.repos["alice/tiny-mesh"].private
+    assert "model.safetensors" in hub.files("alice/tiny-mesh", "dev")
+    assert "model.safetensors" not in hub.files("alice/tiny-mesh", "main")
+    # An existing card is uploaded as it is, never regenerated.
+    assert hub.files("alice/tiny-mesh", "dev")["README.md"] == (model_dir / "README.md").read_bytes()
+    assert snapshot(model_dir) == before
+    # Private: invisible without the owner's token.
+    with pytest.raises(HfHubHTTPError):
+        HfApi(endpoint=hub.endpoint, token=False).model_info("alice/tiny-mesh")
+
+
+def test_pushing_again_reuses_the_repo(hub, model_dir):
+    first = push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+    commits = len(hub.repos["alice/tiny-mesh"].commits)
+    (model_dir / "notes.txt").write_text("second upload\n")
+    second = push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+    assert first == second
+    assert len(hub.repos["alice/tiny-mesh"].commits) == commits + 1
+    assert hub.files("alice/tiny-mesh")["notes.txt"] == b"second upload\n"
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def test_missing_token(hub, model_dir, capfd):
+    before = snapshot(model_dir)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "hf auth login", "HF_TOKEN")
+    assert hub.log == []  # refused before any request
+    assert snapshot(model_dir) == before
+
+
+def test_wrong_token_is_refused_without_echoing_it(hub, model_dir, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", WRONG_TOKEN)
+    before = snapshot(model_dir)
+    code, out, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "401")
+    assert WRONG_TOKEN not in out
+    # The stand-in did echo the token back in its error body; the CLI must not pass it on.
+    assert any(status == 401 for _, _, status in hub.log)
+    assert snapshot(model_dir) == before
+    assert "alice/tiny-mesh" not in hub.repos
+
+
+def test_read_only_token_is_refused_and_the_folder_is_left_as_it_was(hub, model_dir, monkeypatch, capfd):
+    HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN).create_repo("alice/tiny-mesh")
+    monkeypatch.setenv("HF_TOKEN", READ_TOKEN)
+    before = snapshot(model_dir)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "403", "alice/tiny-mesh")
+    # The card generated for this push was removed again when the upload was refused.
+    assert snapshot(model_dir) == before
+    assert set(hub.files("alice/tiny-mesh")) == {".gitattributes"}
+
+
+def test_unreachable_endpoint(hub, model_dir, monkeypatch, capfd):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    before = snapshot(model_dir)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "cannot reach", endpoint)
+    assert snapshot(model_dir) == before
+
+
+def test_offline_mode(hub, model_dir, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = snapshot(model_dir)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+    assert hub.log == [] and snapshot(model_dir) == before
+
+
+def test_not_a_converted_model(hub, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    code, _, err = run_cli(["push", str(folder), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "no weights")
+    code, _, err = run_cli(["push", str(tmp_path / "missing"), "alice/tiny-mesh"], capfd)
+    assert_one_clear_line(code, err, "not a directory")
+    assert hub.log == []
+
+
+def test_invalid_repo_id(hub, model_dir):
+    with pytest.raises(UserError, match="invalid repository id"):
+        push_to_hub(model_dir, "alice/tiny/mesh", token=WRITE_TOKEN)
+    assert hub.log == []
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _http_error(status: int, body: dict) -> HfHubHTTPError:
+    request = httpx.Request("POST", "http://hub.test/api/models/alice/x/commit/main")
+    response = httpx.Response(status, json=body, request=request)
+    return HfHubHTTPError(f"{status} error", response=response, server_message=body.get("error"))
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(401, "401 Unauthorized"), (403, "403 Forbidden"), (404, "404 Not Found"),
+     (500, "500 Internal Server Error"), (502, "502 Bad Gateway")],
+)
+def test_http_errors_become_one_line(status, expected):
+    message = http_error_message(_http_error(status, {"error": "nope\nsecond line"}), "alice/x", "http://hub.test")
+    assert expected in message
+    assert "nope" in message and "second line" not in message
+    assert "\n" not in message
+
+
+def test_tokens_are_scrubbed_from_server_messages():
+    error = _http_error(500, {"error": f"boom, Authorization: Bearer {WRITE_TOKEN}"})
+    user_error = to_user_error(error, "alice/x", "http://hub.test", WRITE_TOKEN)
+    assert isinstance(user_error, UserError)
+    assert WRITE_TOKEN not in str(user_error) and "500" in str(user_error)
+    # Token-shaped strings are hidden even when they are not the token in use.
+    assert "hf_" not in scrub(f"got {READ_TOKEN} and Bearer abc.def", WRITE_TOKEN)
+    assert "abc.def" not in scrub("Bearer abc.def", None)
+
+
+def test_unknown_errors_are_not_disguised():
+    assert to_user_error(KeyError("x"), "alice/x", "http://hub.test", WRITE_TOKEN) is None
+
+
+# ----------------------------------------------------------------------------- convert --push-to-hub
+
+
+def test_convert_then_push(hub, tiny_pythia, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    out = tmp_path / "converted"
+    code, stdout, err = run_cli([str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv", "--json"], capfd)
+    assert code == 0, err
+    assert json.loads(stdout)["url"] == f"{hub.endpoint}/alice/conv"
+    remote = hub.files("alice/conv")
+    assert {"model.safetensors", "modeling_mesh.py", "conversion.json", "README.md"} <= set(remote)
+    assert b'from_pretrained("alice/conv"' in remote["README.md"] or b"alice/conv" in remote["README.md"]
+
+
+def test_convert_keeps_the_result_when_the_push_fails(hub, tiny_pythia, tmp_path, capfd):
+    out = tmp_path / "converted"
+    code, _, err = run_cli([str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv"], capfd)
+    assert_one_clear_line(code, err, "but the upload failed")
+    assert (out / "model.safetensors").is_file()
