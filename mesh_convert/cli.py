@@ -17,6 +17,12 @@ from typer.core import TyperGroup
 
 from .errors import UserError
 
+try:  # typer >= 0.29 ships its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException as _TyperClickException
+    from typer.exceptions import Abort as _TyperAbort
+except ImportError:  # older typer raises click's own
+    _TyperClickException, _TyperAbort = click.ClickException, click.exceptions.Abort
+
 err_console = Console(stderr=True)
 
 
@@ -59,11 +65,12 @@ def root(
 
 def _register_commands():
     """Add the subcommands (once): their modules import heavy libraries only when they run."""
-    if app.registered_commands:
+    if getattr(app, "_mesh_commands_added", False):
         return
-    from . import cli_convert, cli_push
+    app._mesh_commands_added = True
+    from . import cli_convert, cli_diagnose, cli_push
 
-    for module in (cli_convert, cli_push):
+    for module in (cli_convert, cli_push, cli_diagnose):
         module.register(app)
 
 
@@ -91,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
-    except click.ClickException as error:
+    except (click.ClickException, _TyperClickException) as error:
         error.show()
         return error.exit_code
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, _TyperAbort):
         err_console.print("[bold red]error:[/] interrupted", highlight=False)
         return 130
     except KeyboardInterrupt:

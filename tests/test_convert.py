@@ -326,3 +326,11 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: no such checkpoint directory")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["pythia-160m"], ["pythia-160m", "--loops", "two"], ["pythia-160m", "--loops", "2", "--bogus"]])
+def test_usage_errors_are_short(capsys, args):
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert "Traceback" not in err and "internal error" not in err
+    assert err.strip().splitlines()[-1].startswith("Error:")

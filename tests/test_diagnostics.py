@@ -1,0 +1,622 @@
+"""Tests of the representation probes (`diagnose`) and the model report (`inspect`)."""
+
+import json
+import math
+import random
+import string
+import types
+
+import matplotlib.image
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from conftest import make_tiny_pythia
+from tokenizers import Tokenizer, models
+from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from mesh_convert import MeshConfig, MeshForCausalLM, cli
+from mesh_convert.diagnostics import (
+    PLOT_DPI,
+    Layout,
+    cka_matrix,
+    collect_states,
+    normalized_spectrum,
+    parse_layout,
+    plot_cka,
+    plot_spectra,
+    plot_updates,
+    rbf_cka,
+    relative_update,
+    resolve_layout,
+    run_diagnostics,
+    save_figure,
+    token_windows,
+    tokenize_file,
+)
+from mesh_convert.errors import UserError
+from mesh_convert.inspect_model import parameter_counts, plot_router_heatmap, router_statistics
+
+D = 32  # hidden size of the conftest models
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and fixtures.
+# ---------------------------------------------------------------------------------------------
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (98 ids, inside the tiny models' vocab of 128)."""
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for char in string.ascii_letters + string.digits + string.punctuation + " \n":
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def sample_text(words: int = 400) -> str:
+    rng = random.Random(0)
+    vocabulary = [
+        "the",
+        "a",
+        "memory",
+        "loop",
+        "state",
+        "router",
+        "layer",
+        "token",
+        "model",
+        "prelude",
+        "coda",
+        "core",
+        "slot",
+        "read",
+        "write",
+    ]
+    return " ".join(rng.choice(vocabulary) for _ in range(words)) + "\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices: a second thread only adds contention on a shared machine (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# The saved checkpoints are only read by the tests, so each module builds them once.
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sample.txt"
+    path.write_text(sample_text())  # about 2,400 characters = tokens
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mesh")
+    torch.manual_seed(0)
+    model = MeshForCausalLM(tiny_mesh_config(provenance={"source": "tiny-pythia", "tie": "average"}))
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    (path / "conversion.json").write_text(json.dumps({"router_gap": 8.0}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plain")
+    make_tiny_pythia(path, num_layers=8)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_mesh_dir(tmp_path_factory):
+    """A MeSH checkpoint without a tokenizer."""
+    path = tmp_path_factory.mktemp("bare-mesh")
+    torch.manual_seed(0)
+    MeshForCausalLM(tiny_mesh_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bare_plain_dir(tmp_path_factory):
+    """A checkpoint without a tokenizer."""
+    path = tmp_path_factory.mktemp("bare")
+    make_tiny_pythia(path, num_layers=8)
+    return path
+
+
+def tiny_mesh_config(prelude=1, core=3, loops=2, coda=1, **overrides) -> MeshConfig:
+    """Like conftest's `tiny_mesh_model`, with another layout or options."""
+    return MeshConfig(
+        num_prelude_layers=prelude, num_core_layers=core, num_loops=loops, num_coda_layers=coda,
+        num_hidden_layers=prelude + core * loops + coda, vocab_size=128, hidden_size=D, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, **overrides,
+    )  # fmt: skip
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `mesh-convert ARGS` in-process through `cli.main` (its error handling included);
+    returns the exit code and what the command alone printed."""
+    capsys.readouterr()  # drop what fixtures printed
+    hf_logging.disable_progress_bar()  # transformers' loading bars would share stderr
+    try:
+        code = cli.main(list(args))
+    finally:
+        hf_logging.enable_progress_bar()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def set_identity_routers(model, gap: float = 12.0) -> None:
+    """The converter's function-preserving init: router pair s writes and reads slot s + 1."""
+    memory = model.model.memory
+    with torch.no_grad():
+        for step in range(len(memory.write_routers)):
+            for router in (memory.write_routers[step], memory.read_routers[step]):
+                router.weight.zero_()
+                router.bias.zero_()
+                router.bias[step + 1] = gap
+
+
+# ---------------------------------------------------------------------------------------------
+# The probes on known tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_relative_update_on_hand_computed_values():
+    h = torch.tensor([[3.0, 4.0]])  # ||h|| = 5
+    assert relative_update(h, torch.zeros_like(h)) == pytest.approx(2.0)  # 2*5 / (0 + 5)
+    assert relative_update(h, 2 * h) == pytest.approx(2 / 3)  # 2*5 / (10 + 5)
+    assert relative_update(h, h) == 0.0
+    assert relative_update(h, -h) == pytest.approx(2.0)  # 2*10 / (5 + 5)
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert relative_update(e1, e2) == pytest.approx(math.sqrt(2))  # 2*sqrt(2) / 2
+    assert relative_update(torch.zeros(2, 2), torch.zeros(2, 2)) == 0.0
+
+
+def test_relative_update_uses_the_whole_matrix_frobenius_norm():
+    h_in = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    h_out = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    # ||h_out - h_in|| = 2, ||h_out|| = sqrt(5), ||h_in|| = 1
+    assert relative_update(h_in, h_out) == pytest.approx(4 / (math.sqrt(5) + 1))
+
+
+def test_cka_of_identical_states_is_one():
+    x = torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+    assert rbf_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert rbf_cka(x, x, threshold=0.5) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_rotation_and_isotropic_scaling():
+    generator = torch.Generator().manual_seed(2)
+    # float64 throughout, so that only the maths, not input rounding, is compared.
+    x = torch.randn(80, 16, generator=generator, dtype=torch.float64)
+    noise = torch.randn(80, 8, generator=generator, dtype=torch.float64)
+    y = torch.tanh(x @ torch.randn(16, 8, generator=generator, dtype=torch.float64)) + 0.5 * noise
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    reference = rbf_cka(x, y)
+    assert 0.2 < reference < 0.99  # a non-trivial pair, so the invariances mean something
+    assert rbf_cka(x @ rotation, y) == pytest.approx(reference, abs=1e-9)
+    assert rbf_cka(3.7 * x, y) == pytest.approx(reference, abs=1e-9)
+    assert rbf_cka(x, 0.01 * y) == pytest.approx(reference, abs=1e-9)
+
+
+def test_cka_of_independent_states_is_well_below_one():
+    generator = torch.Generator().manual_seed(3)
+    values = [
+        rbf_cka(torch.randn(200, 16, generator=generator), torch.randn(200, 16, generator=generator)) for _ in range(3)
+    ]
+    assert max(values) < 0.25
+
+
+def test_cka_depends_on_the_bandwidth_threshold():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 8, generator=generator)
+    y = x**2 + 0.1 * torch.randn(50, 8, generator=generator)
+    assert rbf_cka(x, y, threshold=0.5) != pytest.approx(rbf_cka(x, y, threshold=2.0), abs=1e-3)
+
+
+def test_cka_matrix_is_symmetric_with_unit_diagonal_and_matches_pairs():
+    generator = torch.Generator().manual_seed(5)
+    states = [torch.randn(30, 8, generator=generator) for _ in range(3)]
+    states.append(states[0] + 0.1 * torch.randn(30, 8, generator=generator))
+    matrix = cka_matrix(states)
+    assert torch.allclose(matrix, matrix.T)
+    assert torch.allclose(matrix.diagonal(), torch.ones(4, dtype=torch.float64))
+    assert matrix[1, 2].item() == pytest.approx(rbf_cka(states[1], states[2]))
+    assert matrix[0, 3] > matrix[0, 1]  # a perturbed copy is more similar than an unrelated state
+
+
+def test_normalized_spectrum_on_known_singular_values():
+    h = torch.zeros(6, 4)
+    h[0, 0], h[1, 1], h[2, 2] = 4.0, -2.0, 1.0
+    assert torch.allclose(normalized_spectrum(h, top=3), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
+
+
+def test_normalized_spectrum_starts_at_one_and_never_increases():
+    h = torch.randn(70, 40, generator=torch.Generator().manual_seed(6))
+    spectrum = normalized_spectrum(h, top=50)
+    assert spectrum.shape == (40,)  # only min(L, D) singular values exist
+    assert spectrum[0].item() == pytest.approx(1.0)
+    assert bool((spectrum[1:] <= spectrum[:-1] + 1e-12).all())
+    assert normalized_spectrum(h, top=10).shape == (10,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts and state collection.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parse_layout_and_boundaries():
+    layout = parse_layout("4+8R2+4")
+    assert layout == Layout(4, 8, 2, 4)
+    assert str(layout) == "4+8R2+4" and layout.depth == 24
+    assert [layout.boundary_index(t) for t in range(3)] == [4, 12, 20]
+    assert layout.state_names == ["h_emb", "h^(0)", "h^(1)", "h^(2)", "h_out"]
+    assert layout.block_names == ["prelude", "loop 1", "loop 2", "coda"]
+    for bad in ("4+8+4", "4+0R2+4", "x", "4+8R0+4"):
+        with pytest.raises(UserError):
+            parse_layout(bad)
+
+
+def test_collect_states_of_a_plain_model_match_its_layers(tmp_path):
+    model = make_tiny_pythia(tmp_path / "p", num_layers=8)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
+    outputs = {}
+    hooks = [model.gpt_neox.embed_in.register_forward_hook(lambda _m, _i, out: outputs.__setitem__("emb", out))]
+    for index, layer in enumerate(model.gpt_neox.layers):
+        hooks.append(layer.register_forward_hook(lambda _m, _i, out, index=index: outputs.__setitem__(index, out)))
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+
+    states = collect_states(model, ids, parse_layout("2+2R2+2"))
+    assert list(states) == ["h_emb", "h^(0)", "h^(1)", "h^(2)", "h_out"]
+    expected = {
+        "h_emb": outputs["emb"],
+        "h^(0)": outputs[1],
+        "h^(1)": outputs[3],
+        "h^(2)": outputs[5],
+        "h_out": outputs[7],
+    }
+    for name, tensor in expected.items():
+        assert torch.allclose(states[name], tensor, atol=1e-6), name
+
+    # Without prelude and coda, h^(0) is the embedding and h^(K) the (pre-norm) last layer output.
+    states = collect_states(model, ids, parse_layout("0+4R2+0"))
+    assert torch.allclose(states["h^(0)"], outputs["emb"], atol=1e-6)
+    assert torch.allclose(states["h^(1)"], outputs[3], atol=1e-6)
+    assert torch.allclose(states["h^(2)"], outputs[7], atol=1e-6)
+    assert torch.allclose(states["h_out"], outputs[7], atol=1e-6)
+
+
+def _mesh_calls(model, ids):
+    """Inputs of every core call, of the coda and of the final norm, and the prelude's raw output."""
+    seen = {"core": []}
+    inner = model.model
+    hooks = [
+        inner.core[0].register_forward_pre_hook(lambda _m, args: seen["core"].append(args[0])),
+        inner.final_norm.register_forward_pre_hook(lambda _m, args: seen.__setitem__("norm", args[0])),
+    ]
+    if len(inner.coda):
+        hooks.append(inner.coda[0].register_forward_pre_hook(lambda _m, args: seen.__setitem__("coda", args[0])))
+    if len(inner.prelude):
+        hooks.append(inner.prelude[-1].register_forward_hook(lambda _m, _i, out: seen.__setitem__("pre", out[0])))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_collect_states_of_a_mesh_model_are_the_recurrence_states(tiny_mesh_model):
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(8))
+    seen = _mesh_calls(tiny_mesh_model, ids)
+    states = collect_states(tiny_mesh_model, ids)
+    assert torch.allclose(states["h^(0)"], seen["core"][0])  # after the transitional read
+    assert not torch.allclose(states["h^(0)"], seen["pre"])  # ... not the raw prelude output
+    assert torch.allclose(states["h^(1)"], seen["core"][1])
+    assert torch.allclose(states["h^(2)"], seen["coda"])
+    assert torch.allclose(states["h_out"], seen["norm"])  # pre-norm coda output
+
+
+def test_collect_states_of_a_mesh_model_without_prelude_or_coda():
+    torch.manual_seed(0)
+    model = MeshForCausalLM(tiny_mesh_config(0, 2, 2, 0)).eval()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(9))
+    seen = _mesh_calls(model, ids)
+    states = collect_states(model, ids)
+    assert torch.allclose(states["h^(0)"], seen["core"][0])
+    assert torch.allclose(states["h^(1)"], seen["core"][1])
+    assert torch.allclose(states["h^(2)"], seen["norm"])
+    assert torch.allclose(states["h_out"], seen["norm"])
+
+
+def test_a_lossless_conversion_has_the_plain_models_states(tmp_path):
+    """Full-rank relaxation and near one-hot routers reproduce the plain model (spec section 5),
+    so the plain model read with the MeSH layout must give the same states: both index schemes agree."""
+    from mesh_convert.convert import convert_model
+
+    plain = make_tiny_pythia(tmp_path / "p", num_layers=8)
+    mesh = convert_model(plain, loops=2, prelude=2, coda=2, relax_rank="full", router_gap=40.0, dtype="float32")
+    layout = resolve_layout(mesh)
+    assert layout == Layout(2, 2, 2, 2)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(11))
+    mesh_states, plain_states = collect_states(mesh, ids), collect_states(plain, ids, layout)
+    for name in layout.state_names:
+        assert torch.allclose(mesh_states[name], plain_states[name], atol=1e-4), name
+
+
+def test_resolve_layout(tiny_mesh_model, tmp_path, monkeypatch):
+    assert resolve_layout(tiny_mesh_model) == Layout(1, 3, 2, 1)
+    assert resolve_layout(tiny_mesh_model, "1+3R2+1") == Layout(1, 3, 2, 1)
+    with pytest.raises(UserError, match="laid out as 1\\+3R2\\+1"):
+        resolve_layout(tiny_mesh_model, "2+2R2+2")
+    plain = GPTNeoXForCausalLM(make_tiny_pythia(tmp_path / "p", num_layers=8).config)
+    assert resolve_layout(plain, "2+2R2+2") == Layout(2, 2, 2, 2)
+    with pytest.raises(UserError, match="covers 9 layers, but the model has 8"):
+        resolve_layout(plain, "3+2R2+2")
+    with pytest.raises(UserError, match="needs --layout"):
+        resolve_layout(plain)
+    # --loops follows the converter's rule: whatever plan.default_layout says.
+    from mesh_convert.plan import default_layout
+
+    rule = default_layout(8, 2)
+    assert resolve_layout(plain, loops=2) == Layout(rule.prelude, rule.core, rule.loops, rule.coda)
+    fake_plan = types.ModuleType("mesh_convert.plan")
+    fake_plan.default_layout = lambda layers, loops: (2, 2, loops, layers - 2 - 2 * loops)
+    monkeypatch.setitem(__import__("sys").modules, "mesh_convert.plan", fake_plan)
+    assert resolve_layout(plain, loops=2) == Layout(2, 2, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_token_windows_are_consecutive_and_checked():
+    windows = token_windows(list(range(20)), samples=3, seq_len=5)
+    assert windows.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    with pytest.raises(UserError, match="has 20 tokens, fewer than 3 samples x 8 = 24"):
+        token_windows(list(range(20)), samples=3, seq_len=8)
+
+
+def test_tokenize_file_reads_jsonl_documents_with_eos_between(tmp_path):
+    tokenizer = char_tokenizer()
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "ab"}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
+    a, b, c = (tokenizer.convert_tokens_to_ids(char) for char in "abc")
+    assert tokenize_file(path, tokenizer) == [a, b, 1, c, 1]
+    path.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"body": "c"}) + "\n")
+    with pytest.raises(UserError, match="docs.jsonl:2"):
+        tokenize_file(path, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the probes, and the plots.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mesh_result(tiny_mesh_model):
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(10))
+    return run_diagnostics(tiny_mesh_model, ids, batch_size=2, name="tiny")
+
+
+def test_run_diagnostics_shapes_and_values(mesh_result, tiny_mesh_model):
+    result = mesh_result
+    assert result.samples == 3 and result.variant == "mesh" and str(result.layout) == "1+3R2+1"
+    assert result.updates.shape == (3, 4)
+    assert result.cka.shape == (3, 5, 5)
+    assert result.spectra.shape == (3, 5, 20)  # min(50, L=20, D=32)
+    assert torch.allclose(result.cka.diagonal(dim1=1, dim2=2), torch.ones(3, 5, dtype=torch.float64))
+    assert torch.allclose(result.spectra[:, :, 0], torch.ones(3, 5, dtype=torch.float64))
+    # Per-sample values are those of the sample's own states (batching mixes nothing).
+    ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(10))
+    states = list(collect_states(tiny_mesh_model, ids[2:3]).values())
+    assert result.updates[2, 1].item() == pytest.approx(relative_update(states[1][0], states[2][0]))
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["relative_update"]["loop 1"]["mean"] == pytest.approx(result.updates[:, 1].mean().item())
+    assert len(record["relative_update"]["coda"]["per_sample"]) == 3
+    assert record["states"] == ["h_emb", "h^(0)", "h^(1)", "h^(2)", "h_out"]
+
+
+def _png_shape(path):
+    return matplotlib.image.imread(path).shape
+
+
+def test_plots_have_their_panels_and_size(mesh_result, tmp_path):
+    fig = plot_updates(mesh_result)
+    assert len(fig.axes) == 1
+    assert [tick.get_text() for tick in fig.axes[0].get_xticklabels()] == ["prelude", "loop 1", "loop 2", "coda"]
+    assert len(fig.axes[0].patches) == 4  # one bar per block
+    width, height = fig.get_size_inches() * PLOT_DPI
+    assert _png_shape(save_figure(fig, tmp_path / "u.png"))[:2] == (round(height), round(width))
+
+    fig = plot_cka(mesh_result)
+    assert len(fig.axes) == 2  # heatmap and colour bar
+    assert len(fig.axes[0].texts) == 25  # one annotated cell per pair of the 5 states
+    assert fig.axes[0].get_images()[0].get_array().shape == (5, 5)
+    plt.close(fig)
+
+    fig = plot_spectra(mesh_result)
+    assert len(fig.axes) == 1
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == mesh_result.state_names
+    plt.close(fig)
+
+
+def test_router_statistics_follow_the_steps(tiny_mesh_model):
+    set_identity_routers(tiny_mesh_model)
+    sequences = [torch.arange(12), torch.arange(5, 25)]
+    stats = router_statistics(tiny_mesh_model, sequences, "test")
+    assert stats.steps == ["transitional", "loop 1", "loop 2"]
+    assert stats.tokens == 32
+    assert stats.write.shape == stats.read.shape == (3, 5)
+    for step in range(3):  # pair s puts its mass on slot s + 1
+        assert stats.write[step].argmax().item() == step + 1
+        assert stats.read[step, step + 1].item() > 0.99
+    assert torch.allclose(stats.write.sum(1), torch.ones(3, dtype=torch.float64))
+
+    fig = plot_router_heatmap(stats, "tiny")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["mean write weight", "mean read weight"] and len(fig.axes) == 3  # + colour bar
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == stats.steps
+    plt.close(fig)
+
+
+def test_parameter_counts(tiny_mesh_model, tmp_path):
+    layer = 12 * D * D + 13 * D  # spec section 1
+    counts = parameter_counts(tiny_mesh_model)
+    assert counts["routers"] == 2 * 3 * (D * 5 + 5)  # 2 (K+1) (D B + B)
+    assert counts["core layers (unique)"] == 3 * layer
+    assert counts["prelude layers"] == counts["coda layers"] == layer
+    assert counts["non-embedding (layers + final norm)"] == 5 * layer + 2 * D
+    assert counts["relax deltas"] == 0
+    assert counts["total"] == sum(p.numel() for p in tiny_mesh_model.parameters())
+
+    plain = make_tiny_pythia(tmp_path / "p", num_layers=8)
+    counts = parameter_counts(plain)
+    assert counts["layers"] == 8 * layer and counts["final norm"] == 2 * D
+    assert counts["embedding (input)"] == counts["output head"] == 128 * D
+    assert counts["routers"] == 0
+
+    relaxed = MeshForCausalLM(tiny_mesh_config(relax_rank=2))
+    counts = parameter_counts(relaxed)
+    deltas = sum(p.numel() for name, p in relaxed.named_parameters() if "_delta" in name)
+    assert counts["relax deltas"] == deltas > 0
+    assert counts["core layers (unique)"] == 3 * layer  # deltas are not counted twice
+    assert counts["total"] == sum(p.numel() for p in relaxed.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_diagnose_cli_on_a_mesh_model(capsys, mesh_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        capsys, "diagnose", str(mesh_dir), "--data", str(text_file), "--samples", "3", "--seq-len", "24",
+        "--output", str(out), "--json", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0, stderr
+    record = json.loads(stdout)
+    assert record["layout"] == "1+3R2+1" and record["variant"] == "mesh" and record["samples"] == 3
+    assert json.loads((out / "diagnostics.json").read_text()) == record
+    for name in ("update_magnitude.png", "cka.png", "spectra.png"):
+        assert _png_shape(out / name)[0] > 200
+
+
+def test_diagnose_cli_on_a_plain_model_prints_tables(capsys, plain_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        capsys, "diagnose", str(plain_dir), "--data", str(text_file), "--samples", "2", "--seq-len", "16",
+        "--layout", "2+2R2+2", "--output", str(out),
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "Relative update" in stdout and "loop 2" in stdout and "h^(2)" in stdout
+    record = json.loads((out / "diagnostics.json").read_text())
+    assert record["variant"] == "plain" and record["layout"] == "2+2R2+2"
+    assert (out / "cka.png").is_file() and (out / "spectra.png").is_file()
+
+
+def test_inspect_cli_on_a_mesh_model_with_data(capsys, mesh_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        capsys, "inspect", str(mesh_dir), "--data", str(text_file), "--samples", "2", "--seq-len", "30",
+        "--output", str(out), "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    record = json.loads(stdout)
+    assert record["layout"] == "1+3R2+1" and record["variant"] == "mesh" and record["num_slots"] == 5
+    assert record["provenance"]["config"]["source"] == "tiny-pythia"
+    assert record["provenance"]["conversion.json"] == {"router_gap": 8.0}
+    assert record["parameters"]["routers"] == 990
+    routers = record["routers"]
+    assert routers["steps"] == ["transitional", "loop 1", "loop 2"]
+    assert routers["tokens"] == 60 and "2 x 30 tokens" in routers["source"]
+    assert all(sum(row) == pytest.approx(1.0) for row in routers["mean_write"] + routers["mean_read"])
+    assert json.loads((out / "inspect.json").read_text()) == record
+    assert _png_shape(out / "routers.png")[1] > 400
+
+
+def test_inspect_cli_tables_on_built_in_sentences(capsys, mesh_dir, tmp_path):
+    code, stdout, stderr = run_cli(capsys, "inspect", str(mesh_dir), "--output", str(tmp_path / "o"))
+    assert code == 0, stderr
+    for text in ("1+3R2+1", "Provenance", "tiny-pythia", "routers", "transitional", "loop 2", "slot 4"):
+        assert text in stdout, text
+    assert "built-in sample sentences" in stderr
+
+
+def test_inspect_cli_on_a_plain_model_says_there_are_no_routers(capsys, plain_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "inspect", str(plain_dir), "--output", str(out))
+    assert code == 0, stderr
+    assert "no routers" in stderr and "layers" in stdout
+    assert (out / "inspect.json").is_file() and not (out / "routers.png").exists()
+
+
+def test_inspect_without_tokenizer_uses_random_ids_or_the_one_given(
+    capsys, bare_mesh_dir, mesh_dir, text_file, tmp_path
+):
+    bare = bare_mesh_dir
+    code, stdout, stderr = run_cli(capsys, "inspect", str(bare), "--output", str(tmp_path / "o"), "--json")
+    assert code == 0, stderr
+    assert "random token ids" in json.loads(stdout)["routers"]["source"]
+    code, stdout, stderr = run_cli(
+        capsys, "inspect", str(bare), "--tokenizer", str(mesh_dir), "--data", str(text_file), "--seq-len", "40",
+        "--output", str(tmp_path / "o"), "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads(stdout)["routers"]["tokens"] == 8 * 40
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing model", "does not exist"),
+        ("missing data", "data file"),
+        ("too few tokens", "fewer than 50 samples x 60"),
+        ("layout depth", "covers 9 layers, but the model has 8"),
+        ("no layout", "needs --layout"),
+        ("mesh layout", "laid out as 1+3R2+1"),
+        ("context", "exceeds the model's context"),
+        ("inspect missing", "does not exist"),
+        ("no tokenizer", "has no tokenizer"),
+        ("zero samples", "--samples must be at least 1, not 0"),
+        ("inspect data, no tokenizer", "has no tokenizer"),
+        ("too many loops", "cannot split 8 layers into 7 loops"),
+    ],
+)
+def test_user_errors_are_one_line(
+    capsys, case, message, mesh_dir, plain_dir, bare_plain_dir, bare_mesh_dir, text_file, tmp_path
+):
+    data = ["--data", str(text_file)]
+    bare = bare_plain_dir
+    args = {
+        "missing model": ["diagnose", str(tmp_path / "nope"), *data],
+        "missing data": ["diagnose", str(mesh_dir), "--data", str(tmp_path / "nope.txt")],
+        "too few tokens": ["diagnose", str(mesh_dir), *data, "--samples", "50", "--seq-len", "60"],
+        "layout depth": ["diagnose", str(plain_dir), *data, "--layout", "3+2R2+2"],
+        "no layout": ["diagnose", str(plain_dir), *data],
+        "mesh layout": ["diagnose", str(mesh_dir), *data, "--layout", "2+2R2+2"],
+        "context": ["diagnose", str(mesh_dir), *data, "--seq-len", "100"],
+        "inspect missing": ["inspect", str(tmp_path / "nope")],
+        "no tokenizer": ["diagnose", str(bare), *data, "--layout", "2+2R2+2"],
+        "zero samples": ["inspect", str(mesh_dir), "--samples", "0"],
+        "inspect data, no tokenizer": ["inspect", str(bare_mesh_dir), *data],
+        "too many loops": ["diagnose", str(plain_dir), *data, "--loops", "7"],
+    }[case]
+    code, stdout, stderr = run_cli(capsys, *args, "--output", str(tmp_path / "o"))
+    assert code == 1
+    assert stderr.startswith("error:") and message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    assert "Traceback" not in stderr + stdout
