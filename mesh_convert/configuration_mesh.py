@@ -58,6 +58,8 @@ class MeshConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     mlp_bias: bool = False
     initializer_range: float = 0.02
+    # Scale of the token embeddings (the paper's from-scratch recipe uses sqrt(D); 1 for converted models).
+    embedding_multiplier: float = 1.0
     tie_word_embeddings: bool = False
     use_cache: bool = True
     bos_token_id: int | None = 0

@@ -442,6 +442,8 @@ class MeshModel(MeshPreTrainedModel):
             use_cache = False
 
         h_emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if config.embedding_multiplier != 1.0:
+            h_emb = h_emb * config.embedding_multiplier
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=config)
         if not use_cache:

@@ -11,6 +11,9 @@ from mesh_convert import MeshConfig, MeshForCausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Tiny models on 2 cores: one thread avoids oversubscription (the suite also runs subprocesses).
+torch.set_num_threads(1)
+
 
 def tiny_pythia_config(num_layers: int = 8, **overrides) -> GPTNeoXConfig:
     """A Pythia-shaped config (parallel residual, 25% rotary, untied head), just very small."""

@@ -1,0 +1,135 @@
+"""`mesh-convert train | finetune | init | merge`: training commands (wired by `cli.register`)."""
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+console = Console(stderr=True)
+
+
+def _recipe(path: Path, overrides: list[str], method: str | None = None):
+    from .recipe import load_recipe
+
+    base = {"method": method} if method else None
+    recipe = load_recipe(path, overrides or [], base=base)
+    if method and recipe.method != method:
+        raise UserError(f"`mesh-convert finetune` runs LoRA recipes, but {path} sets method: {recipe.method}")
+    return recipe
+
+
+def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | None = None) -> None:
+    from .recipe import recipe_yaml
+
+    recipe = _recipe(recipe_path, overrides, method)
+    if dry_run:
+        from .train import describe
+
+        plan = describe(recipe, processes=_processes())
+        typer.echo(recipe_yaml(recipe).rstrip())
+        table = Table(title="plan", show_header=False)
+        for key in ("processes", "micro_batch_size", "grad_accum", "global_batch_size", "tokens_per_step", "steps",
+                    "total_tokens", "peak_lr", "trainable"):
+            value = plan[key]
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        counts = plan["parameters"]
+        table.add_row("trainable parameters", f"{counts['trainable']:,}")
+        table.add_row("  of which routers / deltas / lora", f"{counts['routers']:,} / {counts['deltas']:,} / {counts['lora']:,}")
+        table.add_row("frozen parameters", f"{counts['frozen']:,}")
+        Console().print(table)
+        return
+    from .train import train
+
+    summary = train(recipe, console=console)
+    if summary.get("model") or summary.get("adapter"):
+        where = summary.get("model") or summary.get("adapter")
+        console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
+                      f"{summary['final_loss']:.4f} -> {where}", highlight=False)
+
+
+def _processes() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_command(
+        recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+        overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; do not train."),
+    ):
+        """Continue pretraining a converted model (or LoRA, with `method: lora`), from a recipe.
+
+        Multi-GPU: `accelerate launch --config_file recipes/accelerate/ddp.yaml -m mesh_convert.cli train RECIPE`."""
+        _run(recipe, overrides, dry_run)
+
+    @app.command("finetune")
+    def finetune_command(
+        recipe: Path = typer.Argument(..., help="Recipe YAML (method defaults to lora)."),
+        overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. lora.r=8."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; do not train."),
+    ):
+        """LoRA fine-tuning via peft: only the adapter (and router copies) train."""
+        _run(recipe, overrides, dry_run, method="lora")
+
+    @app.command("init")
+    def init_command(
+        size: str = typer.Argument(..., help="pythia-<size> (e.g. pythia-160m) or 'custom'."),
+        loops: int = typer.Option(2, "--loops", "-k", help="Loops K of the shared core."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+        prelude: int = typer.Option(None, "--prelude", help="Prelude layers (default: the paper's layout)."),
+        coda: int = typer.Option(None, "--coda", help="Coda layers (default: the paper's layout)."),
+        variant: str = typer.Option("mesh", "--variant", help="mesh, base, residual, anchor or anchor_emb."),
+        layers: int = typer.Option(None, "--layers", help="Unrolled layers (custom size, or override)."),
+        hidden: int = typer.Option(None, "--hidden", help="Hidden size D."),
+        heads: int = typer.Option(None, "--heads", help="Attention heads."),
+        intermediate: int = typer.Option(None, "--intermediate", help="MLP size (default 4*D)."),
+        vocab: int = typer.Option(None, "--vocab", help="Vocabulary size (default 50304)."),
+        context: int = typer.Option(None, "--context", help="Context length (default 2048)."),
+        tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to copy next to the model."),
+        seed: int = typer.Option(0, "--seed"),
+    ):
+        """A randomly initialised MeSH model, with the paper's from-scratch init."""
+        import json
+
+        from .recipe import InitSpec
+        from .train_init import init_scratch_model, meta_parameter_counts, scratch_config
+
+        try:
+            spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
+                            hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
+                            max_position_embeddings=context)
+        except Exception as error:
+            raise UserError(f"init: {str(error).splitlines()[-1]}") from None
+        config = scratch_config(spec)
+        model = init_scratch_model(config, seed)
+        output.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(output)
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(output)
+            except Exception as error:
+                raise UserError(f"cannot load the tokenizer in {tokenizer}: {error}") from None
+        counts = meta_parameter_counts(config)
+        (output / "conversion.json").write_text(json.dumps({"init": spec.model_dump(), "seed": seed, "parameters": counts}, indent=2) + "\n")
+        console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
+                      f"{counts['routers']:,} router parameters -> {output}", highlight=False)
+
+    @app.command("merge")
+    def merge_command(
+        adapter: Path = typer.Argument(..., help="LoRA adapter directory (from a `method: lora` run)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Output directory for the merged model."),
+        base: Path = typer.Option(None, "--base", help="Base model (default: the one recorded in the adapter)."),
+    ):
+        """Merge a LoRA adapter (and its routers) into a standalone checkpoint."""
+        from .train_lora import merge_adapter
+
+        path = merge_adapter(adapter, output, base)
+        console.print(f"merged {adapter} -> {path}", highlight=False)

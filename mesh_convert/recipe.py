@@ -1,0 +1,274 @@
+"""The training recipe: one validated pydantic schema that both YAML files and command-line
+overrides (`key.sub=value`) feed, so a typo anywhere is one error naming the closest valid key.
+
+Relative paths are taken from the current directory (run recipes from the repository root).
+"""
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
+DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
+class Strict(BaseModel):
+    """Every section forbids unknown keys (reported with a difflib suggestion by `load_recipe`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InitSpec(Strict):
+    """A randomly initialised MeSH model, built at the start of training (the paper's from-scratch recipe)."""
+
+    size: str = Field("pythia-160m", description="pythia-<size>, or 'custom' with the dimensions below")
+    loops: int = Field(2, ge=1)
+    prelude: int | None = None
+    coda: int | None = None
+    variant: str = "mesh"
+    # Dimensions that override (or, for size=custom, define) the Pythia architecture.
+    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=1)
+    max_position_embeddings: int | None = Field(None, ge=1)
+
+
+class HubData(Strict):
+    path: str
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = False
+
+
+class DataSection(Strict):
+    train: list[str] = Field(default_factory=list, description=".txt / .jsonl / .parquet files")
+    hub: HubData | None = None
+    text_field: str = "text"
+    block_size: int = Field(2048, ge=2)
+    eval_files: list[str] = Field(default_factory=list, description="held-out files; else a slice of train")
+    eval_blocks: int = Field(64, ge=0, description="blocks held out from train when eval_files is empty")
+    shuffle_buffer: int = Field(10_000, ge=1, description="streaming Hub datasets only")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if not self.train and self.hub is None:
+            raise ValueError("data needs `train` files or a `hub` dataset")
+        if self.train and self.hub is not None:
+            raise ValueError("give data.train files or data.hub, not both")
+        return self
+
+
+class OptimSection(Strict):
+    lr: float | None = Field(None, gt=0, description="peak LR; default: the Pythia LR of the source size")
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
+    grad_clip: float | None = Field(1.0, gt=0)
+    router_lr_mult: float = Field(1.0, gt=0)
+    delta_lr_mult: float = Field(1.0, gt=0)
+
+
+class TrainSection(Strict):
+    global_batch_size: int = Field(8, ge=1, description="sequences per optimizer step, all processes")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass on one process")
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = Field(100, ge=0, description="0 = only at the end")
+    eval_batches: int | None = Field(None, ge=1, description="cap on eval micro-batches")
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of train.max_steps and train.max_tokens")
+        return self
+
+
+class CheckpointSection(Strict):
+    every: int = Field(0, ge=0, description="save_state every N steps (0 = never)")
+    keep_last: int = Field(2, ge=1)
+    resume: str = Field("auto", description="auto | never | a checkpoint directory")
+
+
+class LoraSection(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    merge: bool = Field(False, description="also write the merged standalone model")
+
+
+class DistillSection(Strict):
+    teacher: str | None = Field(None, description="original checkpoint directory")
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class AnnealSection(Strict):
+    target_rank: int | None = Field(None, ge=0, description="None = off; 0 = fully tied")
+    steps: int = Field(1000, ge=1, description="steps over which the rank shrinks to the target")
+    every: int = Field(50, ge=1, description="SVD truncation period")
+    penalty: float = Field(0.0, ge=0, description="L2 penalty on the deltas, decaying to 0 at the end")
+
+
+class Recipe(Strict):
+    model: str | None = Field(None, description="converted MeSH checkpoint directory")
+    init: InitSpec | None = None
+    tokenizer: str | None = Field(None, description="default: the model directory")
+    output_dir: str = "runs/mesh"
+    seed: int = 1234
+    method: Literal["full", "lora"] = "full"
+    trainable: Literal[TRAINABLE] | None = Field(None, description="default: all (full) / lora+routers (lora)")
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    anneal: AnnealSection = Field(default_factory=AnnealSection)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.model is None) == (self.init is None):
+            raise ValueError("set exactly one of `model` (a converted checkpoint) and `init` (from scratch)")
+        if self.trainable is None:
+            self.trainable = "lora+routers" if self.method == "lora" else "all"
+        if self.method == "lora" and not self.trainable.startswith("lora"):
+            raise ValueError(f"method: lora trains the adapter, so trainable must be lora or lora+routers")
+        if self.method == "full" and self.trainable.startswith("lora"):
+            raise ValueError(f"trainable: {self.trainable} needs method: lora")
+        if self.anneal.target_rank is not None and self.method == "lora":
+            raise ValueError("anneal works on the relax deltas of a full (not LoRA) run")
+        if self.tokenizer is None and self.model is None:
+            raise ValueError("a model built with `init` needs `tokenizer`")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages.
+# ---------------------------------------------------------------------------------------------
+
+
+def _section_model(location: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the keys at `location` (a path of field names)."""
+    model: Any = Recipe
+    for key in location:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model
+
+
+def _closest(key: str, location: tuple) -> str:
+    model = _section_model(location)
+    names = list(model.model_fields) if model is not None else []
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean {'.'.join(map(str, (*location, match[0])))!r}?)" if match else ""
+
+
+def explain(error: ValidationError, source: str) -> UserError:
+    """The first validation problem as one line, with a suggestion for unknown keys."""
+    problem = error.errors()[0]
+    location = tuple(part for part in problem["loc"] if not isinstance(part, int))
+    dotted = ".".join(map(str, problem["loc"])) or "recipe"
+    if problem["type"] == "extra_forbidden":
+        return UserError(f"{source}: unknown key {dotted!r}{_closest(str(location[-1]), location[:-1])}")
+    if problem["type"] == "missing":
+        return UserError(f"{source}: missing key {dotted!r}")
+    message = problem["msg"].removeprefix("Value error, ")
+    where = f"{dotted}: " if problem["loc"] else ""
+    return UserError(f"{source}: {where}{message}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=10` -> (["train", "max_steps"], 10); values are parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {text!r} is not of the form key.sub=value")
+    return key.split("."), yaml.safe_load(value) if value != "" else None
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for depth, key in enumerate(path[:-1]):
+        model = _section_model(tuple(path[:depth]))
+        if model is not None and key not in model.model_fields:
+            raise UserError(f"override: unknown key {'.'.join(path[: depth + 1])!r}{_closest(key, tuple(path[:depth]))}")
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides, validate; every problem is a one-line UserError."""
+    data: dict = dict(base or {})
+    source = "recipe"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read recipe {path}: {error}") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise UserError(f"recipe {path} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"recipe {path} must be a mapping of keys to values")
+        data.update(loaded)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(data, key_path, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise explain(error, source) from None
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def lr_schedule(step: int, total: int, warmup: float, min_ratio: float) -> float:
+    """LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` of the steps
+    (at least one), then cosine from 1 to `min_ratio` at the last step."""
+    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    span = max(1, total - warm - 1)
+    progress = min(1.0, (step - warm) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,495 @@
+"""Continue pretraining (full, partial or LoRA) of a MeSH model from a recipe, on Accelerate: the
+same recipe runs on a CPU, one GPU or many (DDP, FSDP2, DeepSpeed from `accelerate launch`).
+
+The global batch (`train.global_batch_size` sequences) is fixed by the recipe; gradient
+accumulation is derived from it, the micro-batch size and the number of processes, so the
+optimisation is the same whatever hardware runs it.
+"""
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .recipe import Recipe, lr_schedule, recipe_yaml
+from .train_checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
+from .train_optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Plan:
+    processes: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    block_size: int
+    steps: int
+    peak_lr: float
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.block_size
+
+    @property
+    def total_tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+def make_plan(recipe: Recipe, processes: int, peak_lr: float) -> Plan:
+    train = recipe.train
+    per_step = train.micro_batch_size * processes
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of micro_batch_size "
+            f"({train.micro_batch_size}) x processes ({processes})"
+        )
+    tokens_per_step = train.global_batch_size * recipe.data.block_size
+    steps = train.max_steps or math.ceil(train.max_tokens / tokens_per_step)
+    return Plan(processes, train.micro_batch_size, train.global_batch_size // per_step, train.global_batch_size,
+                recipe.data.block_size, steps, peak_lr)
+
+
+def default_peak_lr(recipe: Recipe, config) -> float:
+    """The recipe's LR, else the Pythia pretraining LR of the model's size (from its provenance)."""
+    if recipe.optim.lr is not None:
+        return recipe.optim.lr
+    from .pythia import PYTHIA_LR
+
+    hint = recipe.init.size if recipe.init is not None else json.dumps(getattr(config, "provenance", None) or {})
+    match = re.search(r"pythia-([0-9.]+[mb])", hint, re.IGNORECASE)
+    if match and match[1].lower() in PYTHIA_LR:
+        return PYTHIA_LR[match[1].lower()]
+    raise UserError("set optim.lr: the model's provenance names no Pythia size to take the LR from")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model and what trains.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_base_model(recipe: Recipe, meta: bool = False):
+    """The model to train, in float32 master weights (mixed precision autocasts on top)."""
+    from .train_init import init_scratch_model, scratch_config
+    from .train_lora import load_model
+
+    if recipe.init is not None:
+        config = scratch_config(recipe.init)
+        if meta:
+            from .modeling_mesh import MeshForCausalLM
+
+            with torch.device("meta"):
+                return MeshForCausalLM(config)
+        return init_scratch_model(config, recipe.seed)
+    if meta:
+        from transformers import AutoModelForCausalLM
+
+        config = model_config(recipe)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return load_model(recipe.model, torch.float32)
+
+
+def model_config(recipe: Recipe):
+    """The config of the model to train, without its weights."""
+    if recipe.init is not None:
+        from .train_init import scratch_config
+
+        return scratch_config(recipe.init)
+    from transformers import AutoConfig
+
+    import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
+
+    load_model_config_check(recipe.model)
+    try:
+        return AutoConfig.from_pretrained(recipe.model)
+    except Exception as error:
+        raise UserError(f"cannot read the model config in {recipe.model}: {error}") from None
+
+
+def load_model_config_check(path: str) -> None:
+    if not Path(path).is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} is not a model checkpoint (no config.json)")
+
+
+def apply_trainable(model, recipe: Recipe):
+    """Freeze / wrap the model for the recipe's `trainable` choice; returns the model to train."""
+    if recipe.method == "lora":
+        from .train_lora import wrap_lora
+
+        model.requires_grad_(False)
+        return wrap_lora(model, recipe.lora, train_routers=recipe.trainable == "lora+routers")
+    select_trainable(model, recipe.trainable)
+    return model
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    path = recipe.tokenizer_path
+    if not Path(path).is_dir() or not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise UserError(f"no tokenizer in {path}; set `tokenizer` to a tokenizer directory")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        raise UserError(f"cannot load the tokenizer in {path}: {error}") from None
+
+
+def check_data_files(recipe: Recipe) -> None:
+    from .data import file_format
+
+    for path in [*recipe.data.train, *recipe.data.eval_files]:
+        if not Path(path).is_file():
+            raise UserError(f"data file {path} does not exist")
+        file_format(Path(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run.
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(recipe: Recipe, processes: int = 1) -> dict:
+    """The plan of a recipe without training or loading weights (the model is built on meta)."""
+    check_data_files(recipe)
+    model = load_base_model(recipe, meta=True)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and recipe.data.block_size > context:
+        raise UserError(f"data.block_size={recipe.data.block_size} is above the model's context of {context} tokens")
+    model = apply_trainable(model, recipe)
+    plan = make_plan(recipe, processes, default_peak_lr(recipe, model.config))
+    counts = count_trainable(model)
+    return {
+        "processes": plan.processes,
+        "micro_batch_size": plan.micro_batch_size,
+        "grad_accum": plan.grad_accum,
+        "global_batch_size": plan.global_batch_size,
+        "tokens_per_step": plan.tokens_per_step,
+        "steps": plan.steps,
+        "total_tokens": plan.total_tokens,
+        "peak_lr": plan.peak_lr,
+        "trainable": recipe.trainable,
+        "parameters": counts,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(batch: torch.Tensor, micro: int, rank: int, world: int, size: int) -> torch.Tensor:
+    """This process's share of micro-step `micro` of a global batch: the accumulation steps take
+    consecutive slices of world*size rows, and process r the r-th part of each."""
+    start = (micro * world + rank) * size
+    return batch[start : start + size]
+
+
+def evaluate(model, accelerator, blocks, micro_batch_size: int, max_batches: int | None) -> dict:
+    """Mean token loss and perplexity over held-out blocks, split across processes. Every process
+    runs the same number of forward passes (padding with weight 0), which sharded models need."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    indices = list(range(len(blocks)))
+    if max_batches is not None:
+        indices = indices[: max_batches * micro_batch_size * world]
+    per_process = math.ceil(len(indices) / world)
+    mine = indices[rank::world]
+    weights = [1.0] * len(mine) + [0.0] * (per_process - len(mine))
+    mine = mine + [indices[0]] * (per_process - len(mine))
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, per_process, micro_batch_size):
+            ids = blocks.stack(mine[start : start + micro_batch_size]).to(accelerator.device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            losses = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view(ids.shape[0], -1)
+            weight = torch.tensor(weights[start : start + micro_batch_size], device=losses.device)
+            total[0] += (losses.sum(1).double() * weight).sum()
+            total[1] += losses.shape[1] * weight.sum().double()
+    model.train(was_training)
+    total = accelerator.reduce(total, "sum")
+    loss = (total[0] / total[1]).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(recipe: Recipe, console=None) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, final loss, output paths)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    from .data import build_data
+
+    from accelerate import PartialState
+
+    output = Path(recipe.output_dir)
+    cpu = _cpu_requested()
+    world = PartialState(cpu=cpu).num_processes
+    make_plan(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
+    # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=make_plan(recipe, world, 1.0).grad_accum,
+        log_with=list(recipe.trackers) or None,
+        project_dir=str(output),
+    )
+    main = accelerator.is_main_process
+    rank = accelerator.process_index
+    set_seed(recipe.seed)
+
+    # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
+    check_data_files(recipe)
+    context = getattr(model_config(recipe), "max_position_embeddings", None)
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.seed, context)
+    model = load_base_model(recipe)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_trainable(model, recipe)
+    plan = make_plan(recipe, world, default_peak_lr(recipe, model.config))
+    counts = count_trainable(model)
+
+    annealer = None
+    if recipe.anneal.target_rank is not None:
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError("anneal needs whole (unsharded) parameters: run it on one process or with DDP")
+        from .train_anneal import Annealer
+
+        annealer = Annealer(model, recipe.anneal)
+    groups = param_groups(model, recipe.optim)
+    optimizer = make_optimizer(groups, recipe.optim, plan.peak_lr)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.train.compile:
+        model = torch.compile(model)
+
+    distiller = None
+    if recipe.distill.teacher:
+        from .train_distill import Distiller
+
+        vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
+        distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
+
+    checkpoints = output / "checkpoints"
+    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
+    if resume is not None:
+        try:
+            accelerator.load_state(str(resume))
+        except Exception as error:
+            raise UserError(f"cannot resume from {resume}: {type(error).__name__}: {error}") from None
+        if annealer is not None:
+            annealer.bias_scale = max(0.0, 1.0 - min(state.step, recipe.anneal.steps) / recipe.anneal.steps) \
+                if recipe.anneal.target_rank == 0 else 1.0
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(recipe_yaml(recipe))
+    metrics = MetricsLog(output / "metrics.jsonl", main, state.step if resume is not None else None)
+    if recipe.trackers:
+        accelerator.init_trackers("mesh-convert", config=_flat(recipe.model_dump(mode="json")))
+
+    stall_at = int(os.environ.get("MESH_CONVERT_TEST_STALL_AFTER_STEP", "0"))  # tests: wait to be killed
+    progress = _Progress(console if main else None, plan.steps, state.step)
+    model.train()
+    last_loss = float("nan")
+    window_start, window_tokens = time.perf_counter(), 0
+    while state.step < plan.steps:
+        step = state.step
+        set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
+        batch = data.train.global_batch(step, plan.global_batch_size)
+        step_loss = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for micro in range(plan.grad_accum):
+            ids = _rows(batch, micro, rank, world, plan.micro_batch_size).to(accelerator.device)
+            with accelerator.accumulate(model):  # no gradient sync until the last micro-batch
+                out = model(input_ids=ids, labels=ids, use_cache=False)
+                loss = out.loss
+                step_loss += loss.detach() / plan.grad_accum
+                if distiller is not None:
+                    loss = loss + distiller.loss(out.logits, ids)
+                if annealer is not None and (penalty := annealer.penalty(step)) is not None:
+                    loss = loss + penalty
+                del out
+                accelerator.backward(loss)  # divided by the accumulation steps there
+                if accelerator.sync_gradients and recipe.optim.grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                optimizer.step()  # a no-op until the accumulation is complete
+                optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += plan.tokens_per_step
+        if annealer is not None:
+            annealer.after_step(state.step)
+
+        last_loss = accelerator.reduce(step_loss, "mean").item()
+        window_tokens += plan.tokens_per_step
+        record = {"step": state.step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if state.step % recipe.train.log_every == 0 or state.step == plan.steps:
+            elapsed = time.perf_counter() - window_start
+            record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else None
+            window_start, window_tokens = time.perf_counter(), 0
+        every = recipe.train.eval_every
+        if data.eval is not None and ((every and state.step % every == 0) or state.step == plan.steps):
+            record.update(evaluate(model, accelerator, data.eval, plan.micro_batch_size, recipe.train.eval_batches))
+        if state.step % recipe.train.log_every == 0 or "eval_loss" in record or state.step == plan.steps:
+            metrics.write(record)
+            if recipe.trackers:
+                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
+        progress.update(state.step, record)
+        if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
+            save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
+        if stall_at and state.step == stall_at:
+            while True:  # a test kills the process here (SIGKILL), after the checkpoint above
+                time.sleep(1)
+    progress.close()
+
+    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss)
+    summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=counts)
+    if recipe.trackers:
+        accelerator.end_training()
+    return summary
+
+
+def _cpu_requested() -> bool:
+    """CPU training: asked for by `accelerate launch --cpu` (ACCELERATE_USE_CPU), or several
+    processes without GPUs (e.g. `torchrun --nproc_per_node 2` on a CPU machine: gloo DDP)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested recipe -> flat scalars for trackers (tensorboard accepts only scalars and strings)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float) -> dict:
+    """Write the trained model (or adapter), the tokenizer and conversion.json with a training section."""
+    from .train_lora import copy_side_files
+
+    output = Path(recipe.output_dir)
+    training = {
+        "recipe": recipe.model_dump(mode="json"),
+        "method": recipe.method,
+        "trainable": recipe.trainable,
+        "tokens": state.tokens,
+        "steps": state.step,
+        "final_loss": final_loss,
+        "processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+    }
+    source = Path(recipe.model) if recipe.model else None
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP / ZeRO) weights
+    paths = {}
+    if accelerator.is_main_process:
+        if recipe.method == "lora":
+            adapter = output / "adapter"
+            unwrapped.save_pretrained(adapter, state_dict=state_dict)
+            tokenizer.save_pretrained(adapter)
+            copy_side_files(source, adapter, training)
+            paths["adapter"] = str(adapter)
+            if recipe.lora.merge:
+                from .train_lora import merge_adapter
+
+                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source))
+        else:
+            target = output / "model"
+            if recipe.anneal.target_rank is not None:
+                from .train_anneal import export_at_rank
+
+                unwrapped.load_state_dict(state_dict)
+                export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(target)
+            else:
+                unwrapped.save_pretrained(target, state_dict=state_dict)
+            tokenizer.save_pretrained(target)
+            if recipe.init is not None:
+                training["init"] = recipe.init.model_dump()
+            copy_side_files(source, target, training)
+            paths["model"] = str(target)
+    accelerator.wait_for_everyone()
+    return paths
+
+
+class _Progress:
+    """A rich progress bar (main process only): loss, LR, tokens/s, ETA."""
+
+    def __init__(self, console, total: int, start: int):
+        self.bar = None
+        if console is None:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, record: dict) -> None:
+        if self.bar is None:
+            return
+        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}"
+        if record.get("tokens_per_s"):
+            info += f"  {record['tokens_per_s']:,.0f} tok/s"
+        if "eval_loss" in record:
+            info += f"  eval ppl {record['eval_ppl']:.2f}"
+        self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+__all__ = ["Plan", "describe", "evaluate", "main", "make_plan", "train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mesh_convert.train RECIPE [key=value ...]`: the `train` command without the CLI,
+    for launchers (`accelerate launch -m mesh_convert.train RECIPE`)."""
+    import sys
+
+    from rich.console import Console
+
+    from .recipe import load_recipe
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...]", file=sys.stderr)
+        return 2
+    try:
+        train(load_recipe(args[0], args[1:]), console=Console(stderr=True))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

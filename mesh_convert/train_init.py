@@ -1,0 +1,85 @@
+"""A randomly initialised MeSH model, following the paper's from-scratch recipe (spec section 4):
+token embeddings multiplied by sqrt(D), and the output projections (attention `dense`, MLP
+`dense_4h_to_h`) initialised with std / sqrt(2N), N = the unrolled layer count.
+
+Never used on converted models: their weights are pretrained and must not be rescaled.
+"""
+
+import math
+
+import torch
+
+from .configuration_mesh import MeshConfig
+from .errors import UserError
+from .modeling_mesh import MeshForCausalLM
+from .recipe import InitSpec
+
+OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
+
+
+def scratch_config(spec: InitSpec) -> MeshConfig:
+    """The MeshConfig of `spec`: a Pythia size's architecture (optionally resized), in its default
+    (or the given) layout."""
+    from .plan import mesh_config_from_source, resolve_layout
+    from .pythia import PYTHIA_SUITE, parse_alias, pythia_config
+
+    if spec.size == "custom":
+        missing = [k for k in ("num_layers", "hidden_size", "num_heads") if getattr(spec, k) is None]
+        if missing:
+            raise UserError(f"init size 'custom' needs {', '.join(missing)}")
+        source = pythia_config("14m")
+    else:
+        try:
+            alias = parse_alias(spec.size) or parse_alias(f"pythia-{spec.size}")
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if alias is None or alias.size not in PYTHIA_SUITE:
+            raise UserError(f"unknown init size {spec.size!r}: use pythia-<size> (e.g. pythia-160m) or custom")
+        source = pythia_config(alias.size)
+    overrides = {
+        "num_hidden_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "num_attention_heads": spec.num_heads,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_position_embeddings,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(source, key, value)
+    if spec.hidden_size is not None or spec.intermediate_size is not None:
+        source.intermediate_size = spec.intermediate_size or 4 * source.hidden_size
+    if source.hidden_size % source.num_attention_heads:
+        raise UserError(f"hidden_size {source.hidden_size} is not a multiple of num_heads {source.num_attention_heads}")
+    try:
+        layout = resolve_layout(source.num_hidden_layers, spec.loops, spec.prelude, spec.coda)
+        config = mesh_config_from_source(
+            source, layout, variant=spec.variant, provenance={"init": "from scratch", "spec": spec.model_dump()}
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    config.dtype = "float32"
+    config.embedding_multiplier = math.sqrt(config.hidden_size)  # applied in the forward pass
+    return config
+
+
+@torch.no_grad()
+def init_scratch_model(config: MeshConfig, seed: int) -> MeshForCausalLM:
+    """Random weights as in the paper. Routers keep the model's default random init (not the
+    function-preserving conversion init: there is nothing to preserve)."""
+    torch.manual_seed(seed)
+    model = MeshForCausalLM(config)
+    std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
+    for name, module in model.named_modules():
+        if name.endswith(OUTPUT_PROJECTIONS):
+            module.weight.normal_(0.0, std)
+    return model
+
+
+def meta_parameter_counts(config: MeshConfig) -> dict[str, int]:
+    """Non-embedding (without routers), router and total parameter counts, on the meta device."""
+    with torch.device("meta"):
+        model = MeshForCausalLM(config)
+    routers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.memory."))
+    embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return {"nonembedding": total - embedding - routers, "routers": routers, "embedding": embedding, "total": total}

@@ -1,0 +1,106 @@
+"""LoRA fine-tuning via peft, and merging an adapter into a standalone checkpoint.
+
+PEFT targets `LoopLinear` (an `nn.Linear` subclass) by name; its LoRA wrapper passes extra
+positional arguments to the base layer, so the loop index reaches the per-loop deltas. Routers
+train as full copies through `modules_to_save`: peft refuses a ModuleList there, so each router
+Linear is named individually (`write_routers.0`, ...).
+"""
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .errors import UserError
+from .recipe import LoraSection
+
+
+def router_module_names(model: nn.Module) -> list[str]:
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in ("write_routers", "read_routers") and isinstance(module, nn.Linear):
+            names.append(f"{parts[-2]}.{parts[-1]}")
+    return names
+
+
+def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
+    from peft import LoraConfig, get_peft_model
+
+    available = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [t for t in section.target_modules if t not in available]
+    if unknown:
+        raise UserError(f"lora.target_modules {unknown} match no Linear layer; the model has {sorted(available)}")
+    routers = router_module_names(model) if train_routers else []
+    if train_routers and not routers:
+        raise UserError("trainable: lora+routers needs MeSH routers, and this model has none (use trainable: lora)")
+    config = LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=list(section.target_modules),
+        modules_to_save=routers or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
+    """Copy conversion.json from the source model (if any) and add a `training` section."""
+    record = {}
+    if source is not None and (source / "conversion.json").is_file():
+        record = json.loads((source / "conversion.json").read_text())
+    if training is not None:
+        record["training"] = training
+    if record:
+        (target / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path | None = None) -> Path:
+    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
+
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    base_path = Path(base or config.base_model_name_or_path or "")
+    if not (base_path / "config.json").is_file():
+        raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
+    model = load_model(base_path, torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output)
+    for source in (adapter_dir, base_path):
+        if (source / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(str(source)).save_pretrained(output)
+            break
+    training = None
+    if (adapter_dir / "conversion.json").is_file():
+        training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
+    copy_side_files(base_path, output, training)
+    return output
+
+
+def load_model(path: str | Path, dtype):
+    """A causal LM from a local directory; any failure is a one-line UserError."""
+    from transformers import AutoModelForCausalLM
+
+    import mesh_convert  # noqa: F401
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model checkpoint (no config.json)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
+        raise UserError(f"cannot load the model in {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+__all__ = ["copy_side_files", "load_model", "merge_adapter", "router_module_names", "wrap_lora"]

@@ -1,0 +1,121 @@
+"""The recipe schema: YAML + dotted overrides, unknown keys with suggestions, the LR schedule,
+weight-decay groups, and that every shipped recipe validates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mesh_convert.errors import UserError
+from mesh_convert.recipe import load_recipe, lr_schedule
+from mesh_convert.train_optim import no_weight_decay, param_groups, select_trainable
+from mesh_convert.recipe import OptimSection
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MINIMAL = {
+    "model": "some/dir",
+    "data": {"train": ["a.txt"]},
+    "train": {"max_steps": 10},
+}
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_minimal_recipe_has_paper_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.optim.betas == (0.9, 0.95)
+    assert recipe.optim.weight_decay == 0.01
+    assert (recipe.optim.warmup, recipe.optim.min_lr_ratio) == (0.01, 0.1)
+    assert recipe.trainable == "all"
+
+
+@pytest.mark.parametrize(
+    "data, wanted",
+    [
+        ({**MINIMAL, "data": {"train": ["a.txt"], "blok_size": 8}}, "'data.blok_size' (did you mean 'data.block_size'?)"),
+        ({**MINIMAL, "optimm": {}}, "'optimm' (did you mean 'optim'?)"),
+        ({**MINIMAL, "lora": {"rank": 4}}, "'lora.rank'"),
+    ],
+)
+def test_unknown_key_names_it_and_the_closest(tmp_path, data, wanted):
+    with pytest.raises(UserError, match="unknown key") as error:
+        load_recipe(write(tmp_path, data))
+    assert wanted in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_dotted_overrides_are_typed_and_checked(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["train.max_steps=3", "optim.lr=1e-4", "data.block_size=16", "method=lora"])
+    assert recipe.train.max_steps == 3 and recipe.optim.lr == 1e-4 and recipe.data.block_size == 16
+    assert recipe.trainable == "lora+routers"
+    with pytest.raises(UserError, match=r"'trian' \(did you mean 'train'\?\)"):
+        load_recipe(path, ["trian.max_steps=3"])
+    with pytest.raises(UserError, match=r"'train.max_step' \(did you mean 'train.max_steps'\?\)"):
+        load_recipe(path, ["train.max_step=3"])
+    with pytest.raises(UserError, match="key.sub=value"):
+        load_recipe(path, ["train.max_steps"])
+    with pytest.raises(UserError, match="train.max_steps"):
+        load_recipe(path, ["train.max_steps=many"])
+
+
+def test_inconsistent_recipes_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="exactly one of train.max_steps and train.max_tokens"):
+        load_recipe(write(tmp_path, {**MINIMAL, "train": {}}))
+    with pytest.raises(UserError, match="exactly one of `model`"):
+        load_recipe(write(tmp_path, {k: v for k, v in MINIMAL.items() if k != "model"}))
+    with pytest.raises(UserError, match="needs method: lora"):
+        load_recipe(write(tmp_path, {**MINIMAL, "trainable": "lora"}))
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    total = 1000
+    values = [lr_schedule(step, total, 0.01, 0.1) for step in range(total)]
+    assert values[0] == pytest.approx(0.1)  # 10 warm-up steps
+    assert values[9] == pytest.approx(1.0)
+    assert max(values) == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_no_weight_decay_on_biases_norms_and_their_deltas(tiny_mesh_model):
+    assert no_weight_decay("model.core.0.attention.dense.bias", torch.nn.Parameter(torch.zeros(3)))
+    assert no_weight_decay("model.core.0.attention.dense.bias_delta", torch.nn.Parameter(torch.zeros(2, 3)))
+    assert no_weight_decay("model.core.0.input_layernorm.weight_delta", torch.nn.Parameter(torch.zeros(2, 3)))
+    assert no_weight_decay("model.memory.read_routers.1.bias", torch.nn.Parameter(torch.zeros(5)))
+    assert not no_weight_decay("model.memory.read_routers.1.weight", torch.nn.Parameter(torch.zeros(5, 3)))
+    assert not no_weight_decay("model.core.0.attention.dense.weight_delta", torch.nn.Parameter(torch.zeros(2, 3, 3)))
+    groups = param_groups(tiny_mesh_model, OptimSection(router_lr_mult=10.0))
+    for group in groups:
+        for name in group["names"]:
+            decayed = group["weight_decay"] > 0
+            assert decayed == (name.endswith("weight") and "norm" not in name), name
+            assert group["lr_mult"] == (10.0 if "routers" in name else 1.0)
+
+
+def test_routers_only_freezes_everything_else(tiny_mesh_model):
+    select_trainable(tiny_mesh_model, "routers")
+    trainable = [n for n, p in tiny_mesh_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".memory." in n for n in trainable)
+    with pytest.raises(UserError, match="relax_rank 0"):
+        select_trainable(tiny_mesh_model, "routers+deltas")
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    if recipe.init is None and recipe.method == "full" and "cpu" not in path.name:
+        # Continue-pretraining recipes follow the paper: bf16, context 2048, AdamW (0.9, 0.95), wd 0.01.
+        assert recipe.train.mixed_precision == "bf16"
+        assert recipe.data.block_size == 2048
+        assert recipe.optim.betas == (0.9, 0.95) and recipe.optim.weight_decay == 0.01

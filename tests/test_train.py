@@ -1,0 +1,218 @@
+"""Continue pretraining from recipes on tiny converted models: the loss falls, outputs load,
+partial training touches only what it should, data handling, bad input and the CLI."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh_convert.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
+from mesh_convert.errors import UserError
+from mesh_convert.recipe import Recipe
+from mesh_convert.train import describe, train
+from test_train_support import (
+    SUBPROCESS_ENV,
+    char_tokenizer,
+    corpus,
+    metrics,
+    recipe,
+    run_cli,
+    state_of,
+    tiny_converted,
+    write_recipe,
+    write_text,
+)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tokenizer, a text file and two converted tiny models (plain and with rank-4 relaxation)."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    return {
+        "root": root,
+        "tokenizer": tokenizer,
+        "text": write_text(root / "train.txt"),
+        "model": tiny_converted(root / "mesh", tokenizer),
+        "relaxed": tiny_converted(root / "mesh-relaxed", tokenizer, relax_rank=4),
+    }
+
+
+def test_continue_pretraining_lowers_the_loss_and_saves_a_converted_checkpoint(work, tmp_path):
+    out = tmp_path / "run"
+    data = recipe(work["model"], work["text"], out, train={"max_steps": 30, "eval_every": 15})
+    summary = train(Recipe.model_validate(data))
+    log = metrics(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert sum(r["loss"] for r in log[-5:]) / 5 < log[0]["loss"] - 0.5
+    evals = [r for r in log if "eval_ppl" in r]
+    assert [r["step"] for r in evals] == [15, 30] and evals[1]["eval_ppl"] < evals[0]["eval_ppl"]
+    assert summary["tokens"] == 30 * 4 * 32
+
+    model_dir = out / "model"
+    info = json.loads((model_dir / "conversion.json").read_text())
+    assert info["source"] == {"name": "tiny-pythia"}  # the converter's record is kept
+    assert info["training"]["steps"] == 30 and info["training"]["method"] == "full"
+    assert info["training"]["tokens"] == 30 * 128 and info["training"]["final_loss"] == log[-1]["loss"]
+    assert info["training"]["recipe"]["optim"]["lr"] == 3e-3
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.use_cache  # generation still uses the cache
+    generated = model.generate(torch.tensor([[60, 61]]), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+@pytest.mark.parametrize("trainable", ["routers", "routers+deltas"])
+def test_partial_training_changes_only_the_selected_parameters(work, tmp_path, trainable):
+    before = state_of(AutoModelForCausalLM.from_pretrained(work["relaxed"]))
+    out = tmp_path / "run"
+    train(Recipe.model_validate(recipe(work["relaxed"], work["text"], out, trainable=trainable,
+                                       train={"max_steps": 3})))
+    after = state_of(AutoModelForCausalLM.from_pretrained(out / "model"))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    selected = {n for n in before if ".memory." in n or (trainable == "routers+deltas" and "_delta" in n)}
+    assert changed and changed <= selected
+    assert any(".memory." in n for n in changed)
+    if trainable == "routers+deltas":
+        assert any("_delta" in n for n in changed)
+
+
+def test_dry_run_prints_the_plan(work, tmp_path, monkeypatch, capsys):
+    path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], tmp_path / "run"))
+    assert run_cli(monkeypatch, ["train", str(path), "train.max_steps=5", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 5" in printed
+    for needle in ("tokens_per_step", "128", "total_tokens", "640", "trainable parameters", "grad_accum"):
+        assert needle in printed
+    assert not (tmp_path / "run").exists()
+    plan = describe(Recipe.model_validate(recipe(work["model"], work["text"], tmp_path / "x", trainable="routers")))
+    assert plan["parameters"]["trainable"] == plan["parameters"]["routers"] > 0
+
+
+def test_blocks_are_packed_with_eos_and_shuffled_from_the_seed(work):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work["tokenizer"])
+    ids = [i for doc in tokenize_stream(["ab", "c"], tokenizer) for i in doc]
+    assert ids == [*tokenizer("ab")["input_ids"], 0, *tokenizer("c")["input_ids"], 0]
+    blocks = PackedBlocks(torch.arange(100).numpy(), 10)
+    first, again, other = ShuffledBlocks(blocks, 1), ShuffledBlocks(blocks, 1), ShuffledBlocks(blocks, 2)
+    batches = [first.global_batch(s, 4) for s in range(5)]  # 20 blocks: two epochs
+    assert all(torch.equal(b, again.global_batch(s, 4)) for s, b in enumerate(batches))
+    assert not all(torch.equal(b, other.global_batch(s, 4)) for s, b in enumerate(batches))
+    epoch = torch.cat(batches)[:10, 0].sort().values
+    assert torch.equal(epoch, torch.arange(0, 100, 10))  # each epoch is a permutation
+    head, tail = blocks.split_tail(3)
+    assert len(head) == 7 and len(tail) == 3 and tail.block(0)[0] == 70
+
+
+def test_streamed_blocks_resume_where_they_left_off():
+    def stream():
+        return ([i] * 3 for i in range(1, 200))
+
+    full = StreamedBlocks(stream(), 4, seed=3, buffer=8)
+    batches = [full.global_batch(s, 2) for s in range(6)]
+    resumed = StreamedBlocks(stream(), 4, seed=3, buffer=8)
+    assert torch.equal(resumed.global_batch(4, 2), batches[4])
+    assert torch.equal(resumed.global_batch(5, 2), batches[5])
+
+
+def test_jsonl_and_parquet_text_fields(work, tmp_path):
+    docs = corpus(1, 5)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    assert list(read_documents(jsonl, "body")) == docs
+    with pytest.raises(UserError, match=r"line 1 has no 'text' field \(it has: body, id\)"):
+        list(read_documents(jsonl, "text"))
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": docs}), parquet)
+    assert list(read_documents(parquet, "content")) == docs
+    with pytest.raises(UserError, match="no 'text' column"):
+        list(read_documents(parquet, "text"))
+
+
+@pytest.mark.parametrize(
+    "case, wanted",
+    [
+        ("missing data", "data file .*nope.txt does not exist"),
+        ("typo", r"unknown key 'train.max_stpes' \(did you mean 'train.max_steps'\?\)"),
+        ("no text column", "has no 'text' field"),
+        ("block too long", "block_size=4096 is above the model's context of 64"),
+        ("broken checkpoint", "cannot load the model in"),
+        ("missing model", "model directory .* does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(work, tmp_path, monkeypatch, capsys, case, wanted):
+    out = tmp_path / "run"
+    data = recipe(work["model"], work["text"], out)
+    args = []
+    if case == "missing data":
+        data["data"]["train"] = [str(tmp_path / "nope.txt")]
+    elif case == "typo":
+        args = ["train.max_stpes=3"]
+    elif case == "no text column":
+        (tmp_path / "d.jsonl").write_text(json.dumps({"content": "hello"}) + "\n")
+        data["data"]["train"] = [str(tmp_path / "d.jsonl")]
+    elif case == "block too long":
+        data["data"]["block_size"] = 4096
+    elif case == "broken checkpoint":
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (broken / name).write_bytes((work["model"] / name).read_bytes())
+        (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+        data["model"] = str(broken)
+    elif case == "missing model":
+        data["model"] = str(tmp_path / "nowhere")
+    path = write_recipe(tmp_path / "r.yaml", data)
+    code = run_cli(monkeypatch, ["train", str(path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    # Only the last line is ours (a weight-loading progress bar may come before it).
+    assert err and err[-1].startswith("error:") and sum(line.startswith("error") for line in err) == 1, err
+    assert re.search(wanted, err[-1]), err
+    assert not (out / "model").exists()
+    assert (work["model"] / "model.safetensors").is_file()  # nothing lost
+
+
+def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(work, tmp_path):
+    """A real SIGKILL of a training subprocess after its step-2 checkpoint (it is stalled at step 3,
+    past the checkpoint); `resume: auto` then finishes the run with the uninterrupted losses."""
+    settings = dict(train={"max_steps": 6}, checkpoint={"every": 2, "keep_last": 2})
+    reference = tmp_path / "reference"
+    train(Recipe.model_validate(recipe(work["model"], work["text"], reference, **settings)))
+
+    out = tmp_path / "killed"
+    path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], out, **settings))
+    env = {**os.environ, **SUBPROCESS_ENV, "MESH_CONVERT_TEST_STALL_AFTER_STEP": "3"}
+    code = "import sys; from mesh_convert.recipe import load_recipe; from mesh_convert.train import train; " \
+           "train(load_recipe(sys.argv[1]))"
+    process = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        log = metrics(out) if (out / "metrics.jsonl").is_file() else []
+        if any(r["step"] == 3 for r in log) or process.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (out / "model").exists()
+
+    train(Recipe.model_validate(recipe(work["model"], work["text"], out, **settings)))
+    resumed, uninterrupted = metrics(out), metrics(reference)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(resumed, uninterrupted):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), a["step"]
+    final = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(reference / "model").state_dict()
+    assert all(torch.allclose(final[k], expected[k], atol=1e-6) for k in expected)

@@ -1,0 +1,109 @@
+"""Two CPU processes (gloo) reproduce the single-process losses for the same global batch:
+DDP through the real `train()` under torchrun, and FSDP2 (`fully_shard` with the shared core
+layer as the wrap unit, as in recipes/accelerate/fsdp2.yaml) on the same model, data and batch
+split. Accelerate 1.15 does not enable its FSDP plugin on CPU processes (MULTI_CPU), so the FSDP2
+check applies `fully_shard` itself; on GPUs the accelerate config does the same wrapping."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mesh_convert.recipe import Recipe
+from mesh_convert.train import train
+from test_train_support import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_recipe, write_text
+
+pytestmark = pytest.mark.slow
+
+FSDP2_SCRIPT = r'''
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+import mesh_convert
+from mesh_convert.data import build_data
+from mesh_convert.modeling_mesh import GPTNeoXLoopLayer
+from mesh_convert.recipe import load_recipe, lr_schedule
+from mesh_convert.train import _rows, default_peak_lr, make_plan
+from mesh_convert.train_optim import make_optimizer, param_groups, set_lr
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+recipe = load_recipe(sys.argv[1])
+torch.manual_seed(recipe.seed)
+model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32)
+for module in model.modules():
+    if isinstance(module, GPTNeoXLoopLayer):
+        fully_shard(module)
+fully_shard(model)
+tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+data = build_data(recipe.data, tokenizer, recipe.seed, model.config.max_position_embeddings)
+plan = make_plan(recipe, world, default_peak_lr(recipe, model.config))
+optimizer = make_optimizer(param_groups(model, recipe.optim), recipe.optim, plan.peak_lr)
+losses = []
+for step in range(plan.steps):
+    set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
+    batch = data.train.global_batch(step, plan.global_batch_size)
+    total = torch.zeros(())
+    for micro in range(plan.grad_accum):
+        ids = _rows(batch, micro, rank, world, plan.micro_batch_size)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        (loss / plan.grad_accum).backward()
+        total += loss.detach() / plan.grad_accum
+    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    dist.all_reduce(total)
+    losses.append(total.item() / world)
+if rank == 0:
+    json.dump(losses, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    model = tiny_converted(root / "mesh", tokenizer)
+    data = recipe(model, write_text(root / "train.txt"), root / "single", train={"max_steps": 4, "eval_every": 2})
+    train(Recipe.model_validate(data))  # one process: micro-batch 2, 2 accumulation steps
+    return {"root": root, "recipe": data, "losses": [r["loss"] for r in metrics(root / "single")]}
+
+
+def torchrun(args: list[str], cwd) -> None:
+    """Two local processes; on a hang, the whole process group is killed (no stray workers)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, **SUBPROCESS_ENV}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"two-process run timed out:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+
+
+def test_ddp_two_cpu_processes_match_one(single, tmp_path):
+    out = tmp_path / "ddp"
+    path = write_recipe(tmp_path / "r.yaml", {**single["recipe"], "output_dir": str(out)})
+    torchrun(["-m", "mesh_convert.train", str(path)], tmp_path)  # 2 processes x micro-batch 2, no accumulation
+    info = json.loads((out / "model" / "conversion.json").read_text())["training"]
+    assert info["processes"] == 2 and info["distributed"] == "MULTI_CPU"
+    losses = [r["loss"] for r in metrics(out)]
+    assert losses == pytest.approx(single["losses"], rel=1e-4)
+    evals = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
+    assert evals == pytest.approx([r["eval_loss"] for r in metrics(single["root"] / "single") if "eval_loss" in r], rel=1e-4)
+
+
+def test_fsdp2_two_cpu_processes_match_one(single, tmp_path):
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    path = write_recipe(tmp_path / "r.yaml", single["recipe"])
+    torchrun([str(script), str(path), str(tmp_path / "losses.json")], tmp_path)
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    assert losses == pytest.approx(single["losses"], rel=1e-4)

@@ -1,0 +1,100 @@
+"""Healing: distillation from the original model, and annealed tying down to a target rank."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh_convert.recipe import AnnealSection, DistillSection, Recipe
+from mesh_convert.train import train
+from mesh_convert.train_anneal import Annealer, export_at_rank, scheduled_rank
+from mesh_convert.train_distill import Distiller
+from test_train_support import char_tokenizer, metrics, recipe, tiny_converted, write_text
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heal")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    full = tiny_converted(root / "mesh-full", tokenizer, relax_rank="full")
+    return {"root": root, "text": write_text(root / "train.txt"), "full": full,
+            "teacher": root / "mesh-full-source", "plain": tiny_converted(root / "mesh", tokenizer)}
+
+
+def test_distillation_term_is_zero_for_the_teacher_itself_and_has_no_teacher_grads(work):
+    distiller = Distiller(DistillSection(teacher=str(work["teacher"]), weight=2.0, temperature=2.0),
+                          torch.device("cpu"), torch.float32, vocab_size=128)
+    ids = torch.randint(3, 100, (2, 12))
+    teacher_logits = distiller.teacher(ids).logits
+    assert distiller.loss(teacher_logits, ids).item() == pytest.approx(0.0, abs=1e-6)
+    student = (teacher_logits + torch.randn_like(teacher_logits)).requires_grad_()
+    loss = distiller.loss(student, ids)
+    loss.backward()
+    assert loss.item() > 0 and student.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in distiller.teacher.parameters())
+
+
+def test_distillation_run_pulls_the_student_towards_the_teacher(work, tmp_path):
+    """A full-rank relaxed conversion equals its teacher; routers/deltas-only training with a
+    large distillation weight keeps it close, while training the LM loss alone drifts further."""
+    ids = torch.randint(3, 100, (2, 24))
+    teacher = AutoModelForCausalLM.from_pretrained(work["teacher"]).eval()
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(ids).logits, -1)
+
+    def drift(out):
+        student = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+        with torch.no_grad():
+            log_p = torch.log_softmax(student(ids).logits, -1)
+        return torch.nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean").item()
+
+    common = dict(trainable="all", train={"max_steps": 6}, optim={"lr": 1e-2})
+    train(Recipe.model_validate(recipe(work["full"], work["text"], tmp_path / "lm", **common)))
+    train(Recipe.model_validate(recipe(work["full"], work["text"], tmp_path / "kd", **common,
+                                       distill={"teacher": str(work["teacher"]), "weight": 20.0})))
+    assert drift(tmp_path / "kd") < drift(tmp_path / "lm")
+
+
+def test_rank_schedule_ends_at_the_target():
+    ranks = [scheduled_rank(32, 0, p / 10) for p in range(11)]
+    assert ranks[0] == 32 and ranks[-1] == 0 and all(a >= b for a, b in zip(ranks, ranks[1:]))
+    assert scheduled_rank(32, 4, 1.0) == 4
+
+
+@pytest.mark.parametrize("target", [0, 3])
+def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, tmp_path, target):
+    out = tmp_path / "run"
+    data = recipe(work["full"], work["text"], out, train={"max_steps": 6},
+                  anneal={"target_rank": target, "steps": 4, "every": 2, "penalty": 1e-3})
+    train(Recipe.model_validate(data))
+    exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert exported.config.relax_rank == target
+    names = [n for n, _ in exported.named_parameters()]
+    if target == 0:
+        assert not any("_delta" in n for n in names)
+    else:
+        shapes = {n: p.shape for n, p in exported.named_parameters() if n.endswith("weight_delta_in")}
+        assert shapes and all(s[1] == target for s in shapes.values())
+    assert json.loads((out / "model" / "conversion.json").read_text())["training"]["steps"] == 6
+    assert len(metrics(out)) == 6
+
+
+def test_export_preserves_the_annealed_function(work):
+    """After the last truncation the deltas have the target rank, so exporting changes nothing;
+    the recentring step moves the loop-mean of the deltas into the shared weights exactly."""
+    model = AutoModelForCausalLM.from_pretrained(work["full"]).eval()
+    ids = torch.randint(3, 100, (2, 10))
+    with torch.no_grad():
+        original = model(ids).logits
+    annealer = Annealer(model, AnnealSection(target_rank=2, steps=2, every=1))
+    annealer._recentre(model.model.core[0].attention.dense)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, original, atol=1e-5)
+    annealer.after_step(1)
+    annealer.after_step(2)
+    with torch.no_grad():
+        annealed = model(ids).logits
+        exported = export_at_rank(model, 2)(ids).logits
+    assert torch.allclose(exported, annealed, atol=1e-4)
+    assert not torch.allclose(annealed, original, atol=1e-3)  # truncation did change the model

@@ -1,0 +1,89 @@
+"""`mesh-convert init` (the paper's from-scratch recipe) and the CPU smoke recipe on real text."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh_convert.recipe import InitSpec
+from mesh_convert.train_init import (
+    init_scratch_model,
+    meta_parameter_counts,
+    scratch_config,
+)
+from test_train_support import ROOT, metrics, run_cli
+
+
+@pytest.mark.parametrize(
+    "size, loops, layout, nonembedding, routers",
+    [
+        ("pythia-160m", 2, "2+4R2+2", 56_704_512, 23_070),
+        ("pythia-410m", 2, "4+8R2+4", 201_541_632, 30_750),
+        ("pythia-410m", 3, "3+6R3+3", 151_156_736, 49_200),
+        ("pythia-1.4b", 2, "4+8R2+4", 805_736_448, 61_470),
+    ],
+)
+def test_paper_parameter_counts_on_meta(size, loops, layout, nonembedding, routers):
+    config = scratch_config(InitSpec(size=size, loops=loops))
+    counts = meta_parameter_counts(config)
+    assert config.layout == layout
+    assert (counts["nonembedding"], counts["routers"]) == (nonembedding, routers)
+
+
+def test_paper_init_scales():
+    spec = InitSpec(size="custom", num_layers=6, hidden_size=256, num_heads=4, vocab_size=512, loops=2)
+    config = scratch_config(spec)
+    model = init_scratch_model(config, seed=0)
+    D, N = config.hidden_size, config.num_hidden_layers
+    dense = torch.cat([m.weight.flatten() for n, m in model.named_modules() if n.endswith("attention.dense")])
+    down = torch.cat([m.weight.flatten() for n, m in model.named_modules() if n.endswith("dense_4h_to_h")])
+    qkv = torch.cat([m.weight.flatten() for n, m in model.named_modules() if n.endswith("query_key_value")])
+    expected = config.initializer_range / math.sqrt(2 * N)
+    assert dense.std().item() == pytest.approx(expected, rel=0.05)
+    assert down.std().item() == pytest.approx(expected, rel=0.05)
+    assert qkv.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    ids = torch.randint(0, 512, (1, 8))
+    h_emb = model(ids, output_hidden_states=True).hidden_states[0]
+    table = model.get_input_embeddings()(ids)
+    # sqrt(D) in the forward pass, as in the paper; the table itself keeps the usual init.
+    assert config.embedding_multiplier == pytest.approx(math.sqrt(D))
+    assert torch.allclose(h_emb, table * math.sqrt(D), atol=1e-5)
+    assert model.get_input_embeddings().weight.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+
+
+def test_init_command_writes_a_loadable_model(tmp_path, monkeypatch):
+    out = tmp_path / "scratch"
+    args = ["init", "custom", "--loops", "2", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128",
+            "--context", "64", "-o", str(out)]
+    assert run_cli(monkeypatch, args) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.layout == "1+1R2+1" and model.config.vocab_size == 128
+    assert json.loads((out / "conversion.json").read_text())["parameters"]["routers"] == 2 * 3 * (32 * 5 + 5)
+    assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 5)
+
+
+def test_init_rejects_an_unknown_size(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, ["init", "pythia-7m", "-o", str(tmp_path / "x")]) == 1
+    assert "unknown Pythia size" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cpu_smoke_recipe_lowers_the_loss_on_real_text(shared_dir, tmp_path, monkeypatch):
+    """recipes/cpu-smoke.yaml (shortened to 12 steps here) on Tiny Shakespeare; the result loads and generates."""
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository root
+    out = tmp_path / "smoke"
+    args = ["train", "recipes/cpu-smoke.yaml", f"output_dir={out}", "train.max_steps=12", "train.eval_every=6"]
+    assert run_cli(monkeypatch, args) == 0
+    log = metrics(out)
+    assert log[0]["loss"] > 10 and log[-1]["loss"] < log[0]["loss"] - 1.5
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
+    text = tokenizer.decode(model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0], skip_special_tokens=True)
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")

@@ -1,0 +1,108 @@
+"""LoRA via peft: the loop index reaches the relaxed layers, only adapter and router weights
+change, merged == unmerged, the adapter loads with PeftModel, and `merge` writes a checkpoint."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mesh_convert.modeling_mesh import LoopLinear
+from mesh_convert.recipe import LoraSection, Recipe
+from mesh_convert.train import train
+from mesh_convert.train_lora import wrap_lora
+from test_train_support import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One LoRA (+ routers) run on a relaxed tiny model, shared by the checks below."""
+    root = tmp_path_factory.mktemp("lora")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    model = tiny_converted(root / "mesh", tokenizer, relax_rank=4)
+    out = root / "run"
+    data = recipe(model, write_text(root / "train.txt"), out, method="lora",
+                  lora={"r": 4, "alpha": 8, "merge": True}, train={"max_steps": 6})
+    train(Recipe.model_validate(data))
+    return {"model": model, "out": out}
+
+
+def test_lora_wrapper_passes_the_loop_index_to_relaxed_layers(tiny_mesh_model):
+    """peft's LoRA Linear must forward `loop` to LoopLinear: output = base(x, loop) + lora(x)."""
+    from mesh_convert import MeshConfig, MeshForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_mesh_model.config.to_dict()
+    config.update(relax_rank=4)
+    model = MeshForCausalLM(MeshConfig(**{k: v for k, v in config.items() if k in MeshConfig.__annotations__}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "_delta" in name:
+                param.normal_(0, 0.1)
+    peft_model = wrap_lora(model, LoraSection(r=2), train_routers=True)
+    layer = peft_model.base_model.model.model.core[0].attention.query_key_value
+    assert isinstance(layer.base_layer, LoopLinear)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    lora = layer.lora_B["default"](layer.lora_A["default"](x)) * layer.scaling["default"]
+    for loop in range(2):
+        assert torch.allclose(layer(x, loop), layer.base_layer(x, loop) + lora, atol=1e-6)
+    assert not torch.allclose(layer(x, 0), layer(x, 1))
+
+
+def test_only_adapter_and_router_weights_are_trained(lora_run):
+    adapter = lora_run["out"] / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in k or "_routers." in k for k in saved)
+    assert any("_routers." in k for k in saved) and any("lora_B" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+    info = json.loads((adapter / "conversion.json").read_text())
+    assert info["training"]["method"] == "lora" and info["training"]["steps"] == 6
+    assert len(metrics(lora_run["out"])) == 6
+
+    base = state_of(AutoModelForCausalLM.from_pretrained(lora_run["model"]))
+    merged = state_of(AutoModelForCausalLM.from_pretrained(lora_run["out"] / "merged"))
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    targets = ("query_key_value.weight", "attention.dense.weight", "dense_h_to_4h.weight", "dense_4h_to_h.weight")
+    assert changed and all(k.endswith(targets) or "_routers." in k for k in changed)
+    assert not any("_delta" in k or "norm" in k or "embed" in k for k in changed)
+
+
+def test_merged_and_unmerged_give_the_same_logits(lora_run, monkeypatch, tmp_path):
+    ids = torch.tensor([[5, 9, 14, 3, 60, 61, 62, 7]])
+    base = AutoModelForCausalLM.from_pretrained(lora_run["model"]).eval()
+    base_logits = base(ids).logits
+    peft_model = PeftModel.from_pretrained(base, lora_run["out"] / "adapter").eval()
+    unmerged = peft_model(ids).logits
+    assert not torch.allclose(unmerged, base_logits, atol=1e-4)  # the adapter does something
+    merged = AutoModelForCausalLM.from_pretrained(lora_run["out"] / "merged").eval()
+    assert torch.allclose(merged(ids).logits, unmerged, atol=1e-5)
+
+    target = tmp_path / "merged-cli"
+    assert run_cli(monkeypatch, ["merge", str(lora_run["out"] / "adapter"), "-o", str(target)]) == 0
+    again = AutoModelForCausalLM.from_pretrained(target).eval()
+    assert torch.allclose(again(ids).logits, unmerged, atol=1e-5)
+    assert (target / "tokenizer.json").is_file()
+    assert json.loads((target / "conversion.json").read_text())["training"]["method"] == "lora"
+
+
+def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, ["merge", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
+    assert "is not a LoRA adapter directory" in capsys.readouterr().err
+
+
+def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_path, monkeypatch, capsys):
+    from test_train_support import write_text as text
+
+    data = recipe(lora_run["model"], text(tmp_path / "t.txt"), tmp_path / "run")
+    path = write_recipe(tmp_path / "r.yaml", data)
+    assert run_cli(monkeypatch, ["finetune", str(path), "lora.r=2", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "method: lora" in printed and "lora+routers" in printed
+    routers = 2 * 3 * (32 * 5 + 5)
+    lora = sum(2 * (i + o) for i, o in [(32, 96), (32, 32), (32, 128), (128, 32)]) * 5  # r=2, 1+3R2+1: 5 unique layers
+    assert f"{routers:,} / " in printed
+    assert f"/ {lora:,}" in printed
