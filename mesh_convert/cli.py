@@ -68,9 +68,9 @@ def _register_commands():
     if getattr(app, "_mesh_commands_added", False):
         return
     app._mesh_commands_added = True
-    from . import cli_convert, cli_diagnose, cli_push, cli_train
+    from . import cli_convert, cli_diagnose, cli_eval, cli_push, cli_train
 
-    for module in (cli_convert, cli_train, cli_push, cli_diagnose):
+    for module in (cli_convert, cli_train, cli_eval, cli_push, cli_diagnose):
         module.register(app)
 
 

@@ -149,7 +149,7 @@ class Recipe(Strict):
         if self.trainable is None:
             self.trainable = "lora+routers" if self.method == "lora" else "all"
         if self.method == "lora" and not self.trainable.startswith("lora"):
-            raise ValueError(f"method: lora trains the adapter, so trainable must be lora or lora+routers")
+            raise ValueError("method: lora trains the adapter, so trainable must be lora or lora+routers")
         if self.method == "full" and self.trainable.startswith("lora"):
             raise ValueError(f"trainable: {self.trainable} needs method: lora")
         if self.anneal.target_rank is not None and self.method == "lora":

@@ -60,7 +60,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
     import torch
     from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
 

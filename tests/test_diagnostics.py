@@ -76,15 +76,6 @@ def sample_text(words: int = 400) -> str:
     return " ".join(rng.choice(vocabulary) for _ in range(words)) + "\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: a second thread only adds contention on a shared machine (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # The saved checkpoints are only read by the tests, so each module builds them once.
 
 

@@ -15,9 +15,7 @@ from mesh_convert import cli
 from mesh_convert.convert import convert_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tiny models run thousands of microsecond-sized ops: with several intra-op threads on a
-# shared 2-core machine they spend most of their time waiting for each other (measured 40x).
-torch.set_num_threads(1)
+# Subprocesses get one thread each too (conftest sets it for this process).
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 WORDS = "the a king queen said to of and my lord good sir come go now here there love death night day".split()
 
