@@ -124,7 +124,7 @@ def convert_command(
     except ValidationError as error:
         raise _options_error(error) from None
 
-    plan = make_plan(options, command=invocation())
+    plan = make_plan(options, command=invocation(), builtin_facts=dry_run)
     if dry_run:
         if as_json:
             typer.echo(json.dumps(plan.to_dict(), indent=2))

@@ -168,13 +168,17 @@ class ConversionPlan:
         return name if name in DTYPES else "float32"
 
 
-def make_plan(options: ConvertOptions, command: str = "") -> ConversionPlan:
+def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = False) -> ConversionPlan:
     """Resolve the source, its architecture and the layout, without reading any weights.
 
-    For `pythia-<size>` aliases the architecture is built in, so this works offline."""
+    With `builtin_facts` (for --dry-run), `pythia-<size>` aliases use the suite's built-in
+    architecture and need no network; otherwise the checkpoint's own config.json decides."""
     ref = resolve_source(options.model, options.revision)
     alias = parse_alias(options.model) if ref.local_dir is None else None
-    source_config = pythia_config(alias.size) if alias else load_source_config(fetch_config(ref))
+    if alias and builtin_facts:
+        source_config = pythia_config(alias.size)
+    else:
+        source_config = load_source_config(fetch_config(ref))
     family = source_family(source_config.model_type)
     try:
         layout = resolve_layout(source_config.num_hidden_layers, options.loops, options.prelude, options.coda)

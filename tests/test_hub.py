@@ -16,6 +16,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoModelForCausalLM
 
 from mesh_convert.cli import main
 from mesh_convert.errors import UserError
@@ -333,3 +334,52 @@ def test_convert_keeps_the_result_when_the_push_fails(hub, tiny_pythia, tmp_path
     code, _, err = run_cli([str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv"], capfd)
     assert_one_clear_line(code, err, "but the upload failed")
     assert (out / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- converting from the Hub
+
+
+def test_convert_a_pythia_alias_at_a_revision_from_the_hub(tmp_path):
+    """`mesh-convert pythia-14m --revision stepN` downloads EleutherAI/pythia-14m at that branch.
+    Runs the CLI in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported."""
+    from conftest import make_tiny_pythia
+
+    token = "hf_eleuther_writes"
+    with HubStandin(tmp_path / "standin", {token: User("EleutherAI", write=True)}) as standin:
+        old, new = tmp_path / "old", tmp_path / "new"
+        make_tiny_pythia(old, seed=1)
+        model = make_tiny_pythia(new, seed=2)
+        api = HfApi(endpoint=standin.endpoint, token=token)
+        api.create_repo("EleutherAI/pythia-14m")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+            api.upload_folder(repo_id="EleutherAI/pythia-14m", folder_path=old)
+            api.create_branch("EleutherAI/pythia-14m", branch="step1000")
+            api.upload_folder(repo_id="EleutherAI/pythia-14m", folder_path=new, revision="step1000")
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env.update(HF_ENDPOINT=standin.endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
+
+        def cli(*args):
+            return subprocess.run([sys.executable, "-m", "mesh_convert.cli", *args], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=300)
+
+        out = tmp_path / "converted"
+        done = cli("pythia-14m", "--revision", "step1000", "--loops", "2", "--relax-rank", "full", "--router-gap", "40",
+                   "-o", str(out), "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        info = json.loads(done.stdout)
+        assert info["source"]["model"] == "EleutherAI/pythia-14m" and info["source"]["revision"] == "step1000"
+        assert info["layout"] == "1+3R2+1"  # from the downloaded config.json, not the suite's facts
+
+        missing = cli("pythia-14m", "--revision", "step9", "--loops", "2", "-o", str(tmp_path / "x"))
+        assert missing.returncode == 1 and "Traceback" not in missing.stderr
+        assert "revision step9 not found" in missing.stderr
+        assert not (tmp_path / "x").exists()
+        assert standin.unhandled == []
+
+    x = torch.randint(0, 128, (1, 10))
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, model(x).logits, atol=1e-4, rtol=0)
