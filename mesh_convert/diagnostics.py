@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -41,53 +40,18 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .plan import Layout, default_layout
 
 # ---------------------------------------------------------------------------------------------
 # Layouts: which hidden states are the loop boundaries.
 # ---------------------------------------------------------------------------------------------
 
-_LAYOUT_PATTERN = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[Rr]\s*(\d+)\s*\+\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """P prelude layers, C core layers looped K times, Q coda layers."""
-
-    prelude: int
-    core: int
-    loops: int
-    coda: int
-
-    @property
-    def depth(self) -> int:
-        """Unrolled layer count P + C*K + Q."""
-        return self.prelude + self.core * self.loops + self.coda
-
-    def boundary_index(self, t: int) -> int:
-        """Index of h^(t) in transformers' hidden_states (entry 0 is the embeddings)."""
-        return self.prelude + t * self.core
-
-    @property
-    def state_names(self) -> list[str]:
-        return ["h_emb", *(f"h^({t})" for t in range(self.loops + 1)), "h_out"]
-
-    @property
-    def block_names(self) -> list[str]:
-        return ["prelude", *(f"loop {t + 1}" for t in range(self.loops)), "coda"]
-
-    def __str__(self) -> str:
-        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
-
-
 def parse_layout(text: str) -> Layout:
-    """Parse "P+CRK+Q" (e.g. "4+8R2+4")."""
-    match = _LAYOUT_PATTERN.match(text)
-    if match is None:
-        raise UserError(f"layout {text!r} is not of the form P+CRK+Q (e.g. 4+8R2+4)")
-    layout = Layout(*(int(group) for group in match.groups()))
-    if layout.core < 1 or layout.loops < 1:
-        raise UserError(f"layout {text!r} needs at least one core layer and one loop")
-    return layout
+    """Parse "P+CRK+Q" (e.g. "4+8R2+4"), as a user error if it is malformed."""
+    try:
+        return Layout.parse(text)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def is_mesh(model) -> bool:
@@ -122,24 +86,17 @@ def resolve_layout(model, layout: str | None = None, loops: int | None = None) -
         chosen = _default_layout(depth, loops)
     else:
         raise UserError("a plain (unconverted) model needs --layout P+CRK+Q or --loops K to split it into blocks")
-    if chosen.depth != depth:
-        raise UserError(f"layout {chosen} covers {chosen.depth} layers, but the model has {depth}")
+    if chosen.unrolled_layers != depth:
+        raise UserError(f"layout {chosen} covers {chosen.unrolled_layers} layers, but the model has {depth}")
     return chosen
 
 
 def _default_layout(num_layers: int, loops: int) -> Layout:
     """The converter's default split of a `num_layers`-deep model into K loops."""
     try:
-        from .plan import default_layout
-    except ImportError:
-        raise UserError("--loops needs the converter's layout rule, which is not available; pass --layout P+CRK+Q")
-    try:
-        chosen = default_layout(num_layers, loops)
+        return default_layout(num_layers, loops)
     except ValueError as error:
-        raise UserError(f"cannot split {num_layers} layers into {loops} loops: {error}")
-    if isinstance(chosen, tuple):
-        return Layout(*chosen)
-    return Layout(chosen.prelude, chosen.core, chosen.loops, chosen.coda)
+        raise UserError(f"cannot split {num_layers} layers into {loops} loops: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,9 +203,9 @@ def collect_states(model, input_ids: torch.Tensor, layout: Layout | None = None)
     `hidden_states` entry is already normalised.
     """
     layout = layout or model_layout(model)
-    if layout.depth != model.config.num_hidden_layers:
+    if layout.unrolled_layers != model.config.num_hidden_layers:
         raise UserError(
-            f"layout {layout} covers {layout.depth} layers, but the model has {model.config.num_hidden_layers}"
+            f"layout {layout} covers {layout.unrolled_layers} layers, but the model has {model.config.num_hidden_layers}"
         )
     captured: dict[str, torch.Tensor] = {}
     core_inputs: list[torch.Tensor] = []
@@ -268,7 +225,7 @@ def collect_states(model, input_ids: torch.Tensor, layout: Layout | None = None)
     states = {"h_emb": hidden[0]}
     for t in range(layout.loops + 1):
         index = layout.boundary_index(t)
-        if index == layout.depth:  # no coda: the last entry is normalised, h^(K) = h_out
+        if index == layout.unrolled_layers:  # no coda: the last entry is normalised, h^(K) = h_out
             states[f"h^({t})"] = captured["h_out"]
         elif index == 0 and core_inputs:
             states[f"h^({t})"] = core_inputs[0]

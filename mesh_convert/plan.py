@@ -2,6 +2,7 @@
 many parameters the result has. Pure bookkeeping, no weights (spec sections 1 and 5)."""
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,28 @@ TIES = ("average", "stepwise", "lower", "upper")
 DEFAULT_ROUTER_GAP = 8.0
 
 
+_LAYOUT_TEXT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[Rr]\s*(\d+)\s*\+\s*(\d+)\s*$")
+
+
 @dataclass(frozen=True)
 class Layout:
+    """P prelude layers, C core layers looped K times, Q coda layers: `P+CRK+Q`."""
+
     prelude: int
     core: int
     loops: int
     coda: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """`"4+8R2+4"` -> Layout(4, 8, 2, 4); ValueError for anything else."""
+        match = _LAYOUT_TEXT.match(text)
+        if match is None:
+            raise ValueError(f"layout {text!r} is not of the form P+CRK+Q (e.g. 4+8R2+4)")
+        layout = cls(*(int(group) for group in match.groups()))
+        if layout.core < 1 or layout.loops < 1:
+            raise ValueError(f"layout {text!r} needs at least one core layer and one loop")
+        return layout
 
     @property
     def text(self) -> str:
@@ -31,6 +48,18 @@ class Layout:
     @property
     def unrolled_layers(self) -> int:
         return self.prelude + self.core * self.loops + self.coda
+
+    def boundary_index(self, t: int) -> int:
+        """Index of h^(t) in a model's `hidden_states` (entry 0 is the embeddings)."""
+        return self.prelude + t * self.core
+
+    @property
+    def state_names(self) -> list[str]:
+        return ["h_emb", *(f"h^({t})" for t in range(self.loops + 1)), "h_out"]
+
+    @property
+    def block_names(self) -> list[str]:
+        return ["prelude", *(f"loop {t + 1}" for t in range(self.loops)), "coda"]
 
     def __str__(self) -> str:
         return self.text

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random checkpoints built in the tests, and `../shared` when present."""
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,25 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is absent (it exists only in the project's own checkouts and CI)")
     return SHARED
+
+
+def assert_loads_as_remote_code(model_dir: Path, x: torch.Tensor, expected: torch.Tensor, workdir: Path) -> None:
+    """Load `model_dir` with trust_remote_code in a fresh process where `import mesh_convert` fails,
+    and check its logits on `x`."""
+    torch.save({"x": x, "logits": expected}, workdir / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["mesh_convert"] = None  # any import of the package now fails
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True, dtype=torch.float32)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(workdir / "expected.pt")!r}, weights_only=True)
+        assert torch.allclose(model(expected["x"]).logits, expected["logits"], atol=1e-4)
+        print("REMOTE-OK")
+        """
+    )
+    env = {"HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]

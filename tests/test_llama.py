@@ -1,14 +1,10 @@
 """Llama-family conversion (SmolLM2, TinyLlama, Llama 3.x) has the GPT-NeoX guarantees."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
+from conftest import assert_loads_as_remote_code, make_tiny_llama
 from mesh_convert.cli import main
 from mesh_convert.convert import convert_model
 
@@ -50,22 +46,7 @@ def test_written_checkpoint_ties_embeddings_caches_and_loads_as_remote_code(llam
         cached = model.generate(x[:, :4], max_new_tokens=8, do_sample=False)
         uncached = model.generate(x[:, :4], max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
-    torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["mesh_convert"] = None
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
-        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
-        assert torch.allclose(model(expected["x"]).logits, expected["logits"], atol=1e-4)
-        print("REMOTE-OK")
-        """
-    )
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    assert_loads_as_remote_code(out, x, expected, tmp_path)
 
 
 def test_eager_and_sdpa_agree_with_grouped_kv_heads(llama, tmp_path):

@@ -1,13 +1,10 @@
 """The MeSH model itself: the recurrences, caching, attention backends, checkpointing, saving."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import assert_loads_as_remote_code
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.plan import count_parameters, default_layout, mesh_config_from_source
 from mesh_convert.pythia import pythia_config
@@ -187,23 +184,8 @@ def test_remote_code_loads_without_mesh_convert(tmp_path):
     model = random_model(relax_rank=2)
     model.save_pretrained(tmp_path / "model")
     x = torch.randint(0, 96, (1, 8))
-    torch.save({"x": x, "logits": model(x).logits.detach()}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["mesh_convert"] = None  # any import of the package now fails
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True, dtype=torch.float32)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
-        assert torch.allclose(model(expected["x"]).logits, expected["logits"], atol=1e-5)
-        print("REMOTE-OK")
-        """
-    )
-    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    with torch.no_grad():
+        assert_loads_as_remote_code(tmp_path / "model", x, model(x).logits, tmp_path)
 
 
 PAPER = [  # size, K, layout, converted non-embedding, original non-embedding, routers (B = K+3)
