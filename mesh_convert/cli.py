@@ -31,9 +31,11 @@ class DefaultToConvert(TyperGroup):
     no subcommand while `mesh-convert eval ...` etc. still work."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        first = next((a for a in args if a != "--debug"), None)
+        root_options = [a for a in args[:1] if a == "--debug"]  # root options stay before the command
+        rest = args[len(root_options) :]
+        first = rest[0] if rest else None
         if first is not None and first not in self.commands and first not in ("--help", "-h", "--version"):
-            args = ["convert", *args]
+            args = [*root_options, "convert", *rest]
         return super().parse_args(ctx, args)
 
 

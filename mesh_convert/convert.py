@@ -235,7 +235,7 @@ def _delta_tensors(name: str, deltas: list[torch.Tensor], rank) -> dict[str, tor
     return {f"{name}_delta_in": torch.stack(factors_in), f"{name}_delta_out": torch.stack(factors_out)}
 
 
-def _router_tensors(config: MeshConfig) -> dict[str, torch.Tensor]:
+def _router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Function-preserving routers (spec section 5): zero weights, and a bias that puts almost all
     mass on the step's own slot (transitional step -> slot 1, loop t -> slot t+2), for writing and
     reading alike, so each step reads back exactly what it wrote."""
@@ -244,18 +244,23 @@ def _router_tensors(config: MeshConfig) -> dict[str, torch.Tensor]:
         bias = torch.zeros(config.num_slots)
         bias[step + 1] = config.router_gap
         for kind in ("write_routers", "read_routers"):
-            tensors[f"model.memory.{kind}.{step}.weight"] = torch.zeros(config.num_slots, config.hidden_size)
-            tensors[f"model.memory.{kind}.{step}.bias"] = bias.clone()
+            tensors[f"model.memory.{kind}.{step}.weight"] = torch.zeros(config.num_slots, config.hidden_size, dtype=dtype)
+            tensors[f"model.memory.{kind}.{step}.bias"] = bias.to(dtype).clone()
     return tensors
 
 
 def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield (label, {output name: float32 tensor}) in the order of the model's state dict."""
+    """Yield (label, {output name: tensor in the output dtype}) in the order of the model's state dict.
+
+    Copied tensors pass through in their stored dtype (cast only if the output differs); averages
+    and deltas are computed in float32 and cast as soon as they exist, so a group never holds more
+    than one float32 layer at a time."""
     family, layout, config = plan.family, plan.layout, plan.mesh_config
     names = list(layer_tensor_shapes(config))
+    dtype = DTYPES[plan.dtype_name]
 
     def load(name: str) -> torch.Tensor:
-        return reader.get(name).to(torch.float32)
+        return reader.get(name).to(dtype)
 
     def copy_layer(stage: str, position: int, source_layer: int):
         prefix = family.layer(source_layer)
@@ -270,13 +275,14 @@ def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterat
     for i in range(layout.core):
         group = {}
         for name in names:
-            originals = {layer: load(family.layer(layer) + name) for layer in {*shared[i], *(s[i] for s in stand_ins)}}
+            sources = {*shared[i], *(s[i] for s in stand_ins)}
+            originals = {layer: reader.get(family.layer(layer) + name).to(torch.float32) for layer in sources}
             shared_tensor = torch.stack([originals[layer] for layer in shared[i]]).mean(0)
-            group[f"model.core.{i}.{name}"] = shared_tensor
+            group[f"model.core.{i}.{name}"] = shared_tensor.to(dtype)
             if config.relax_rank != 0:
                 deltas = [originals[loop[i]] - shared_tensor for loop in stand_ins]
                 group.update(
-                    (f"model.core.{i}.{key}", value)
+                    (f"model.core.{i}.{key}", value.to(dtype))
                     for key, value in _delta_tensors(name, deltas, config.relax_rank).items()
                 )
         yield f"core layer {i}", group
@@ -286,7 +292,7 @@ def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterat
         yield f"coda layer {j}", copy_layer("coda", j, first_coda + j)
     yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in final_norm_names(config)}
     if config.variant == "mesh":
-        yield "routers", _router_tensors(config)
+        yield "routers", _router_tensors(config, dtype)
     if not config.tie_word_embeddings:
         head = next(name for name in family.heads if name in reader)
         yield "output head", {MESH_HEAD: load(head)}
@@ -325,10 +331,9 @@ def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None
 
 def convert_state_dict(reader: CheckpointReader, plan: ConversionPlan) -> dict[str, torch.Tensor]:
     """All converted tensors at once, in memory (for small models and the Python API)."""
-    dtype = DTYPES[plan.dtype_name]
     state = {}
     for _, group in iter_tensor_groups(reader, plan):
-        state.update((name, tensor.to(dtype)) for name, tensor in group.items())
+        state.update(group)
     return state
 
 
@@ -415,7 +420,7 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
         for name, tensor in group.items():
             if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
                 raise RuntimeError(f"converter produced {name} {tuple(tensor.shape)}, which the model does not expect")
-            pending[name] = tensor.to(dtype).contiguous()
+            pending[name] = tensor.contiguous()
             progress.advance(task, tensor.numel() * dtype.itemsize)
         flush_complete_shards()
     if unwritten:

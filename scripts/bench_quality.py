@@ -64,6 +64,7 @@ def best_tie(rows: list[dict]) -> str:
 def step0_rows(source, evaluate) -> list[dict]:
     """Perplexity right after conversion, for each choice the converter offers."""
     rows = [{"group": "original", "config": "original (30 layers)", "ppl": evaluate(source), **unique_parameters(source)}]
+    console.print(f"{'original':10s} {'30 layers':34s} ppl {rows[0]['ppl']:12.2f}")
 
     def add(group: str, label: str, **options):
         started = time.perf_counter()
@@ -121,7 +122,7 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path) -> list[dict]:
+def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
     """Short healing runs at an equal token budget, and how fast routers learn from each gap."""
     anneal = {"target_rank": 0, "steps": max(1, int(args.heal_steps * 0.8)), "every": max(1, args.heal_steps // 10)}
     runs = [
@@ -129,9 +130,10 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
         ("heal", "tie-then-heal + distillation", {"relax_rank": 0}, {"distill": {"teacher": str(source_dir)}}),
         ("heal", "annealed tying (full -> 0)", {"relax_rank": "full"}, {"anneal": anneal}),
     ]
-    runs += [("gap-learn", f"routers only, gap={gap}", {"router_gap": gap}, {"trainable": "routers"}) for gap in (4, 8, 16)]
-    return [trained_row(group, label, source, tokenizer, evaluate, args, workdir, convert, extra)
-            for group, label, convert, extra in runs]
+    if not args.no_gap_learn:
+        runs += [("gap-learn", f"routers only, gap={gap}", {"router_gap": gap}, {"trainable": "routers"}) for gap in (4, 8, 16)]
+    for group, label, convert, extra in runs:  # a generator, so each row is saved as soon as it exists
+        yield trained_row(group, label, source, tokenizer, evaluate, args, workdir, convert, extra)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -157,6 +159,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-step0", action="store_true", help="only the healing runs (needs --tie)")
+    parser.add_argument("--no-gap-learn", action="store_true", help="skip the routers-only runs")
     args = parser.parse_args()
 
     if args.model is None:
@@ -171,15 +175,31 @@ def main():
     text = (SHARED / "data/wikitext-2-raw/wiki.test.raw").read_text()
     evaluate = Evaluator(tokenizer, text, args.context, args.eval_tokens, args.device)
 
-    rows = step0_rows(source, evaluate)
+    rows = Rows(args)
+    if not args.skip_step0:
+        rows.extend(step0_rows(source, evaluate))
+    elif args.tie is None:
+        parser.error("--skip-step0 needs --tie")
     args.tie = args.tie or best_tie(rows)
     if args.heal_steps:
         with tempfile.TemporaryDirectory() as workdir:
-            rows += heal_rows(source, args.model, tokenizer, evaluate, args, Path(workdir))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) for k, v in vars(args).items()}
-    args.output.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str) + "\n")
+            rows.extend(heal_rows(source, args.model, tokenizer, evaluate, args, Path(workdir)))
     print_table(rows)
+
+
+class Rows(list):
+    """The result rows, rewritten to --output as each batch arrives (long runs keep what they did)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+
+    def extend(self, rows):
+        for row in rows:
+            self.append(row)
+            self.args.output.parent.mkdir(parents=True, exist_ok=True)
+            settings = {k: str(v) for k, v in vars(self.args).items()}
+            self.args.output.write_text(json.dumps({"settings": settings, "rows": list(self)}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -334,3 +334,11 @@ def test_usage_errors_are_short(capsys, args):
     assert code == 2
     assert "Traceback" not in err and "internal error" not in err
     assert err.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_debug_flag_goes_before_the_model(source, tmp_path, capsys):
+    path, _, _, _ = source
+    code, _, err = run_cli(capsys, "--debug", path, "--loops", 2, "-o", tmp_path / "out")
+    assert code == 0, err
+    with pytest.raises(Exception, match="no such checkpoint directory"):
+        main(["--debug", str(tmp_path / "missing"), "--loops", "2"])
