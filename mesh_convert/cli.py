@@ -58,11 +58,10 @@ def _version(value: bool):
 
 @app.callback()
 def root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set MESH_CONVERT_DEBUG=1)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ):
-    if debug:
-        os.environ["MESH_CONVERT_DEBUG"] = "1"
+    pass  # `main` reads --debug from the arguments itself: a process-wide setting would leak into later calls
 
 
 def _register_commands():
