@@ -12,8 +12,9 @@ relax_rank=0)` with the default tie; `original` is the source model itself.
 
 Each variant lives in its own worker process (this script with --worker), so memory is not
 shared and the variants do not warm each other's caches. The parent drives them in turn:
-  time phase    after --warmup steps each, --repeats rounds of one timed step per variant,
-                interleaved (mesh, base, original, mesh, base, original, ...); medians and ratios
+  time phase    --sets times: fresh workers, --warmup untimed steps each, then --repeats rounds
+                of one timed step per variant, interleaved (mesh, base, original, mesh, base,
+                original, ...; each set starts with the next variant); medians and ratios
                 of the wall time, and of the worker's CPU time (time.process_time), which other
                 load on a shared machine disturbs less.
   memory phase  fresh workers, one at a time, with glibc's mmap threshold pinned
@@ -265,7 +266,8 @@ def main() -> None:
     parser.add_argument("--attn", default=None, help="attention implementation for every variant (default: transformers' choice, sdpa)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch's default)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per worker before timing")
-    parser.add_argument("--repeats", type=int, default=11, help="interleaved timed rounds")
+    parser.add_argument("--sets", type=int, default=2, help="fresh sets of worker processes for the time phase")
+    parser.add_argument("--repeats", type=int, default=6, help="interleaved timed rounds per set")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
@@ -278,23 +280,29 @@ def main() -> None:
 
     env = environment(args.device)
     tokens = args.batch * args.seq
-    print(f"timing: starting {len(args.variants)} workers ({args.model}, batch {args.batch} x seq {args.seq})", flush=True)
-    workers = [Worker(args, v) for v in args.variants]
     times = {v: [] for v in args.variants}
     cpu_times = {v: [] for v in args.variants}
-    losses = {}
-    try:
-        for rep in range(args.repeats):
+    losses, info, threads = {}, {}, {}
+    for worker_set in range(args.sets):
+        # Fresh processes per set: a bias of one process (heap layout, the core it runs on) then
+        # does not repeat in every round.
+        print(f"timing: set {worker_set + 1}/{args.sets}, starting {len(args.variants)} workers "
+              f"({args.model}, batch {args.batch} x seq {args.seq})", flush=True)  # fmt: skip
+        shift = worker_set % len(args.variants)  # each set starts its rounds with another variant
+        workers = [Worker(args, v) for v in args.variants[shift:] + args.variants[:shift]]
+        try:
+            for rep in range(args.repeats):
+                for w in workers:
+                    answer = w.ask("time")
+                    times[w.variant].append(answer["seconds"])
+                    cpu_times[w.variant].append(answer["cpu_seconds"])
+                    losses[w.variant] = answer["loss"]
+                print(f"  round {rep + 1}/{args.repeats}: " + ", ".join(f"{w.variant} {times[w.variant][-1]:.2f}s" for w in workers), flush=True)
+        finally:
             for w in workers:
-                answer = w.ask("time")
-                times[w.variant].append(answer["seconds"])
-                cpu_times[w.variant].append(answer["cpu_seconds"])
-                losses[w.variant] = answer["loss"]
-            print(f"  round {rep + 1}/{args.repeats}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in times), flush=True)
-    finally:
-        for w in workers:
-            w.close()
-    info = {w.variant: w.info for w in workers}
+                w.close()
+        info.update({w.variant: w.info for w in workers})
+        threads.update({w.variant: w.threads for w in workers})
 
     memory = {}
     if not args.no_memory:
@@ -348,7 +356,7 @@ def main() -> None:
             k: getattr(args, k)
             for k in ("model", "loops", "prelude", "coda", "batch", "seq", "dtype", "device", "attn", "threads", "warmup", "repeats", "seed")
         }
-        | {"tokens_per_step": tokens, "worker_threads": {w.variant: w.threads for w in workers}},
+        | {"tokens_per_step": tokens, "worker_threads": threads, "sets": args.sets},
         "method": "one process per variant; interleaved timed steps (zero_grad, forward with labels, backward), "
         "wall time (perf_counter) and process CPU time (process_time, less sensitive to other load on a shared machine); "
         "memory: torch.profiler allocation peak of one step above the memory held before it (CUDA: max_memory_allocated), "
@@ -380,7 +388,7 @@ def main() -> None:
     )
     print_table(
         f"training step, {args.model}, batch {args.batch} x seq {args.seq}, {args.dtype}, {args.device}, "
-        f"{args.repeats} interleaved rounds (medians)",
+        f"{args.sets} x {args.repeats} interleaved rounds (medians)",
         ["variant", "layout", "params", "step", "tokens/s", f"time/{reference}", f"CPU time/{reference}", "alloc peak", f"alloc/{reference}", "RSS peak"],
         rows,
         caption=caption or None,
