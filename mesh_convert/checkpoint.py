@@ -142,6 +142,7 @@ class CheckpointReader:
         """Read the checkpoint in `directory`, or (for in-memory conversion) a model's `state_dict`."""
         self.directory = directory
         self._where: dict[str, object] = {}  # tensor name -> open safetensors handle or a dict of tensors
+        self._files: dict[str, Path] = {}  # tensor name -> its safetensors file
         if state_dict is not None:
             self._where = {name: state_dict for name in state_dict}
             return
@@ -177,6 +178,7 @@ class CheckpointReader:
             raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
         for name in handle.keys():
             self._where[name] = handle
+            self._files[name] = file
 
     def _open_bin(self, file: Path):
         try:
@@ -214,6 +216,9 @@ class CheckpointReader:
         if isinstance(source, dict):
             return source[name]
         try:
-            return source.get_tensor(name)
+            # A fresh mapping per tensor: its pages are released with the tensor, instead of the
+            # whole source file staying resident through one long-lived mapping.
+            with safe_open(self._files[name], framework="pt") as handle:
+                return handle.get_tensor(name)
         except SafetensorError as error:
             raise UserError(f"cannot read tensor {name} from {self.directory}: {error}") from None
