@@ -95,7 +95,8 @@ def step0_rows(source, evaluate) -> list[dict]:
 def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, convert_options, recipe_extra) -> dict:
     """Convert, train with `recipe_extra` for --heal-steps on wiki.valid.raw, evaluate the result."""
     run = workdir / f"{group}-{len(list(workdir.iterdir()))}"
-    converted = convert_model(source, loops=2, tie=args.tie, **convert_options)
+    convert_options = {"tie": args.tie, **convert_options}
+    converted = convert_model(source, loops=2, **convert_options)
     converted.save_pretrained(run / "start")
     tokenizer.save_pretrained(run / "start")
     before = evaluate(converted)
@@ -112,28 +113,40 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
             **recipe_extra,
         }
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     summary = train(recipe, console=console)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     trained = AutoModelForCausalLM.from_pretrained(run / "train" / "model", dtype=torch.float32)
-    row = {"group": group, "config": label, "layout": trained.config.layout, "ppl_before": before, "ppl": evaluate(trained),
-           "tokens": summary["tokens"], "steps": summary["steps"], "seconds": time.perf_counter() - started,
-           "relax_rank_after": trained.config.relax_rank, **unique_parameters(trained)}
-    console.print(f"{group:10s} {label:34s} ppl {before:12.2f} -> {row['ppl']:10.2f}  ({row['seconds']:.0f} s)")
+    row = {"group": group, "config": label, "layout": trained.config.layout, "options": convert_options,
+           "ppl_before": before, "ppl": evaluate(trained), "tokens": summary["tokens"], "steps": summary["steps"],
+           "seconds": seconds, "cpu_seconds": cpu_seconds, "relax_rank_after": trained.config.relax_rank,
+           **unique_parameters(trained)}
+    console.print(f"{group:10s} {label:34s} ppl {before:12.2f} -> {row['ppl']:10.2f}  ({seconds:.0f} s)")
     return row
 
 
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn")
+
+
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
-    """Short healing runs at an equal token budget, and how fast routers learn from each gap."""
+    """Short runs at one token budget (--heal-steps x --batch-size x --block-size), chosen by --heal-runs:
+    lm / distill / anneal compare healing methods after the --tie conversion; `ties` heals every
+    other tie strategy with LM loss (the `lm` row is the --tie one); `gap-learn` trains only the
+    routers from each router gap, to see how fast they move away from the function-preserving init."""
     anneal = {"target_rank": 0, "steps": max(1, int(args.heal_steps * 0.8)), "every": max(1, args.heal_steps // 10)}
-    runs = [
-        ("heal", "tie-then-heal (LM loss)", {"relax_rank": 0}, {}),
-        ("heal", "tie-then-heal + distillation", {"relax_rank": 0}, {"distill": {"teacher": str(source_dir)}}),
-        ("heal", "annealed tying (full -> 0)", {"relax_rank": "full"}, {"anneal": anneal}),
-    ]
-    if not args.no_gap_learn:
-        runs += [("gap-learn", f"routers only, gap={gap}", {"router_gap": gap}, {"trainable": "routers"}) for gap in (4, 8, 16)]
-    for group, label, convert, extra in runs:  # a generator, so each row is saved as soon as it exists
-        yield trained_row(group, label, source, tokenizer, evaluate, args, workdir, convert, extra)
+    runs = {
+        "lm": [("heal", f"tie-then-heal (LM loss), {args.tie}", {"relax_rank": 0}, {})],
+        "distill": [("heal", f"tie-then-heal + distillation, {args.tie}", {"relax_rank": 0},
+                     {"distill": {"teacher": str(source_dir)}})],
+        "anneal": [("heal", f"annealed tying (full -> 0), {args.tie}", {"relax_rank": "full"}, {"anneal": anneal})],
+        "ties": [("tie-heal", f"tie-then-heal (LM loss), {tie}", {"relax_rank": 0, "tie": tie}, {})
+                 for tie in ("average", "stepwise", "lower", "upper") if tie != args.tie],
+        "gap-learn": [("gap-learn", f"routers only, gap={gap}", {"router_gap": gap}, {"trainable": "routers"})
+                      for gap in (4, 8, 16)],
+    }
+    for name in args.heal_runs:  # a generator, so each row is saved as soon as it exists
+        for group, label, convert, extra in runs[name]:
+            yield trained_row(group, label, source, tokenizer, evaluate, args, workdir, convert, extra)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -160,7 +173,9 @@ def main():
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-step0", action="store_true", help="only the healing runs (needs --tie)")
-    parser.add_argument("--no-gap-learn", action="store_true", help="skip the routers-only runs")
+    parser.add_argument("--heal-runs", nargs="+", choices=HEAL_RUNS, default=list(HEAL_RUNS),
+                        help="which healing runs (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     if args.model is None:
@@ -169,6 +184,8 @@ def main():
 
         args.model = Path(subprocess.run([sys.executable, str(ROOT / "scripts/get_smollm2.py")], check=True,
                                          capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     source = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
