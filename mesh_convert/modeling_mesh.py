@@ -31,8 +31,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
+from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as apply_partial_rotary
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as apply_full_rotary
 
 from .configuration_mesh import MeshConfig
 
@@ -128,7 +130,11 @@ class LoopAttention(nn.Module):
     def attend(self, query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs):
         """query/key/value: (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim), weights."""
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)  # rotates the leading cos.shape[-1] dims
+        # GPT-NeoX rotates only the leading cos.shape[-1] dims (rotary_pct); its split-and-concat
+        # leaves a layout that makes the SDPA wrapper copy the query, so full rotary (Llama, and
+        # rotary_pct=1) takes Llama's function: same values, one activation less per layer.
+        rotate = apply_full_rotary if cos.shape[-1] == query.shape[-1] else apply_partial_rotary
+        query, key = rotate(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, cache_index)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
