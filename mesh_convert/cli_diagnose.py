@@ -91,7 +91,7 @@ def diagnostics_tables(result) -> list[Table]:
 def diagnose(
     model: str = typer.Argument(..., help="MeSH or plain (e.g. Pythia) model: directory or hub id."),
     data: Path = typer.Option(
-        ..., "--data", help='Text to sample from: .txt (or any text file) or .jsonl with a "text" field.'
+        ..., "--data", help='Text to sample from: .txt/.raw, or .jsonl/.parquet with a "text" field.'
     ),
     samples: int = typer.Option(32, "--samples", help="Number of samples (the paper uses 500)."),
     seq_len: int | None = typer.Option(
@@ -224,7 +224,7 @@ def inspect_tables(report) -> list[Table]:
 def inspect(
     model_dir: Path = typer.Argument(..., help="Saved model directory (MeSH or plain)."),
     data: Path | None = typer.Option(
-        None, "--data", help="Text for the router probe, .txt or .jsonl (default: built-in sentences)."
+        None, "--data", help="Text for the router probe, .txt/.raw, .jsonl or .parquet (default: built-in sentences)."
     ),
     samples: int = typer.Option(8, "--samples", help="Sequences for the router probe."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sequence taken from --data."),

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import torch
 
+from .data import read_documents, tokenize_stream
 from .errors import UserError
 from .plan import Layout, default_layout
 
@@ -239,50 +240,13 @@ def collect_states(model, input_ids: torch.Tensor, layout: Layout | None = None)
 # Data: N windows of L consecutive tokens from a text file.
 # ---------------------------------------------------------------------------------------------
 
-_TEXT_CHUNK_CHARS = 1_000_000  # tokenise big text files piecewise, stopping once there is enough
-
-
-def iter_documents(path: Path) -> Iterator[str]:
-    """Documents of a .jsonl file (its "text" fields), or chunks of any other file read as text."""
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield _jsonl_text(path, number, line)
-            return
-        chunk: list[str] = []
-        size = 0
-        for line in handle:
-            chunk.append(line)
-            size += len(line)
-            if size >= _TEXT_CHUNK_CHARS:
-                yield "".join(chunk)
-                chunk, size = [], 0
-        if chunk:
-            yield "".join(chunk)
-
-
-def _jsonl_text(path: Path, number: int, line: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        raise UserError(f"{path}:{number}: not valid JSON")
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise UserError(f'{path}:{number}: expected a JSON object with a "text" string')
-    return record["text"]
-
-
 def tokenize_file(path: Path, tokenizer, limit: int | None = None) -> list[int]:
-    """Token ids of the file; .jsonl documents are joined with the EOS token, as in pretraining."""
-    separator = [tokenizer.eos_token_id] if path.suffix.lower() in (".jsonl", ".ndjson") else []
-    if tokenizer.eos_token_id is None:
-        separator = []
+    """Token ids of a data file read as training reads it (.txt/.raw whole, EOS after each .jsonl or
+    .parquet document), stopping soon after `limit` tokens."""
     tokens: list[int] = []
-    for document in iter_documents(path):
-        tokens.extend(tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"])
-        tokens.extend(separator)
+    # Small batches, so a large file is read and tokenised only as far as the limit needs.
+    for ids in tokenize_stream(read_documents(path), tokenizer, batch_docs=8):
+        tokens.extend(ids)
         if limit is not None and len(tokens) >= limit:
             break
     return tokens

@@ -380,7 +380,7 @@ def test_tokenize_file_reads_jsonl_documents_with_eos_between(tmp_path):
     a, b, c = (tokenizer.convert_tokens_to_ids(char) for char in "abc")
     assert tokenize_file(path, tokenizer) == [a, b, 1, c, 1]
     path.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"body": "c"}) + "\n")
-    with pytest.raises(UserError, match="docs.jsonl:2"):
+    with pytest.raises(UserError, match="docs.jsonl line 2 has no 'text' field"):
         tokenize_file(path, tokenizer)
 
 
