@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
-DEFAULT_LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
 class Strict(BaseModel):
@@ -108,7 +107,9 @@ class LoraSection(Strict):
     r: int = Field(16, ge=1)
     alpha: float = 32.0
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    target_modules: list[str] | None = Field(
+        None, description="Linear layer names; default: every attention and MLP projection of the model's family"
+    )
     merge: bool = Field(False, description="also write the merged standalone model")
 
 

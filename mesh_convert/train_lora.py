@@ -14,6 +14,13 @@ from torch import nn
 from .errors import UserError
 from .recipe import LoraSection
 
+# Every attention and MLP projection of each decoder family (the routers train through
+# modules_to_save instead, and the output head stays frozen).
+DEFAULT_TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
 
 def router_module_names(model: nn.Module) -> list[str]:
     names = []
@@ -28,7 +35,8 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
     from peft import LoraConfig, get_peft_model
 
     available = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    unknown = [t for t in section.target_modules if t not in available]
+    targets = section.target_modules or DEFAULT_TARGETS[getattr(model.config, "base_model_type", "gpt_neox")]
+    unknown = [t for t in targets if t not in available]
     if unknown:
         raise UserError(f"lora.target_modules {unknown} match no Linear layer; the model has {sorted(available)}")
     routers = router_module_names(model) if train_routers else []
@@ -38,7 +46,7 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
-        target_modules=list(section.target_modules),
+        target_modules=list(targets),
         modules_to_save=routers or None,
         task_type="CAUSAL_LM",
     )

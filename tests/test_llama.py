@@ -58,3 +58,13 @@ def test_eager_and_sdpa_agree_with_grouped_kv_heads(llama, tmp_path):
         with torch.no_grad():
             logits[impl] = loaded(x).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=0)
+
+
+def test_lora_defaults_to_the_llama_projections(llama):
+    from mesh_convert.recipe import LoraSection
+    from mesh_convert.train_lora import wrap_lora
+
+    _, model, _, _ = llama
+    peft_model = wrap_lora(convert_model(model, loops=2), LoraSection(r=2), train_routers=True)
+    adapted = {name.split(".")[-4] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
