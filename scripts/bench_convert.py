@@ -11,7 +11,10 @@ float32, from scripts/get_smollm2.py), or any local checkpoint directory given a
 Each repetition runs, one after another and each in its own process:
   baseline  `python -c "import torch, transformers, mesh_convert.convert, mesh_convert.cli"`
             (peak RSS and wall time of a process that only imports what the CLI imports);
-  copy      `shutil.copyfile` of the source weight files into the work directory (in this process);
+  copy      `shutil.copyfile` of the source weight files into the work directory (in this process),
+            and a user-space read/write copy of them;
+  rewrite   a child that loads every tensor with safe_open and writes it back with save_file: what
+            the safetensors library itself costs to pass the bytes through (context for the target);
   convert   `python -m mesh_convert.cli SRC --loops K --max-shard-size S --relax-rank 0 --json`
             for every K, default tie (average).
 The source files are read once before every copy and every conversion (not timed), so both
@@ -132,6 +135,38 @@ def measure_copy(files: list[Path], workdir: Path, userspace: bool = False) -> f
     return seconds
 
 
+# Read every tensor of each source file and write it back with safetensors.save_file: the floor for
+# any converter that reads and writes through the safetensors library (ours does), timed in the child.
+REWRITE_CODE = """
+import sys, time
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+started = time.perf_counter()
+for name in sys.argv[2:]:
+    with safe_open(name, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, Path(sys.argv[1]) / Path(name).name, metadata={"format": "pt"})
+    del tensors
+print(time.perf_counter() - started)
+"""
+
+
+def measure_rewrite(files: list[Path], workdir: Path) -> float | None:
+    """Seconds of a safetensors load-and-save of the source files (None for .bin sources)."""
+    if any(f.suffix != ".safetensors" for f in files):
+        return None
+    target = workdir / "rewrite"
+    target.mkdir()
+    warm_read(files)
+    run = run_child([sys.executable, "-c", REWRITE_CODE, str(target), *map(str, files)], sample=False)
+    shutil.rmtree(target)
+    drop_dirty_pages()
+    if run["returncode"] != 0:
+        raise SystemExit(f"error: the safetensors rewrite failed:\n{run['stderr'][-3000:]}")
+    return float(run["stdout"].split()[-1])
+
+
 def measure_convert(case: dict, files: list[Path], loops: int, workdir: Path, args) -> dict:
     out = workdir / f"out-k{loops}"
     cmd = [
@@ -188,7 +223,7 @@ def main() -> None:
         for case in cases:
             files = weight_files(case["path"])
             source_bytes = sum(f.stat().st_size for f in files)
-            runs = {"baseline": [], "copy": [], "copy_userspace": [], **{k: [] for k in args.loops}}
+            runs = {"baseline": [], "copy": [], "copy_userspace": [], "rewrite": [], **{k: [] for k in args.loops}}
             for rep in range(args.repeats):
                 print(f"{case['name']}: repetition {rep + 1}/{args.repeats}", flush=True)
                 base = run_child([sys.executable, "-c", BASELINE_CODE])
@@ -196,11 +231,13 @@ def main() -> None:
                 runs["baseline"].append(base)
                 runs["copy"].append(measure_copy(files, workdir))
                 runs["copy_userspace"].append(measure_copy(files, workdir, userspace=True))
+                runs["rewrite"].append(measure_rewrite(files, workdir))
                 for loops in args.loops:
                     runs[loops].append(measure_convert(case, files, loops, workdir, args))
             baseline_rss = median(r["maxrss_bytes"] for r in runs["baseline"])
             baseline_wall = median(r["wall_s"] for r in runs["baseline"])
             copy_s = median(runs["copy"])
+            rewrite_s = None if None in runs["rewrite"] else median(runs["rewrite"])
             for loops in args.loops:
                 conv = runs[loops]
                 shard_limit = parse_size(case["shard"])
@@ -226,6 +263,8 @@ def main() -> None:
                         "convert_self_s": summary(r["self_s"] for r in conv),
                         "convert_wall_s": summary(r["wall_s"] for r in conv),
                         "copy_userspace_s": summary(runs["copy_userspace"]),
+                        "safetensors_rewrite_s": None if rewrite_s is None else summary(runs["rewrite"]),
+                        "time_ratio_vs_safetensors_rewrite": None if rewrite_s is None else ratio(self_s, rewrite_s),
                         "baseline_wall_s": summary(r["wall_s"] for r in runs["baseline"]),
                         "time_ratio": ratio(self_s, copy_s),
                         "time_ratio_wall_minus_startup": ratio(wall_s - baseline_wall, copy_s),
@@ -276,6 +315,7 @@ def main() -> None:
             "baseline_process": BASELINE_IMPORTS,
             "copy": "shutil.copyfile of the source weight files, after a warm-up read (page cache)",
             "copy_userspace": "read/write loop with a 1 MiB buffer, same files (context only; the target is against copyfile)",
+            "safetensors_rewrite": "safe_open + get_tensor of every tensor, then save_file, per source file, timed in a child",
             "convert_threads": args.threads or "torch default",
             "convert": "python -m mesh_convert.cli SRC --loops K --max-shard-size S --relax-rank 0 -o OUT --json "
             + " ".join(args.convert_arg),
@@ -291,7 +331,8 @@ def main() -> None:
 
     print_table(
         f"conversion time ({args.repeats} repetitions, medians)",
-        ["case", "layout", "source", "output", "copy", "convert", "convert/copy (≤2)", "user-space copy", "CLI wall"],
+        ["case", "layout", "source", "output", "copy", "convert", "convert/copy (≤2)", "user-space copy",
+         "safetensors rewrite", "CLI wall"],
         [
             [
                 r["case"],
@@ -302,12 +343,14 @@ def main() -> None:
                 fmt(r["convert_self_s"]["median"], ".2f", " s"),
                 fmt(r["time_ratio"], ".2f", "x ") + verdict(r["time_ok"]),
                 fmt(r["copy_userspace_s"]["median"], ".2f", " s"),
+                fmt((r["safetensors_rewrite_s"] or {}).get("median"), ".2f", " s"),
                 fmt(r["convert_wall_s"]["median"], ".1f", " s"),
             ]
             for r in results
         ],
         caption="convert: the converter's own seconds (--json); copy: shutil.copyfile (in-kernel); user-space copy: "
-        "read/write, 1 MiB buffer; CLI wall adds interpreter start and imports",
+        "read/write, 1 MiB buffer; safetensors rewrite: load every tensor and save_file it (the library's floor); "
+        "CLI wall adds interpreter start and imports",
     )
     print_table(
         "conversion peak RSS",
