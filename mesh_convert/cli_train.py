@@ -98,7 +98,8 @@ def register(app: typer.Typer) -> None:
         import json
 
         from .recipe import InitSpec
-        from .train_init import init_scratch_model, meta_parameter_counts, scratch_config
+        from .plan import mesh_parameter_counts
+        from .train_init import init_scratch_model, scratch_config
 
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(output)
             except Exception as error:
                 raise UserError(f"cannot load the tokenizer in {tokenizer}: {error}") from None
-        counts = meta_parameter_counts(config)
+        counts = mesh_parameter_counts(config)
         (output / "conversion.json").write_text(json.dumps({"init": spec.model_dump(), "seed": seed, "parameters": counts}, indent=2) + "\n")
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {output}", highlight=False)

@@ -190,35 +190,32 @@ def mesh_config_from_source(
     )
 
 
-def count_parameters(source_config: PreTrainedConfig, mesh_config: MeshConfig) -> dict[str, float]:
-    """Parameter counts of the original and the converted model, counted on the meta device.
+def _embedding_parameters(model) -> int:
+    tensors = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    return sum(p.numel() for p in tensors.values())
 
-    `converted_nonembedding` is the unique layers plus the final norm, without routers or relax deltas.
-    """
+
+def mesh_parameter_counts(mesh_config: MeshConfig) -> dict[str, int]:
+    """Parameters of a MeSH model, counted on the meta device: `nonembedding` is the unique layers
+    plus the final norm, without routers or relax deltas (tied embeddings count once)."""
+    with torch.device("meta"):
+        model = MeshForCausalLM(mesh_config)
+    routers = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.memory."))
+    relax = sum(p.numel() for name, p in model.named_parameters() if "_delta" in name)
+    embedding = _embedding_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    return {"nonembedding": total - embedding - routers - relax, "routers": routers, "relax": relax,
+            "embedding": embedding, "total": total}
+
+
+def count_parameters(source_config: PreTrainedConfig, mesh_config: MeshConfig) -> dict[str, float]:
+    """Parameter counts of the original and the converted model (see `mesh_parameter_counts`)."""
     with torch.device("meta"):
         original = AutoModelForCausalLM.from_config(source_config)
-        converted = MeshForCausalLM(mesh_config)
-
-    def embedding_params(model) -> int:
-        tensors = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
-        return sum(p.numel() for p in tensors.values())
-
-    counts = {"original_nonembedding": sum(p.numel() for p in original.parameters()) - embedding_params(original)}
-    routers = relax = 0
-    for name, param in converted.named_parameters():
-        if name.startswith("model.memory."):
-            routers += param.numel()
-        elif "_delta" in name:
-            relax += param.numel()
-    embedding = embedding_params(converted)
-    total = sum(p.numel() for p in converted.parameters())
-    counts.update(
-        converted_nonembedding=total - embedding - routers - relax,
-        routers=routers,
-        relax=relax,
-        embedding=embedding,
-        total=total,
-    )
+    counts = {"original_nonembedding": sum(p.numel() for p in original.parameters()) - _embedding_parameters(original)}
+    converted = mesh_parameter_counts(mesh_config)
+    counts["converted_nonembedding"] = converted.pop("nonembedding")
+    counts.update(converted)
     counts["reduction"] = 1 - counts["converted_nonembedding"] / counts["original_nonembedding"]
     return counts
 

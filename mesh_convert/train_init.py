@@ -73,13 +73,3 @@ def init_scratch_model(config: MeshConfig, seed: int) -> MeshForCausalLM:
         if name.endswith(OUTPUT_PROJECTIONS):
             module.weight.normal_(0.0, std)
     return model
-
-
-def meta_parameter_counts(config: MeshConfig) -> dict[str, int]:
-    """Non-embedding (without routers), router and total parameter counts, on the meta device."""
-    with torch.device("meta"):
-        model = MeshForCausalLM(config)
-    routers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.memory."))
-    embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
-    total = sum(p.numel() for p in model.parameters())
-    return {"nonembedding": total - embedding - routers, "routers": routers, "embedding": embedding, "total": total}

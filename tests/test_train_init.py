@@ -7,12 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from mesh_convert.plan import mesh_parameter_counts
 from mesh_convert.recipe import InitSpec
-from mesh_convert.train_init import (
-    init_scratch_model,
-    meta_parameter_counts,
-    scratch_config,
-)
+from mesh_convert.train_init import init_scratch_model, scratch_config
 from test_train_support import ROOT, metrics, run_cli
 
 
@@ -27,7 +24,7 @@ from test_train_support import ROOT, metrics, run_cli
 )
 def test_paper_parameter_counts_on_meta(size, loops, layout, nonembedding, routers):
     config = scratch_config(InitSpec(size=size, loops=loops))
-    counts = meta_parameter_counts(config)
+    counts = mesh_parameter_counts(config)
     assert config.layout == layout
     assert (counts["nonembedding"], counts["routers"]) == (nonembedding, routers)
 
