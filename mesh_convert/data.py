@@ -84,10 +84,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+    import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several types for a damaged file

@@ -42,12 +42,19 @@ Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
 
 DATA_ENV = "MESH_CONVERT_DATA"
+CACHE_ENV = "MESH_CONVERT_CACHE"
 MAX_DEFAULT_CONTEXT = 2048
 
 # Built-in data names: file under a data folder, and the evaluation it is meant for.
 DATA_NAMES: dict[str, tuple[str, str]] = {
     "wikitext2": ("wikitext-2-raw/wiki.test.raw", "perplexity"),
     "lambada": ("lambada_openai/lambada_test.jsonl", "lambada"),
+}
+
+# Where a built-in name is fetched from when no data folder has it: (dataset repo, parquet file).
+# The parquet holds the raw file's lines as rows, so joining them gives the raw file back.
+HUB_DATA: dict[str, tuple[str, str]] = {
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
 }
 
 DTYPES: dict[str, torch.dtype] = {
@@ -151,13 +158,19 @@ class TextDataset:
 # ------------------------------------------------------------------------------------ data
 
 
+def cache_data_dir() -> Path:
+    """Where data fetched from the Hub is kept as plain files ($MESH_CONVERT_CACHE/data)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "mesh-convert")).expanduser() / "data"
+
+
 def data_dirs() -> list[Path]:
     """Folders searched for built-in data names: $MESH_CONVERT_DATA first, then the shared
-    folder beside the project's checkout (`<repo>/../shared/data`)."""
+    folder beside the project's checkout (`<repo>/../shared/data`), then what was fetched before."""
     dirs = []
     if os.environ.get(DATA_ENV):
         dirs.append(Path(os.environ[DATA_ENV]).expanduser())
     dirs.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    dirs.append(cache_data_dir())
     return dirs
 
 
@@ -171,6 +184,8 @@ def resolve_data(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
             if candidate.is_file():
                 return candidate, task
         looked = ", ".join(str(c) for c in candidates)
+        if key in HUB_DATA:
+            return fetch_hub_data(key, looked), task
         raise UserError(
             f"data '{key}' not found (looked for {looked}); set {DATA_ENV} to a folder holding "
             f"{relative}, or pass a file path"
@@ -182,6 +197,35 @@ def resolve_data(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
     if not path.is_file():
         raise UserError(f"data path is not a file: {path}")
     return path, None
+
+
+def fetch_hub_data(key: str, looked: str) -> Path:
+    """Download a built-in data set's parquet from the Hub and keep its text as the raw file under
+    `cache_data_dir()`, so later runs (and offline ones) find it without the Hub."""
+    from huggingface_hub import hf_hub_download
+
+    from .hub import resolve_endpoint, scrub
+
+    repo_id, filename = HUB_DATA[key]
+    target = cache_data_dir() / DATA_NAMES[key][0]
+    try:
+        import pyarrow.parquet as pq
+
+        parquet = hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=resolve_endpoint())
+        text = "".join(pq.read_table(parquet, columns=["text"]).column(0).to_pylist())
+    except Exception as error:  # no network, offline mode, a refused request, a damaged file
+        # scrubbed: a server may echo the request's token back in its error
+        reason = scrub(f"{type(error).__name__}: {_first_line(error)}", None)
+        raise UserError(
+            f"data '{key}' is not on this machine (looked for {looked}) and fetching it from the Hub "
+            f"dataset {repo_id} failed ({reason}); set {DATA_ENV} to a folder holding "
+            f"{DATA_NAMES[key][0]}, or pass a file path"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(target)  # atomic: a killed run leaves no half-written data file behind
+    return target
 
 
 def _read_utf8(path: Path) -> str:

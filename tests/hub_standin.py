@@ -226,8 +226,8 @@ class HubStandin:
     def create_repo(self, user: User | None, body: dict) -> dict:
         if user is None:
             raise HttpError(401, "You must be authenticated to create a repository")
-        if body.get("type") not in (None, "model"):
-            raise HttpError(400, "this stand-in only hosts model repositories")
+        if body.get("type") not in (None, "model", "dataset"):
+            raise HttpError(400, "this stand-in hosts model and dataset repositories only")
         namespace = body.get("organization") or user.name
         name = body.get("name") or ""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}", name):
@@ -235,6 +235,8 @@ class HubStandin:
         if namespace != user.name or not user.write:
             raise HttpError(403, f"You don't have the rights to create a model under the namespace {namespace}")
         repo_id = f"{namespace}/{name}"
+        if body.get("type") == "dataset":  # datasets live beside models under a "datasets/" key
+            repo_id = f"datasets/{repo_id}"
         url = f"{self.endpoint}/{repo_id}"
         if repo_id in self.repos:
             raise HttpError(409, "You already created this model repo", {"X-Url": url})
@@ -478,13 +480,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        # Dataset repositories take the model routes with "datasets" in the path: /api/datasets/...
+        # and /datasets/<repo>/resolve/...; their repository key is "datasets/<repo>".
+        path, dataset = url.path, False
+        for prefix, replacement in (("/api/datasets/", "/api/models/"), ("/datasets/", "/")):
+            if path.startswith(prefix):
+                path, dataset = replacement + path[len(prefix):], True
+                break
         status = 500
         try:
             body = self._read_body()
             for route_method, pattern, name in self.ROUTES:
-                match = re.fullmatch(pattern, url.path)
+                match = re.fullmatch(pattern, path)
                 if route_method == method and match:
                     params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    if dataset and "repo" in params:
+                        params["repo"] = f"datasets/{params['repo']}"
                     with self.hub._lock:
                         status = getattr(self, name)(body=body, **params)
                     break

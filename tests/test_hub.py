@@ -383,3 +383,46 @@ def test_convert_a_pythia_alias_at_a_revision_from_the_hub(tmp_path):
     converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(converted(x).logits, model(x).logits, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+
+def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, monkeypatch):
+    """`eval --data wikitext2` on a machine without the data: the parquet comes from the Hub's
+    Salesforce/wikitext dataset, and its rows joined are kept as wiki.test.raw for later runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mesh_convert import evaluate as ev
+
+    rows = ["", " = Valkyria Chronicles = \n", "", " Senjō no Valkyria 3 is a game . \n"]
+    parquet = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(pa.table({"text": rows}), parquet)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(ev, "data_dirs", lambda: [tmp_path / "nowhere", ev.cache_data_dir()])
+    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "mesh-cache"))
+    token = "hf_salesforceWrites0123456789"
+    with HubStandin(tmp_path / "standin", {token: User("Salesforce", write=True)}) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        api = HfApi(endpoint=standin.endpoint, token=token)
+        api.create_repo("Salesforce/wikitext", repo_type="dataset")
+        api.upload_file(path_or_fileobj=parquet, path_in_repo="wikitext-2-raw-v1/test-00000-of-00001.parquet",
+                        repo_id="Salesforce/wikitext", repo_type="dataset")
+        path, task = ev.resolve_data("wikitext2")
+        assert standin.unhandled == []
+    assert path == tmp_path / "mesh-cache" / "data" / "wikitext-2-raw" / "wiki.test.raw" and task == "perplexity"
+    assert path.read_text(encoding="utf-8") == "".join(rows)
+    assert ev.resolve_data("wikitext2")[0] == path  # the stand-in is gone: found in the cache
+
+    path.unlink()  # gone from both caches, and offline: a one-line error, no partial file
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as info:
+        ev.resolve_data("wikitext2")
+    message = str(info.value)
+    assert "Salesforce/wikitext" in message and ev.DATA_ENV in message and "\n" not in message
+    assert not path.exists() and not list(path.parent.glob("*.partial"))
