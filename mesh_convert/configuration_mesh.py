@@ -57,6 +57,8 @@ class MeshConfig(PreTrainedConfig):
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     mlp_bias: bool = False
+    # The attention output projection's bias; None: as attention_bias (Qwen2 has q/k/v biases only).
+    attention_output_bias: bool | None = None
     initializer_range: float = 0.02
     # Scale of the token embeddings (the paper's from-scratch recipe uses sqrt(D); 1 for converted models).
     embedding_multiplier: float = 1.0

@@ -26,12 +26,21 @@ class SourceFamily:
     final_norm: str  # prefix of the final norm's tensors
     layer_prefix: str  # prefix of layer i's tensors, with {i}
     config_fields: tuple[str, ...]  # copied verbatim into MeshConfig
+    mesh_layers: str = ""  # the MeSH layer family (MeshConfig.base_model_type); default: model_type
+    fixed_fields: tuple[tuple[str, object], ...] = ()  # MeshConfig fields the architecture implies
 
     def layer(self, index: int) -> str:
         return self.layer_prefix.format(i=index)
 
+    @property
+    def base_model_type(self) -> str:
+        return self.mesh_layers or self.model_type
+
     def mesh_fields(self, config: PreTrainedConfig) -> dict:
-        return {name: getattr(config, name) for name in self.config_fields if hasattr(config, name)}
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            raise UserError(f"this {self.model_type} checkpoint uses sliding-window attention, which mesh-convert does not support")
+        fields = {name: getattr(config, name) for name in self.config_fields if hasattr(config, name)}
+        return fields | dict(self.fixed_fields)
 
 
 GPT_NEOX = SourceFamily(
@@ -89,7 +98,19 @@ LLAMA = SourceFamily(
     ),
 )
 
-SOURCE_FAMILIES = {family.model_type: family for family in (GPT_NEOX, LLAMA)}
+# Qwen2 is a Llama decoder with biases on the query, key and value projections only.
+QWEN2 = SourceFamily(
+    model_type="qwen2",
+    embed=LLAMA.embed,
+    heads=LLAMA.heads,
+    final_norm=LLAMA.final_norm,
+    layer_prefix=LLAMA.layer_prefix,
+    config_fields=tuple(name for name in LLAMA.config_fields if name not in ("attention_bias", "mlp_bias")),
+    mesh_layers="llama",
+    fixed_fields=(("attention_bias", True), ("attention_output_bias", False), ("mlp_bias", False)),
+)
+
+SOURCE_FAMILIES = {family.model_type: family for family in (GPT_NEOX, LLAMA, QWEN2)}
 
 
 def source_family(model_type: str | None) -> SourceFamily:

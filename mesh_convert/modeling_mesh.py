@@ -252,7 +252,8 @@ class LlamaLoopAttention(LoopAttention):
         self.q_proj = LoopLinear(D, H * self.head_dim, bias, num_loops, rank)
         self.k_proj = LoopLinear(D, KV * self.head_dim, bias, num_loops, rank)
         self.v_proj = LoopLinear(D, KV * self.head_dim, bias, num_loops, rank)
-        self.o_proj = LoopLinear(H * self.head_dim, D, bias, num_loops, rank)
+        out_bias = bias if config.attention_output_bias is None else config.attention_output_bias
+        self.o_proj = LoopLinear(H * self.head_dim, D, out_bias, num_loops, rank)
 
     def forward(self, hidden_states, attention_mask, position_embeddings, past_key_values, cache_index, loop, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)

@@ -174,7 +174,7 @@ def mesh_config_from_source(
             f"but the model has {source_config.num_hidden_layers}"
         )
     return MeshConfig(
-        base_model_type=family.model_type,
+        base_model_type=family.base_model_type,
         num_prelude_layers=layout.prelude,
         num_core_layers=layout.core,
         num_loops=layout.loops,

@@ -51,10 +51,15 @@ def make_tiny_pythia(path: Path, num_layers: int = 8, seed: int = 0, **overrides
     return model
 
 
-def make_tiny_llama(path: Path, num_layers: int = 8, seed: int = 0) -> LlamaForCausalLM:
-    """Save a random tiny Llama-style checkpoint (grouped KV heads, tied embeddings, as SmolLM2)."""
+def make_tiny_llama(path: Path, num_layers: int = 8, seed: int = 0, arch: str = "llama"):
+    """Save a random tiny Llama-style checkpoint (grouped KV heads, tied embeddings, as SmolLM2);
+    `arch="qwen2"` gives the Qwen2 variant (biases on q/k/v only). Norms and biases are perturbed
+    from their zero/one init so that a misplaced one shows in the logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_class(
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -64,10 +69,10 @@ def make_tiny_llama(path: Path, num_layers: int = 8, seed: int = 0) -> LlamaForC
         max_position_embeddings=64,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
     return model

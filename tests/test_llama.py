@@ -1,4 +1,4 @@
-"""Llama-family conversion (SmolLM2, TinyLlama, Llama 3.x) has the GPT-NeoX guarantees."""
+"""Llama-family conversion (SmolLM2, TinyLlama, Llama 3.x, and Qwen2) has the GPT-NeoX guarantees."""
 
 import pytest
 import torch
@@ -9,10 +9,10 @@ from mesh_convert.cli import main
 from mesh_convert.convert import convert_model
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama") / "tiny-llama"
-    model = make_tiny_llama(path)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def llama(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}"
+    model = make_tiny_llama(path, arch=request.param)
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         return path, model, x, model(x).logits
@@ -68,3 +68,17 @@ def test_lora_defaults_to_the_llama_projections(llama):
     peft_model = wrap_lora(convert_model(model, loops=2), LoraSection(r=2), train_routers=True)
     adapted = {name.split(".")[-4] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_qwen2_sliding_window_attention_is_refused(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    path = tmp_path / "qwen2-sliding"
+    make_tiny_llama(path, arch="qwen2")
+    config = Qwen2Config.from_pretrained(path)
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 8, 4
+    config.layer_types = None  # recomputed from the three fields above
+    Qwen2Config(**config.to_dict()).save_pretrained(path)
+    assert main([str(path), "--loops", "2", "-o", str(tmp_path / "out")]) == 1
+    assert "sliding-window attention" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
