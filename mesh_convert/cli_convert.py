@@ -85,7 +85,7 @@ def convert_command(
     prelude: int | None = typer.Option(None, "--prelude", help="P unshared bottom layers (default: the paper's layout)."),
     coda: int | None = typer.Option(None, "--coda", help="Q unshared top layers (default: the paper's layout)."),
     variant: str = typer.Option("mesh", "--variant", help="mesh | base | residual | anchor | anchor_emb"),
-    tie: str = typer.Option("average", "--tie", help="How a core layer is made from its K stand-ins: average | stepwise | lower | upper"),
+    tie: str = typer.Option("upper", "--tie", help="How a core layer is made from its K stand-ins: upper (default; best after healing, BENCHMARKS.md) | stepwise | lower | average"),
     slots: int | None = typer.Option(None, "--slots", help="B memory slots (default K+3)."),
     router_gap: float | None = typer.Option(None, "--router-gap", help="Logit gap of the function-preserving router init."),
     relax_rank: str = typer.Option("0", "--relax-rank", help="Per-loop delta rank: 0 (none), N, or full (exact)."),

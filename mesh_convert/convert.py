@@ -75,7 +75,7 @@ class ConvertOptions(BaseModel):
     prelude: int | None = Field(default=None, ge=0)
     coda: int | None = Field(default=None, ge=0)
     variant: Literal["mesh", "base", "residual", "anchor", "anchor_emb"] = "mesh"
-    tie: Literal["average", "stepwise", "lower", "upper"] = "average"
+    tie: Literal["average", "stepwise", "lower", "upper"] = "upper"
     slots: int | None = Field(default=None, ge=2)
     router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0)
     relax_rank: int | Literal["full"] = 0

@@ -16,7 +16,8 @@ Each repetition runs, one after another and each in its own process:
   rewrite   a child that loads every tensor with safe_open and writes it back with save_file: what
             the safetensors library itself costs to pass the bytes through (context for the target);
   convert   `python -m mesh_convert.cli SRC --loops K --max-shard-size S --relax-rank 0 --json`
-            for every K, default tie (average).
+            for every K, with the default tie unless --convert-arg says otherwise (BENCHMARKS.md uses
+            --convert-arg=--tie=average, the slowest tie: it reads K layers per core layer).
 The source files are read once before every copy and every conversion (not timed), so both
 read from the page cache (caches cannot be dropped without root on this kind of machine);
 written data is flushed with sync() after each step (not timed) and the outputs deleted.

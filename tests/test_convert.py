@@ -1,6 +1,7 @@
 """The converter: exactness, the layer maps, streaming, output layout, and every bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_tying_without_relaxation_changes_the_function_and_rank_interpolates(sou
     _, model, x, expected = source
     errors = {}
     for rank in (0, 4, 16, "full"):
-        converted = convert_model(model, loops=2, relax_rank=rank, router_gap=40)
+        converted = convert_model(model, loops=2, tie="average", relax_rank=rank, router_gap=40)
         errors[rank] = (converted(x).logits - expected).abs().max().item()
     assert errors[0] > 1e-2  # tying really ties
     assert errors[0] > errors[4] > errors[16] > errors["full"]
@@ -126,7 +127,8 @@ def test_dry_run_json_for_pythia_1_4b_offline(capsys):
 def test_the_users_command_line_works(capsys):
     code, out, err = run_cli(capsys, "pythia-1.4b", "--loops", 3, "--dry-run")
     assert code == 0, err
-    assert "3+6R3+3" in out and "1,208,602,624" in out and "mean of 3, 9, 15" in out
+    assert "3+6R3+3" in out and "1,208,602,624" in out
+    assert re.search(r"core 0\s+│ 15\s+│ 3, 9, 15", out)  # the default upper tie: the last stand-in
 
 
 def test_relaxation_is_counted(capsys):
@@ -170,9 +172,9 @@ def test_output_directory_contents(source, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mesh.MeshForCausalLM"
     assert config["num_hidden_layers"] == 8 and config["num_loops"] == 2
-    assert config["provenance"]["layer_map"]["core"] == [[1, 4], [2, 5], [3, 6]]
+    assert config["provenance"]["layer_map"]["core"] == [[4], [5], [6]]  # the default upper tie
     info = json.loads((out / "conversion.json").read_text())
-    assert info["layout"] == "1+3R2+1" and info["tie"] == "average"
+    assert info["layout"] == "1+3R2+1" and info["tie"] == "upper"
     assert "--loops 2" in info["command"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory may remain"
 
