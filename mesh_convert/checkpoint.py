@@ -85,9 +85,9 @@ def _from_hub(ref: SourceRef, action):
     except tuple(_hub_errors()) as error:
         for kind, message in _hub_errors().items():
             if isinstance(error, kind):
-                from .hub import scrub  # a server may echo the request's token back in its error
+                from .hub import error_line
 
-                short = scrub(str(error).splitlines()[0] if str(error) else type(error).__name__, None)
+                short = error_line(error)
                 raise UserError(message.format(repo=ref.repo_id, revision=ref.revision, error=short)) from None
         raise
     except (OSError, ConnectionError) as error:

@@ -204,7 +204,7 @@ def fetch_hub_data(key: str, looked: str) -> Path:
     `cache_data_dir()`, so later runs (and offline ones) find it without the Hub."""
     from huggingface_hub import hf_hub_download
 
-    from .hub import resolve_endpoint, scrub
+    from .hub import error_line, resolve_endpoint
 
     repo_id, filename = HUB_DATA[key]
     target = cache_data_dir() / DATA_NAMES[key][0]
@@ -214,11 +214,9 @@ def fetch_hub_data(key: str, looked: str) -> Path:
         parquet = hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=resolve_endpoint())
         text = "".join(pq.read_table(parquet, columns=["text"]).column(0).to_pylist())
     except Exception as error:  # no network, offline mode, a refused request, a damaged file
-        # scrubbed: a server may echo the request's token back in its error
-        reason = scrub(f"{type(error).__name__}: {_first_line(error)}", None)
         raise UserError(
             f"data '{key}' is not on this machine (looked for {looked}) and fetching it from the Hub "
-            f"dataset {repo_id} failed ({reason}); set {DATA_ENV} to a folder holding "
+            f"dataset {repo_id} failed ({type(error).__name__}: {error_line(error)}); set {DATA_ENV} to a folder holding "
             f"{DATA_NAMES[key][0]}, or pass a file path"
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def error_line(error: BaseException, token: str | None = None) -> str:
+    """An error's first line, safe to show: a server may echo the request's token back in it."""
+    return scrub(_first_line(error), token)
+
+
 def to_user_error(error: BaseException, repo_id: str, endpoint: str, token: str) -> UserError | None:
     """A `UserError` for the failures a user can cause or fix, None for anything else (a bug)."""
     if isinstance(error, HfHubHTTPError):
