@@ -19,7 +19,7 @@ FAMILIES = ("gpt_neox", "llama")
 
 class MeshConfig(PreTrainedConfig):
     model_type = "mesh"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     # Which decoder family the layers come from (see `modeling_mesh.FAMILIES`).
     base_model_type: str = "gpt_neox"

@@ -38,6 +38,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as app
 
 from .configuration_mesh import MeshConfig
 
+# transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to
+# `cache`. The forwards accept both names, and outputs use the installed version's field, so
+# `generate` finds its cache on either side of the rename.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # ---------------------------------------------------------------------------------------------
 # Relaxed building blocks: a Linear / LayerNorm whose parameters may carry a per-loop delta.
 # Subclassing the torch modules keeps parameter names standard, so PEFT can target them.
@@ -127,7 +132,7 @@ class LoopAttention(nn.Module):
     layer_idx = None  # one module serves several unrolled layers: the cache index comes per call
     num_key_value_groups = 1
 
-    def attend(self, query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs):
+    def attend(self, query, key, value, attention_mask, position_embeddings, cache, cache_index, **kwargs):
         """query/key/value: (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim), weights."""
         cos, sin = position_embeddings
         # GPT-NeoX rotates only the leading cos.shape[-1] dims (rotary_pct); its split-and-concat
@@ -135,8 +140,8 @@ class LoopAttention(nn.Module):
         # rotary_pct=1) takes Llama's function: same values, one activation less per layer.
         rotate = apply_full_rotary if cos.shape[-1] == query.shape[-1] else apply_partial_rotary
         query, key = rotate(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, cache_index)
+        if cache is not None:
+            key, value = cache.update(key, value, cache_index)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -170,12 +175,12 @@ class GPTNeoXLoopAttention(LoopAttention):
         self.query_key_value = LoopLinear(D, 3 * D, config.attention_bias, num_loops, rank)
         self.dense = LoopLinear(D, D, config.attention_bias, num_loops, rank)
 
-    def forward(self, hidden_states, attention_mask, position_embeddings, past_key_values, cache_index, loop, **kwargs):
+    def forward(self, hidden_states, attention_mask, position_embeddings, cache, cache_index, loop, **kwargs):
         input_shape = hidden_states.shape[:-1]
         qkv = self.query_key_value(hidden_states, loop).view(*input_shape, -1, 3 * self.head_size).transpose(1, 2)
         query, key, value = qkv.chunk(3, dim=-1)
         attn_output, attn_weights = self.attend(
-            query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs
+            query, key, value, attention_mask, position_embeddings, cache, cache_index, **kwargs
         )
         return self.dense(attn_output, loop), attn_weights
 
@@ -209,7 +214,7 @@ class GPTNeoXLoopLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_index: int = 0,
         loop: int | None = None,
         **kwargs,
@@ -218,7 +223,7 @@ class GPTNeoXLoopLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states, loop),
             attention_mask,
             position_embeddings,
-            past_key_values,
+            cache,
             cache_index,
             loop,
             **kwargs,
@@ -255,13 +260,13 @@ class LlamaLoopAttention(LoopAttention):
         out_bias = bias if config.attention_output_bias is None else config.attention_output_bias
         self.o_proj = LoopLinear(H * self.head_dim, D, out_bias, num_loops, rank)
 
-    def forward(self, hidden_states, attention_mask, position_embeddings, past_key_values, cache_index, loop, **kwargs):
+    def forward(self, hidden_states, attention_mask, position_embeddings, cache, cache_index, loop, **kwargs):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states, loop).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states, loop).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states, loop).view(shape).transpose(1, 2)
         attn_output, attn_weights = self.attend(
-            query, key, value, attention_mask, position_embeddings, past_key_values, cache_index, **kwargs
+            query, key, value, attention_mask, position_embeddings, cache, cache_index, **kwargs
         )
         return self.o_proj(attn_output, loop), attn_weights
 
@@ -293,7 +298,7 @@ class LlamaLoopLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cache_index: int = 0,
         loop: int | None = None,
         **kwargs,
@@ -302,7 +307,7 @@ class LlamaLoopLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states, loop),
             attention_mask,
             position_embeddings,
-            past_key_values,
+            cache,
             cache_index,
             loop,
             **kwargs,
@@ -387,7 +392,7 @@ class MeshPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTNeoXLoopLayer", "LlamaLoopLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -433,10 +438,11 @@ class MeshModel(MeshPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         config = self.config
@@ -451,20 +457,16 @@ class MeshModel(MeshPreTrainedModel):
         h_emb = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if config.embedding_multiplier != 1.0:
             h_emb = h_emb * config.embedding_multiplier
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
         if not use_cache:
-            past_key_values = None
+            cache = None
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(h_emb.shape[1], device=h_emb.device).unsqueeze(0) + past_seen
-        causal_mask = create_causal_mask(
-            config=config,
-            inputs_embeds=h_emb,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # Positional: the cache parameter's name depends on the transformers version.
+        causal_mask = create_causal_mask(config, h_emb, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(h_emb, position_ids=position_ids)
 
         all_hidden_states = [h_emb] if output_hidden_states else None
@@ -475,7 +477,7 @@ class MeshModel(MeshPreTrainedModel):
                 h,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 cache_index=cache_index,
                 loop=loop,
                 output_attentions=output_attentions,
@@ -528,7 +530,7 @@ class MeshModel(MeshPreTrainedModel):
 
         return BaseModelOutputWithPast(
             last_hidden_state=h,
-            past_key_values=past_key_values,
+            **{CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
@@ -555,13 +557,14 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         outputs = self.model(
@@ -569,7 +572,7 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -586,7 +589,7 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

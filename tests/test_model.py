@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code
 from mesh_convert import MeshConfig, MeshForCausalLM
+from mesh_convert.modeling_mesh import CACHE_FIELD
 from mesh_convert.plan import count_parameters, default_layout, mesh_config_from_source
 from mesh_convert.pythia import pythia_config
 
@@ -120,10 +121,12 @@ def test_cached_decoding_equals_full_recompute(relax_rank):
         full = model(cached).logits
         out = model(cached[:, :7], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
         assert len(cache.layers) == model.config.num_hidden_layers
         for position in range(7, cached.shape[1]):
-            out = model(cached[:, position : position + 1], past_key_values=cache, use_cache=True)
+            # Both spellings of the cache argument (transformers 5.24 renamed it) feed the same cache.
+            name = ("cache", "past_key_values")[position % 2]
+            out = model(cached[:, position : position + 1], **{name: cache}, use_cache=True)
             steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
