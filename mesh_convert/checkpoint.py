@@ -12,6 +12,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .errors import UserError
 from .pythia import parse_alias
+from .shards import TensorSpan, read_spans
 
 CONFIG_FILES = ["config.json", "generation_config.json"]
 TOKENIZER_FILES = [
@@ -145,6 +146,7 @@ class CheckpointReader:
         self.directory = directory
         self._where: dict[str, object] = {}  # tensor name -> open safetensors handle or a dict of tensors
         self._files: dict[str, Path] = {}  # tensor name -> its safetensors file
+        self._spans: dict[Path, dict[str, TensorSpan]] = {}  # per file, read on first use
         if state_dict is not None:
             self._where = {name: state_dict for name in state_dict}
             return
@@ -212,6 +214,15 @@ class CheckpointReader:
         if isinstance(source, dict):
             return source[name].dtype
         return _SAFETENSORS_DTYPES.get(source.get_slice(name).get_dtype(), torch.float32)
+
+    def span(self, name: str) -> TensorSpan | None:
+        """Where the tensor's bytes lie in its safetensors file (None for .bin and in-memory sources)."""
+        file = self._files.get(name)
+        if file is None:
+            return None
+        if file not in self._spans:
+            self._spans[file] = read_spans(file)
+        return self._spans[file].get(name)
 
     def get(self, name: str) -> torch.Tensor:
         source = self._where[name]

@@ -1,12 +1,14 @@
 """Converting a pretrained checkpoint into a MeSH recursive model (spec section 5).
 
 The conversion streams: tensors are read lazily one layer group at a time (an embedding, a
-prelude layer, the K stand-ins of one core position, ...), and each output shard is written
-as soon as all its tensors exist, so peak memory stays near one shard plus one group. The
-result is built in a hidden directory beside the target and renamed into place at the end.
+prelude layer, the K stand-ins of one core position, ...), and each output tensor is written
+into its place in its shard as soon as it exists (a copied one file to file, see `shards.py`),
+so peak memory stays near one group. The result is built in a hidden directory beside the
+target and renamed into place at the end.
 """
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -19,7 +21,6 @@ from typing import Literal
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors.torch import save_file
 from transformers import GenerationConfig, PreTrainedConfig
 
 from . import __version__
@@ -55,6 +56,7 @@ from .plan import (
     shared_sources,
 )
 from .pythia import parse_alias, pythia_config
+from .shards import ShardWriter, TensorSpan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
@@ -271,17 +273,23 @@ def _router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.T
     return tensors
 
 
-def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_tensor_groups(
+    reader: CheckpointReader, plan: ConversionPlan, spans: bool = False
+) -> Iterator[tuple[str, dict[str, torch.Tensor | TensorSpan]]]:
     """Yield (label, {output name: tensor in the output dtype}) in the order of the model's state dict.
 
-    Copied tensors pass through in their stored dtype (cast only if the output differs); averages
-    and deltas are computed in float32 and cast as soon as they exist, so a group never holds more
-    than one float32 layer at a time."""
+    Copied tensors pass through in their stored dtype (cast only if the output differs); with
+    `spans`, one already in the output dtype comes as the `TensorSpan` of its bytes in the source
+    file instead of being read. Averages and deltas are computed in float32 and cast as soon as
+    they exist, so a group never holds more than one float32 layer at a time."""
     family, layout, config = plan.family, plan.layout, plan.mesh_config
     names = list(layer_tensor_shapes(config))
     dtype = DTYPES[plan.dtype_name]
 
-    def load(name: str) -> torch.Tensor:
+    def load(name: str) -> torch.Tensor | TensorSpan:
+        span = reader.span(name) if spans else None
+        if span is not None and span.dtype == dtype:
+            return span
         return reader.get(name).to(dtype)
 
     def copy_layer(stage: str, position: int, source_layer: int):
@@ -297,6 +305,9 @@ def iter_tensor_groups(reader: CheckpointReader, plan: ConversionPlan) -> Iterat
     for i in range(layout.core):
         group = {}
         for name in names:
+            if config.relax_rank == 0 and len(shared[i]) == 1:  # tied to one stand-in: a copy
+                group[f"model.core.{i}.{name}"] = load(family.layer(shared[i][0]) + name)
+                continue
             if config.relax_rank == 0:  # no deltas: the float32 originals are not needed
                 stored = [reader.get(family.layer(layer) + name) for layer in shared[i]]
                 group[f"model.core.{i}.{name}"] = _average(stored, dtype)
@@ -425,32 +436,25 @@ def staged_directory(target: Path) -> Iterator[Path]:
 
 
 def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan, progress) -> tuple[list[str], int]:
-    """Stream the converted tensors into safetensors shards, writing each shard once it is complete."""
+    """Stream the converted tensors into safetensors shards: each tensor goes to its place in its
+    shard as soon as it exists, and a copied one goes from file to file without being read."""
     dtype = DTYPES[plan.dtype_name]
     expected = expected_tensors(plan.mesh_config, dtype)
     split = split_torch_state_dict_into_shards(expected, max_shard_size=plan.options.max_shard_size)
     total = sum(t.numel() * t.element_size() for t in expected.values())
     task = progress.add_task("converting", total=total)
-    pending: dict[str, torch.Tensor] = {}
-    unwritten = dict(split.filename_to_tensors)
-
-    def flush_complete_shards():
-        for filename, names in list(unwritten.items()):
-            if all(name in pending for name in names):
-                save_file({name: pending.pop(name) for name in names}, staging / filename, metadata={"format": "pt"})
-                del unwritten[filename]
-
-    for label, group in iter_tensor_groups(reader, plan):
-        progress.update(task, description=label)
-        for name, tensor in group.items():
-            if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
-                raise RuntimeError(f"converter produced {name} {tuple(tensor.shape)}, which the model does not expect")
-            pending[name] = tensor.contiguous()
-            progress.advance(task, tensor.numel() * dtype.itemsize)
-        flush_complete_shards()
-    if unwritten:
-        missing = sorted(name for names in unwritten.values() for name in names if name not in pending)
-        raise RuntimeError(f"converter did not produce {missing[:5]}")
+    layout = {
+        filename: {name: tuple(expected[name].shape) for name in names}
+        for filename, names in split.filename_to_tensors.items()
+    }
+    with ShardWriter(staging, layout, dtype, metadata={"format": "pt"}) as shards:
+        for label, group in iter_tensor_groups(reader, plan, spans=True):
+            progress.update(task, description=label)
+            for name, tensor in group.items():
+                if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise RuntimeError(f"converter produced {name} {tuple(tensor.shape)}, which the model does not expect")
+                shards.write(name, tensor)
+                progress.advance(task, math.prod(tensor.shape) * dtype.itemsize)
     if split.is_sharded:
         index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeo
 
 from conftest import make_tiny_pythia
 from mesh_convert import convert as convert_module
+from mesh_convert import shards as shards_module
 from mesh_convert.cli import main
 from mesh_convert.convert import convert_model
 from mesh_convert.plan import Layout, layer_map, resolve_layout, shared_sources
@@ -143,15 +144,32 @@ def test_relaxation_is_counted(capsys):
 # --- the written checkpoint --------------------------------------------------------------
 
 
-def test_streaming_output_equals_in_memory_conversion(source, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "options, copied_layers",
+    [
+        pytest.param({"relax_rank": 4}, 2, id="rank4"),  # copied prelude/coda, computed core tensors
+        pytest.param({"relax_rank": 0}, 5, id="copies"),  # every layer copied file to file
+        pytest.param({"relax_rank": 0, "tie": "average"}, 2, id="average"),  # averaged core
+        pytest.param({"relax_rank": 0, "dtype": "bfloat16"}, None, id="cast"),  # nothing copied as bytes
+    ],
+)
+def test_streaming_output_equals_in_memory_conversion(source, tmp_path, capsys, monkeypatch, options, copied_layers):
     path, model, _, _ = source
     out = tmp_path / "streamed"
-    code, _, err = run_cli(capsys, path, "--loops", 2, "--relax-rank", 4, "--max-shard-size", "30KB", "-o", out)
+    copies = []  # tensors that went file to file without being read
+    real_copy = shards_module._copy_bytes
+    monkeypatch.setattr(shards_module, "_copy_bytes", lambda *args: copies.append(args) or real_copy(*args))
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    code, _, err = run_cli(capsys, path, "--loops", 2, *flags, "--max-shard-size", "30KB", "-o", out)
     assert code == 0, err
+    # 1+3R2+1: the embedding, head, final norm (2) and the unshared layers are copies, and the
+    # core layers too when each is tied to one stand-in without deltas; a cast copies nothing.
+    per_layer = len([name for name in model.state_dict() if name.startswith("gpt_neox.layers.0.")])
+    assert len(copies) == (0 if copied_layers is None else 4 + copied_layers * per_layer)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3, "a small shard size must give several shards"
-    in_memory = convert_model(model, loops=2, relax_rank=4).state_dict()
+    in_memory = convert_model(model, loops=2, **options).state_dict()
     streamed = {}
     for shard in shards:
         with safe_open(out / shard, "pt") as handle:
