@@ -18,6 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -53,17 +54,17 @@ def read_spans(file: Path) -> dict[str, TensorSpan]:
     return spans
 
 
-def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+def _write_at(file: BinaryIO, data: memoryview, position: int) -> None:
+    file.seek(position)
     while data:
-        written = os.pwrite(fd, data, position)
-        data, position = data[written:], position + written
+        data = data[file.write(data) :]  # an unbuffered write may take only part
 
 
-def _copy_bytes(src: int, dst: int, count: int, src_position: int, dst_position: int) -> None:
-    """Copy `count` bytes between open files, in the kernel where the platform and files allow."""
-    while count and hasattr(os, "copy_file_range"):
+def _copy_bytes(src: BinaryIO, dst: BinaryIO, count: int, src_position: int, dst_position: int) -> None:
+    """Copy `count` bytes between unbuffered files, in the kernel where the platform and files allow."""
+    while count and hasattr(os, "copy_file_range"):  # Linux
         try:
-            copied = os.copy_file_range(src, dst, count, src_position, dst_position)
+            copied = os.copy_file_range(src.fileno(), dst.fileno(), count, src_position, dst_position)
         except OSError as error:
             if error.errno not in _NO_KERNEL_COPY:
                 raise
@@ -71,12 +72,13 @@ def _copy_bytes(src: int, dst: int, count: int, src_position: int, dst_position:
         if copied == 0:
             raise OSError(errno.EIO, "the source file ended early (truncated?)")
         count, src_position, dst_position = count - copied, src_position + copied, dst_position + copied
+    src.seek(src_position)
     while count:
-        data = os.pread(src, min(count, _CHUNK), src_position)
+        data = src.read(min(count, _CHUNK))
         if not data:
             raise OSError(errno.EIO, "the source file ended early (truncated?)")
-        _pwrite_all(dst, memoryview(data), dst_position)
-        count, src_position, dst_position = count - len(data), src_position + len(data), dst_position + len(data)
+        _write_at(dst, memoryview(data), dst_position)
+        count, dst_position = count - len(data), dst_position + len(data)
 
 
 class ShardWriter:
@@ -87,9 +89,9 @@ class ShardWriter:
 
     def __init__(self, directory: Path, shards: dict[str, dict[str, tuple[int, ...]]], dtype: torch.dtype, metadata: dict):
         self.dtype = dtype
-        self._where: dict[str, tuple[int, int, int]] = {}  # tensor -> (fd, position, nbytes)
-        self._sources: dict[Path, int] = {}
-        self._fds: list[int] = []
+        self._where: dict[str, tuple[BinaryIO, int, int]] = {}  # tensor -> (shard file, position, nbytes)
+        self._sources: dict[Path, BinaryIO] = {}
+        self._files: list[BinaryIO] = []
         self._unwritten: set[str] = set()
         try:
             for filename, tensors in shards.items():
@@ -107,16 +109,16 @@ class ShardWriter:
             places[name], end = (end, nbytes), end + nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._fds.append(fd)
-        _pwrite_all(fd, memoryview(struct.pack("<Q", len(text)) + text), 0)
-        os.ftruncate(fd, 8 + len(text) + end)  # full size now: every tensor has its place
+        file = open(path, "wb", buffering=0)
+        self._files.append(file)
+        _write_at(file, memoryview(struct.pack("<Q", len(text)) + text), 0)
+        file.truncate(8 + len(text) + end)  # full size now: every tensor has its place
         for name, (offset, nbytes) in places.items():
-            self._where[name] = (fd, 8 + len(text) + offset, nbytes)
+            self._where[name] = (file, 8 + len(text) + offset, nbytes)
         self._unwritten.update(places)
 
     def write(self, name: str, value: torch.Tensor | TensorSpan) -> None:
-        fd, position, nbytes = self._where[name]
+        file, position, nbytes = self._where[name]
         if value.dtype != self.dtype:
             raise ValueError(f"{name} is {value.dtype}, the shards hold {self.dtype}")
         if isinstance(value, TensorSpan):
@@ -124,13 +126,13 @@ class ShardWriter:
                 raise ValueError(f"{name}: the source holds {value.nbytes} bytes, the shard expects {nbytes}")
             src = self._sources.get(value.file)
             if src is None:
-                src = self._sources[value.file] = os.open(value.file, os.O_RDONLY)
-            _copy_bytes(src, fd, nbytes, value.offset, position)
+                src = self._sources[value.file] = open(value.file, "rb", buffering=0)
+            _copy_bytes(src, file, nbytes, value.offset, position)
         else:
             data = value.detach().contiguous().view(-1).view(torch.uint8).numpy()
             if data.nbytes != nbytes:
                 raise ValueError(f"{name}: {data.nbytes} bytes, the shard expects {nbytes}")
-            _pwrite_all(fd, memoryview(data), position)
+            _write_at(file, memoryview(data), position)
         self._unwritten.discard(name)
 
     def close(self) -> None:
@@ -139,9 +141,9 @@ class ShardWriter:
             raise RuntimeError(f"converter did not produce {sorted(self._unwritten)[:5]}")
 
     def _close_files(self) -> None:
-        for fd in [*self._fds, *self._sources.values()]:
-            os.close(fd)
-        self._fds, self._sources = [], {}
+        for file in [*self._files, *self._sources.values()]:
+            file.close()
+        self._files, self._sources = [], {}
 
     def __enter__(self):
         return self

@@ -96,7 +96,7 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     """Convert, train with `recipe_extra` for --heal-steps on wiki.valid.raw, evaluate the result."""
     run = workdir / f"{group}-{len(list(workdir.iterdir()))}"
     convert_options = {"tie": args.tie, **convert_options}
-    converted = convert_model(source, loops=2, **convert_options)
+    converted = convert_model(source, loops=args.heal_loops, **convert_options)
     converted.save_pretrained(run / "start")
     tokenizer.save_pretrained(run / "start")
     before = evaluate(converted)
@@ -169,6 +169,7 @@ def main():
     parser.add_argument("--tie", default=None, help="tie strategy for relax/variant/heal rows (default: best at step 0)")
     parser.add_argument("--heal-steps", type=int, default=60, help="0 skips healing")
     parser.add_argument("--heal-lr", type=float, default=3e-4)
+    parser.add_argument("--heal-loops", type=int, default=2, help="K of the healed conversions")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
