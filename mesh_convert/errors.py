@@ -1,4 +1,5 @@
-"""The one exception type that reaches users as a one-line message (see `cli.main`)."""
+"""The one exception type that reaches users as a one-line message (see `cli.main`), and the cut
+of other errors to one line for such messages."""
 
 
 class UserError(Exception):
@@ -6,3 +7,9 @@ class UserError(Exception):
 
     Anything else escaping a command is a bug and is reported as such (with --debug, in full).
     """
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -300,11 +300,6 @@ def check_model_source(name: str) -> None:
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
@@ -321,7 +316,7 @@ def load_tokenizer(name: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name if hub else str(path))
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"no usable tokenizer at {name} ({_first_line(error)}); pass --tokenizer DIR") from None
+        raise UserError(f"no usable tokenizer at {name} ({first_line(error)}); pass --tokenizer DIR") from None
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer at {name} encodes text to nothing; pass --tokenizer DIR")
     return tokenizer
@@ -343,7 +338,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot load model {name}: {_first_line(error)}") from None
+        raise UserError(f"cannot load model {name}: {first_line(error)}") from None
     return model.to(torch_device).eval()
 
 

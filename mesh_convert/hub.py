@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineMod
 from huggingface_hub.utils import validate_repo_id
 
 from .card import write_model_card
-from .errors import UserError
+from .errors import UserError, first_line
 
 try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
     import httpx2 as _httpx
@@ -145,14 +145,9 @@ def http_error_message(error: HfHubHTTPError, repo_id: str, endpoint: str, token
     return f"the Hub at {endpoint} answered {shown} while pushing to {repo_id}{suffix}"
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def error_line(error: BaseException, token: str | None = None) -> str:
     """An error's first line, safe to show: a server may echo the request's token back in it."""
-    return scrub(_first_line(error), token)
+    return scrub(first_line(error), token)
 
 
 def to_user_error(error: BaseException, repo_id: str, endpoint: str, token: str) -> UserError | None:
@@ -162,10 +157,10 @@ def to_user_error(error: BaseException, repo_id: str, endpoint: str, token: str)
     elif isinstance(error, OfflineModeIsEnabled):
         message = "HF_HUB_OFFLINE is set: unset it to push to the Hub"
     elif isinstance(error, (_httpx.RequestError, ConnectionError)):
-        message = f"cannot reach the Hub at {endpoint} ({_first_line(error)}): check the network or HF_ENDPOINT"
+        message = f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
     elif isinstance(error, ValueError):
         # huggingface_hub raises ValueError for content the Hub rejects (README metadata, LFS batch).
-        message = f"the Hub rejected the upload to {repo_id}: {_first_line(error)}"
+        message = f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
     else:
         return None
     return UserError(scrub(message, token))
