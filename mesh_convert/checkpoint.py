@@ -12,7 +12,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .errors import UserError
 from .pythia import parse_alias
-from .shards import TensorSpan, read_spans
+from .shards import DTYPES_BY_NAME, TensorSpan, read_spans
 
 CONFIG_FILES = ["config.json", "generation_config.json"]
 TOKENIZER_FILES = [
@@ -135,9 +135,6 @@ def load_source_config(directory: Path) -> PreTrainedConfig:
         raise UserError(f"cannot read {config_file}: {str(error).splitlines()[0]}") from None
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
 class CheckpointReader:
     """Lazy access to a checkpoint's tensors by name, across shards and formats."""
 
@@ -213,7 +210,7 @@ class CheckpointReader:
         source = self._where[name]
         if isinstance(source, dict):
             return source[name].dtype
-        return _SAFETENSORS_DTYPES.get(source.get_slice(name).get_dtype(), torch.float32)
+        return DTYPES_BY_NAME.get(source.get_slice(name).get_dtype(), torch.float32)
 
     def span(self, name: str) -> TensorSpan | None:
         """Where the tensor's bytes lie in its safetensors file (None for .bin and in-memory sources)."""

@@ -305,12 +305,13 @@ def iter_tensor_groups(
     for i in range(layout.core):
         group = {}
         for name in names:
-            if config.relax_rank == 0 and len(shared[i]) == 1:  # tied to one stand-in: a copy
-                group[f"model.core.{i}.{name}"] = load(family.layer(shared[i][0]) + name)
-                continue
             if config.relax_rank == 0:  # no deltas: the float32 originals are not needed
-                stored = [reader.get(family.layer(layer) + name) for layer in shared[i]]
-                group[f"model.core.{i}.{name}"] = _average(stored, dtype)
+                sources = [family.layer(layer) + name for layer in shared[i]]
+                group[f"model.core.{i}.{name}"] = (
+                    load(sources[0])  # tied to one stand-in: a copy
+                    if len(sources) == 1
+                    else _average([reader.get(source) for source in sources], dtype)
+                )
                 continue
             sources = {*shared[i], *(s[i] for s in stand_ins)}
             originals = {layer: reader.get(family.layer(layer) + name).to(torch.float32) for layer in sources}
