@@ -7,8 +7,8 @@ modeling files next to the weights.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_mesh import MeshConfig
-from .modeling_mesh import MeshForCausalLM, MeshModel
+from .modeling.configuration_mesh import MeshConfig
+from .modeling.modeling_mesh import MeshForCausalLM, MeshModel
 
 __version__ = "0.1.0"
 

@@ -55,7 +55,7 @@ def load(args):
     if args.model == "smollm2":
         path = SMOLLM2_DIR
     elif args.model.startswith("pythia-"):
-        from mesh_convert.pythia import pythia_config
+        from mesh_convert.convert.pythia import pythia_config
 
         torch.manual_seed(args.seed)
         return GPTNeoXForCausalLM(pythia_config(args.model.removeprefix("pythia-"))).to(dtype), None
@@ -85,7 +85,7 @@ def main() -> None:
     import torch
 
     import mesh_convert  # noqa: F401
-    from mesh_convert.convert import convert_model
+    from mesh_convert.convert.conversion import convert_model
 
     warnings.filterwarnings("ignore")
     if args.threads:

@@ -22,10 +22,10 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
-from mesh_convert.convert import convert_model
-from mesh_convert.evaluate import perplexity
-from mesh_convert.recipe import Recipe
-from mesh_convert.train import train
+from mesh_convert.convert.conversion import convert_model
+from mesh_convert.eval.harness import perplexity
+from mesh_convert.train.recipe import Recipe
+from mesh_convert.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

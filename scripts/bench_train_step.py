@@ -72,7 +72,7 @@ def load_source(args):
     if args.model == "smollm2":
         return AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, dtype=dtype)
     if args.model.startswith("pythia-"):
-        from mesh_convert.pythia import pythia_config
+        from mesh_convert.convert.pythia import pythia_config
 
         torch.manual_seed(args.seed)
         return GPTNeoXForCausalLM(pythia_config(args.model.removeprefix("pythia-"))).to(dtype)
@@ -85,7 +85,7 @@ def build_model(args, variant: str):
     import torch
 
     import mesh_convert  # noqa: F401  (registers the Auto classes)
-    from mesh_convert.convert import convert_model
+    from mesh_convert.convert.conversion import convert_model
 
     source = load_source(args)
     if variant == "original":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from mesh_convert.pythia import PYTHIA_SUITE, pythia_config
+from mesh_convert.convert.pythia import PYTHIA_SUITE, pythia_config
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b"
 

@@ -6,7 +6,7 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
-from mesh_convert.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
+from mesh_convert.hub.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
 
 INFO = {
     "mesh_convert_version": "0.1.0",

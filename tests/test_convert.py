@@ -12,11 +12,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXForCausalLM
 
 from conftest import make_tiny_pythia
-from mesh_convert import convert as convert_module
-from mesh_convert import shards as shards_module
+from mesh_convert.convert import conversion as convert_module
+from mesh_convert.convert import shards as shards_module
 from mesh_convert.cli import main
-from mesh_convert.convert import convert_model
-from mesh_convert.plan import Layout, layer_map, resolve_layout, shared_sources
+from mesh_convert.convert.conversion import convert_model
+from mesh_convert.convert.plan import Layout, layer_map, resolve_layout, shared_sources
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

@@ -15,7 +15,7 @@ from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from mesh_convert import MeshConfig, MeshForCausalLM, cli
-from mesh_convert.diagnostics import (
+from mesh_convert.analysis.diagnose import (
     PLOT_DPI,
     Layout,
     cka_matrix,
@@ -34,7 +34,7 @@ from mesh_convert.diagnostics import (
     tokenize_file,
 )
 from mesh_convert.errors import UserError
-from mesh_convert.inspect_model import parameter_counts, plot_router_heatmap, router_statistics
+from mesh_convert.analysis.inspect import parameter_counts, plot_router_heatmap, router_statistics
 
 D = 32  # hidden size of the conftest models
 
@@ -332,7 +332,7 @@ def test_collect_states_of_a_mesh_model_without_prelude_or_coda():
 def test_a_lossless_conversion_has_the_plain_models_states(tmp_path):
     """Full-rank relaxation and near one-hot routers reproduce the plain model (spec section 5),
     so the plain model read with the MeSH layout must give the same states: both index schemes agree."""
-    from mesh_convert.convert import convert_model
+    from mesh_convert.convert.conversion import convert_model
 
     plain = make_tiny_pythia(tmp_path / "p", num_layers=8)
     mesh = convert_model(plain, loops=2, prelude=2, coda=2, relax_rank="full", router_gap=40.0, dtype="float32")
@@ -356,7 +356,7 @@ def test_resolve_layout(tiny_mesh_model, tmp_path):
     with pytest.raises(UserError, match="needs --layout"):
         resolve_layout(plain)
     # --loops follows the converter's rule: whatever plan.default_layout says.
-    from mesh_convert.plan import default_layout
+    from mesh_convert.convert.plan import default_layout
 
     assert resolve_layout(plain, loops=2) == default_layout(8, 2) == Layout(1, 3, 2, 1)
 

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from conftest import make_tiny_pythia
 from mesh_convert import cli
-from mesh_convert import evaluate as ev
+from mesh_convert.eval import harness as ev
 from mesh_convert.errors import UserError
 
 # Character-level vocabulary (98 ids < the tiny models' 128): one token per ASCII character,

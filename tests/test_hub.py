@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from mesh_convert.cli import main
 from mesh_convert.errors import UserError
-from mesh_convert.hub import _httpx as httpx  # the HTTP client module huggingface_hub uses
-from mesh_convert.hub import http_error_message, push_folder, push_to_hub, scrub, to_user_error
+from mesh_convert.hub.push import _httpx as httpx  # the HTTP client module huggingface_hub uses
+from mesh_convert.hub.push import http_error_message, push_folder, push_to_hub, scrub, to_user_error
 
 from hub_standin import HubStandin, User
 
@@ -394,7 +394,7 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mesh_convert import evaluate as ev
+    from mesh_convert.eval import harness as ev
 
     rows = ["", " = Valkyria Chronicles = \n", "", " Senjō no Valkyria 3 is a game . \n"]
     parquet = tmp_path / "test-00000-of-00001.parquet"

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code, make_tiny_llama
 from mesh_convert.cli import main
-from mesh_convert.convert import convert_model
+from mesh_convert.convert.conversion import convert_model
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -61,8 +61,8 @@ def test_eager_and_sdpa_agree_with_grouped_kv_heads(llama, tmp_path):
 
 
 def test_lora_defaults_to_the_llama_projections(llama):
-    from mesh_convert.recipe import LoraSection
-    from mesh_convert.train_lora import wrap_lora
+    from mesh_convert.train.recipe import LoraSection
+    from mesh_convert.train.lora import wrap_lora
 
     _, model, _, _ = llama
     peft_model = wrap_lora(convert_model(model, loops=2), LoraSection(r=2), train_routers=True)

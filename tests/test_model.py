@@ -6,9 +6,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code
 from mesh_convert import MeshConfig, MeshForCausalLM
-from mesh_convert.modeling_mesh import CACHE_FIELD
-from mesh_convert.plan import count_parameters, default_layout, mesh_config_from_source
-from mesh_convert.pythia import pythia_config
+from mesh_convert.modeling.modeling_mesh import CACHE_FIELD
+from mesh_convert.convert.plan import count_parameters, default_layout, mesh_config_from_source
+from mesh_convert.convert.pythia import pythia_config
 
 
 def small_config(**overrides) -> MeshConfig:

@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from mesh_convert.errors import UserError
-from mesh_convert.recipe import load_recipe, lr_schedule
-from mesh_convert.train_optim import no_weight_decay, param_groups, select_trainable
-from mesh_convert.recipe import OptimSection
+from mesh_convert.train.recipe import load_recipe, lr_schedule
+from mesh_convert.train.optim import no_weight_decay, param_groups, select_trainable
+from mesh_convert.train.recipe import OptimSection
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MINIMAL = {

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mesh_convert import shards as shards_module
-from mesh_convert.shards import ShardWriter, read_spans
+from mesh_convert.convert import shards as shards_module
+from mesh_convert.convert.shards import ShardWriter, read_spans
 
 
 def read_back(path):

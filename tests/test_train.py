@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
+from mesh_convert.train.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
 from mesh_convert.errors import UserError
-from mesh_convert.recipe import Recipe
-from mesh_convert.train import describe, train
+from mesh_convert.train.recipe import Recipe
+from mesh_convert.train.loop import describe, train
 from test_train_support import (
     SUBPROCESS_ENV,
     char_tokenizer,
@@ -192,7 +192,7 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(work, tmp_path):
     out = tmp_path / "killed"
     path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], out, **settings))
     env = {**os.environ, **SUBPROCESS_ENV, "MESH_CONVERT_TEST_STALL_AFTER_STEP": "3"}
-    code = "import sys; from mesh_convert.recipe import load_recipe; from mesh_convert.train import train; " \
+    code = "import sys; from mesh_convert.train.recipe import load_recipe; from mesh_convert.train.loop import train; " \
            "train(load_recipe(sys.argv[1]))"
     process = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 240

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from mesh_convert.recipe import Recipe
-from mesh_convert.train import train
+from mesh_convert.train.recipe import Recipe
+from mesh_convert.train.loop import train
 from test_train_support import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_recipe, write_text
 
 pytestmark = pytest.mark.slow
@@ -23,11 +23,11 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import mesh_convert
-from mesh_convert.data import build_data
-from mesh_convert.modeling_mesh import GPTNeoXLoopLayer
-from mesh_convert.recipe import load_recipe, lr_schedule
-from mesh_convert.train import _rows, default_peak_lr, make_plan
-from mesh_convert.train_optim import make_optimizer, param_groups, set_lr
+from mesh_convert.train.data import build_data
+from mesh_convert.modeling.modeling_mesh import GPTNeoXLoopLayer
+from mesh_convert.train.recipe import load_recipe, lr_schedule
+from mesh_convert.train.loop import _rows, default_peak_lr, make_plan
+from mesh_convert.train.optim import make_optimizer, param_groups, set_lr
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.recipe import AnnealSection, DistillSection, Recipe
-from mesh_convert.train import train
-from mesh_convert.train_anneal import Annealer, export_at_rank, scheduled_rank
-from mesh_convert.train_distill import Distiller
+from mesh_convert.train.recipe import AnnealSection, DistillSection, Recipe
+from mesh_convert.train.loop import train
+from mesh_convert.train.anneal import Annealer, export_at_rank, scheduled_rank
+from mesh_convert.train.distill import Distiller
 from test_train_support import char_tokenizer, metrics, recipe, tiny_converted, write_text
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.plan import mesh_parameter_counts
-from mesh_convert.recipe import InitSpec
-from mesh_convert.train_init import init_scratch_model, scratch_config
+from mesh_convert.convert.plan import mesh_parameter_counts
+from mesh_convert.train.recipe import InitSpec
+from mesh_convert.train.scratch import init_scratch_model, scratch_config
 from test_train_support import ROOT, metrics, run_cli
 
 

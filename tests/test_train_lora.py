@@ -9,10 +9,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.modeling_mesh import LoopLinear
-from mesh_convert.recipe import LoraSection, Recipe
-from mesh_convert.train import train
-from mesh_convert.train_lora import wrap_lora
+from mesh_convert.modeling.modeling_mesh import LoopLinear
+from mesh_convert.train.recipe import LoraSection, Recipe
+from mesh_convert.train.loop import train
+from mesh_convert.train.lora import wrap_lora
 from test_train_support import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
 
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_pythia
 from mesh_convert import cli
-from mesh_convert.convert import convert_model
+from mesh_convert.convert.conversion import convert_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses get one thread each too (conftest sets it for this process).
@@ -81,7 +81,7 @@ def write_recipe(path: Path, data: dict) -> Path:
 
 def run_cli(monkeypatch, args: list[str]) -> int:
     """`mesh_convert.cli.main` with the training commands on a fresh app (as the lead wires them)."""
-    from mesh_convert import cli_train
+    from mesh_convert.cli import train as cli_train
 
     app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
     cli_train.register(app)

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
         The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.
         """
-        from .hub import push_folder
+        from ..hub.push import push_folder
 
         result = push_folder(
             directory,

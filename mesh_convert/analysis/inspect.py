@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .diagnostics import (
+from .diagnose import (
     has_tokenizer,
     is_mesh,
     json_safe,
@@ -22,7 +22,7 @@ from .diagnostics import (
     token_windows,
     tokenize_file,
 )
-from .errors import UserError
+from ..errors import UserError
 
 # Used when no --data is given: varied everyday text, enough to see how routers spread tokens.
 SAMPLE_SENTENCES = (

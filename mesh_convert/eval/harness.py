@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -169,7 +169,7 @@ def data_dirs() -> list[Path]:
     dirs = []
     if os.environ.get(DATA_ENV):
         dirs.append(Path(os.environ[DATA_ENV]).expanduser())
-    dirs.append(Path(__file__).resolve().parents[2] / "shared" / "data")
+    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     dirs.append(cache_data_dir())
     return dirs
 
@@ -204,7 +204,7 @@ def fetch_hub_data(key: str, looked: str) -> Path:
     `cache_data_dir()`, so later runs (and offline ones) find it without the Hub."""
     from huggingface_hub import hf_hub_download
 
-    from .hub import error_line, resolve_endpoint
+    from ..hub.push import error_line, resolve_endpoint
 
     repo_id, filename = HUB_DATA[key]
     target = cache_data_dir() / DATA_NAMES[key][0]
@@ -329,7 +329,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     (Pythia checkpoints are fp16, which is poor on CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from . import MeshForCausalLM  # noqa: F401  (registers MeSH with the Auto classes)
+    from .. import MeshForCausalLM  # noqa: F401  (registers MeSH with the Auto classes)
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     torch_device = parse_device(device) if isinstance(device, str) else device

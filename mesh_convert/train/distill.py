@@ -5,9 +5,9 @@ time, and its logits are dropped as soon as the loss term is computed."""
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 from .recipe import DistillSection
-from .train_lora import load_model
+from .lora import load_model
 
 
 class Distiller:

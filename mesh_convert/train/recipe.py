@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
+from ..errors import UserError
 
 TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
 

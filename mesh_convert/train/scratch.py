@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from .configuration_mesh import MeshConfig
-from .errors import UserError
-from .modeling_mesh import MeshForCausalLM
+from ..modeling.configuration_mesh import MeshConfig
+from ..errors import UserError
+from ..modeling.modeling_mesh import MeshForCausalLM
 from .recipe import InitSpec
 
 OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
@@ -20,8 +20,8 @@ OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
 def scratch_config(spec: InitSpec) -> MeshConfig:
     """The MeshConfig of `spec`: a Pythia size's architecture (optionally resized), in its default
     (or the given) layout."""
-    from .plan import mesh_config_from_source, resolve_layout
-    from .pythia import PYTHIA_SUITE, parse_alias, pythia_config
+    from ..convert.plan import mesh_config_from_source, resolve_layout
+    from ..convert.pythia import PYTHIA_SUITE, parse_alias, pythia_config
 
     if spec.size == "custom":
         missing = [k for k in ("num_layers", "hidden_size", "num_heads") if getattr(spec, k) is None]

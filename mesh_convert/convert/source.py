@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
-from .errors import UserError
+from ..errors import UserError
 from .pythia import parse_alias
 from .shards import DTYPES_BY_NAME, TensorSpan, read_spans
 
@@ -86,7 +86,7 @@ def _from_hub(ref: SourceRef, action):
     except tuple(_hub_errors()) as error:
         for kind, message in _hub_errors().items():
             if isinstance(error, kind):
-                from .hub import error_line
+                from ..hub.push import error_line
 
                 short = error_line(error)
                 raise UserError(message.format(repo=ref.repo_id, revision=ref.revision, error=short)) from None

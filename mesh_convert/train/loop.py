@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .recipe import Recipe, lr_schedule, recipe_yaml
-from .train_checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
-from .train_optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
+from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
+from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,7 +61,7 @@ def default_peak_lr(recipe: Recipe, config) -> float:
     """The recipe's LR, else the Pythia pretraining LR of the model's size (from its provenance)."""
     if recipe.optim.lr is not None:
         return recipe.optim.lr
-    from .pythia import PYTHIA_LR
+    from ..convert.pythia import PYTHIA_LR
 
     hint = recipe.init.size if recipe.init is not None else json.dumps(getattr(config, "provenance", None) or {})
     match = re.search(r"pythia-([0-9.]+[mb])", hint, re.IGNORECASE)
@@ -77,13 +77,13 @@ def default_peak_lr(recipe: Recipe, config) -> float:
 
 def load_base_model(recipe: Recipe, meta: bool = False):
     """The model to train, in float32 master weights (mixed precision autocasts on top)."""
-    from .train_init import init_scratch_model, scratch_config
-    from .train_lora import load_model
+    from .scratch import init_scratch_model, scratch_config
+    from .lora import load_model
 
     if recipe.init is not None:
         config = scratch_config(recipe.init)
         if meta:
-            from .modeling_mesh import MeshForCausalLM
+            from ..modeling.modeling_mesh import MeshForCausalLM
 
             with torch.device("meta"):
                 return MeshForCausalLM(config)
@@ -100,7 +100,7 @@ def load_base_model(recipe: Recipe, meta: bool = False):
 def model_config(recipe: Recipe):
     """The config of the model to train, without its weights."""
     if recipe.init is not None:
-        from .train_init import scratch_config
+        from .scratch import scratch_config
 
         return scratch_config(recipe.init)
     from transformers import AutoConfig
@@ -124,7 +124,7 @@ def load_model_config_check(path: str) -> None:
 def apply_trainable(model, recipe: Recipe):
     """Freeze / wrap the model for the recipe's `trainable` choice; returns the model to train."""
     if recipe.method == "lora":
-        from .train_lora import wrap_lora
+        from .lora import wrap_lora
 
         model.requires_grad_(False)
         return wrap_lora(model, recipe.lora, train_routers=recipe.trainable == "lora+routers")
@@ -265,7 +265,7 @@ def train(recipe: Recipe, console=None) -> dict:
     if recipe.anneal.target_rank is not None:
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise UserError("anneal needs whole (unsharded) parameters: run it on one process or with DDP")
-        from .train_anneal import Annealer
+        from .anneal import Annealer
 
         annealer = Annealer(model, recipe.anneal)
     groups = param_groups(model, recipe.optim)
@@ -278,7 +278,7 @@ def train(recipe: Recipe, console=None) -> dict:
 
     distiller = None
     if recipe.distill.teacher:
-        from .train_distill import Distiller
+        from .distill import Distiller
 
         vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
         distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
@@ -385,7 +385,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float) -> dict:
     """Write the trained model (or adapter), the tokenizer and conversion.json with a training section."""
-    from .train_lora import copy_side_files
+    from .lora import copy_side_files
 
     output = Path(recipe.output_dir)
     training = {
@@ -410,13 +410,13 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
             copy_side_files(source, adapter, training)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
-                from .train_lora import merge_adapter
+                from .lora import merge_adapter
 
                 paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source))
         else:
             target = output / "model"
             if recipe.anneal.target_rank is not None:
-                from .train_anneal import export_at_rank
+                from .anneal import export_at_rank
 
                 unwrapped.load_state_dict(state_dict)
                 export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(target)

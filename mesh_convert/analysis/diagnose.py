@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from .data import read_documents, tokenize_stream
-from .errors import UserError
-from .plan import Layout, default_layout
+from ..train.data import read_documents, tokenize_stream
+from ..errors import UserError
+from ..convert.plan import Layout, default_layout
 
 # ---------------------------------------------------------------------------------------------
 # Layouts: which hidden states are the loop boundaries.

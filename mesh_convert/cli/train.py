@@ -6,13 +6,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from ..errors import UserError
 
 console = Console(stderr=True)
 
 
 def _recipe(path: Path, overrides: list[str], method: str | None = None):
-    from .recipe import load_recipe
+    from ..train.recipe import load_recipe
 
     base = {"method": method} if method else None
     recipe = load_recipe(path, overrides or [], base=base)
@@ -22,11 +22,11 @@ def _recipe(path: Path, overrides: list[str], method: str | None = None):
 
 
 def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | None = None) -> None:
-    from .recipe import recipe_yaml
+    from ..train.recipe import recipe_yaml
 
     recipe = _recipe(recipe_path, overrides, method)
     if dry_run:
-        from .train import describe
+        from ..train.loop import describe
 
         plan = describe(recipe, processes=_processes())
         typer.echo(recipe_yaml(recipe).rstrip())
@@ -41,7 +41,7 @@ def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | N
         table.add_row("frozen parameters", f"{counts['frozen']:,}")
         Console().print(table)
         return
-    from .train import train
+    from ..train.loop import train
 
     summary = train(recipe, console=console)
     if summary.get("model") or summary.get("adapter"):
@@ -97,9 +97,9 @@ def register(app: typer.Typer) -> None:
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         import json
 
-        from .recipe import InitSpec
-        from .plan import mesh_parameter_counts
-        from .train_init import init_scratch_model, scratch_config
+        from ..train.recipe import InitSpec
+        from ..convert.plan import mesh_parameter_counts
+        from ..train.scratch import init_scratch_model, scratch_config
 
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         base: Path = typer.Option(None, "--base", help="Base model (default: the one recorded in the adapter)."),
     ):
         """Merge a LoRA adapter (and its routers) into a standalone checkpoint."""
-        from .train_lora import merge_adapter
+        from ..train.lora import merge_adapter
 
         path = merge_adapter(adapter, output, base)
         console.print(f"merged {adapter} -> {path}", highlight=False)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedConfig
 
-from .errors import UserError
+from ..errors import UserError
 
 # MeSH output tensor names that do not live inside a layer.
 MESH_EMBED = "model.embed_tokens.weight"
@@ -123,7 +123,7 @@ def source_family(model_type: str | None) -> SourceFamily:
 
 def layer_tensor_shapes(mesh_config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of one unshared layer's tensors (relative to the layer), from the MeSH layer class."""
-    from .modeling_mesh import FAMILIES
+    from ..modeling.modeling_mesh import FAMILIES
 
     with torch.device("meta"):
         layer = FAMILIES[mesh_config.base_model_type].layer(mesh_config)
@@ -132,7 +132,7 @@ def layer_tensor_shapes(mesh_config) -> dict[str, tuple[int, ...]]:
 
 def final_norm_names(mesh_config) -> list[str]:
     """The final norm's tensor names (LayerNorm: weight and bias; RMSNorm: weight)."""
-    from .modeling_mesh import FAMILIES
+    from ..modeling.modeling_mesh import FAMILIES
 
     with torch.device("meta"):
         return list(FAMILIES[mesh_config.base_model_type].final_norm(mesh_config).state_dict())

@@ -23,8 +23,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import GenerationConfig, PreTrainedConfig
 
-from . import __version__
-from .checkpoint import (
+from .. import __version__
+from .source import (
     TOKENIZER_FILES,
     CheckpointReader,
     SourceRef,
@@ -33,8 +33,8 @@ from .checkpoint import (
     load_source_config,
     resolve_source,
 )
-from .configuration_mesh import MeshConfig
-from .errors import UserError
+from ..modeling.configuration_mesh import MeshConfig
+from ..errors import UserError
 from .families import (
     MESH_EMBED,
     MESH_FINAL_NORM,
@@ -44,7 +44,7 @@ from .families import (
     layer_tensor_shapes,
     source_family,
 )
-from .modeling_mesh import MeshForCausalLM, relax_is_dense
+from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
 from .plan import (
     DEFAULT_ROUTER_GAP,
     Layout,
@@ -468,7 +468,7 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
     config.dtype = DTYPES[plan.dtype_name]
     config.auto_map = dict(AUTO_MAP)
     config.save_pretrained(staging)
-    package_dir = Path(__file__).parent
+    package_dir = Path(__file__).parents[1] / "modeling"
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(package_dir / name, staging / name)
     if (source_dir / "generation_config.json").is_file():
@@ -481,7 +481,7 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
             shutil.copyfile(source_dir / name, staging / name)
     info = plan.to_dict()
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
-    from .card import write_model_card
+    from ..hub.card import write_model_card
 
     write_model_card(staging, info, repo_id=plan.options.push_to_hub)
 

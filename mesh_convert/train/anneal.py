@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from .errors import UserError
-from .modeling_mesh import LoopLayerNorm, LoopLinear, MeshForCausalLM, relax_is_dense
+from ..errors import UserError
+from ..modeling.modeling_mesh import LoopLayerNorm, LoopLinear, MeshForCausalLM, relax_is_dense
 from .recipe import AnnealSection
-from .train_optim import is_delta
+from .optim import is_delta
 
 
 def relaxed_modules(model: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -59,7 +59,7 @@ def _print_written(paths: dict[str, Path]) -> None:
 
 def diagnostics_tables(result) -> list[Table]:
     """Update magnitudes, mean CKA matrix, and a few points of each spectrum."""
-    from .diagnostics import DiagnosticsResult
+    from ..analysis.diagnose import DiagnosticsResult
 
     update_mean, update_std = DiagnosticsResult.mean_std(result.updates)
     updates = Table(title="Relative update")
@@ -117,7 +117,7 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from .diagnostics import load_model, load_samples, load_tokenizer, resolve_layout, run_diagnostics, write_outputs
+    from ..analysis.diagnose import load_model, load_samples, load_tokenizer, resolve_layout, run_diagnostics, write_outputs
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(
@@ -177,7 +177,7 @@ def diagnose(
 
 def inspect_tables(report) -> list[Table]:
     """Model summary, provenance, parameters, and the routers' mean weights."""
-    from .inspect_model import flatten
+    from ..analysis.inspect import flatten
 
     summary = Table(title=f"{report.model_dir}", show_header=False)
     summary.add_column("field")
@@ -238,7 +238,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
 ):
     """Show a model's layout, variant, provenance, parameter counts and (MeSH) router behaviour."""
-    from .inspect_model import inspect_model, write_inspect_outputs
+    from ..analysis.inspect import inspect_model, write_inspect_outputs
 
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
     if data is not None and not data.is_file():

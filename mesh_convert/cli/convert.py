@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import UserError
+from ..errors import UserError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -99,9 +99,9 @@ def convert_command(
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Then upload the result to this Hub repo."),
 ):
     """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
-    from .cli import invocation
-    from .convert import ConvertOptions, convert, make_plan
-    from .plan import DEFAULT_ROUTER_GAP
+    from . import invocation
+    from ..convert.conversion import ConvertOptions, convert, make_plan
+    from ..convert.plan import DEFAULT_ROUTER_GAP
 
     try:
         options = ConvertOptions(
@@ -151,7 +151,7 @@ def convert_command(
 
 def _push(output_dir: Path, repo_id: str) -> str:
     """Upload a finished conversion; on failure the local result stays and the error says so."""
-    from .hub import push_to_hub
+    from ..hub.push import push_to_hub
 
     try:
         return push_to_hub(output_dir, repo_id)

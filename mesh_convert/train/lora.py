@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through

@@ -22,7 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineMod
 from huggingface_hub.utils import validate_repo_id
 
 from .card import write_model_card
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
     import httpx2 as _httpx

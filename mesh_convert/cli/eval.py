@@ -28,8 +28,8 @@ from rich.progress import (
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from . import evaluate as ev
-from .errors import UserError
+from ..eval import harness as ev
+from ..errors import UserError
 
 TASK_CHOICES = ("auto", "perplexity", "lambada")
 

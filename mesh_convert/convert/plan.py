@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
-from .configuration_mesh import MeshConfig
+from ..modeling.configuration_mesh import MeshConfig
 from .families import source_family
-from .modeling_mesh import MeshForCausalLM
+from ..modeling.modeling_mesh import MeshForCausalLM
 
 TIES = ("average", "stepwise", "lower", "upper")
 # Logit gap of the function-preserving router init (spec section 5): off-target mass is

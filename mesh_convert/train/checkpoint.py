@@ -11,7 +11,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 PREFIX = "step-"
 

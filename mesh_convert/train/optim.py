@@ -8,7 +8,7 @@ Names may carry PEFT's or DDP's prefixes, so every test here is a substring test
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .recipe import OptimSection
 
 DELTA_SUFFIXES = ("_delta", "_delta_in", "_delta_out")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from .errors import UserError
+from ..errors import UserError
 
 try:  # typer >= 0.29 ships its own copy of click, whose exceptions are not click's
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -50,7 +50,7 @@ app = typer.Typer(
 
 def _version(value: bool):
     if value:
-        from . import __version__
+        from .. import __version__
 
         typer.echo(f"mesh-convert {__version__}")
         raise typer.Exit()
@@ -69,7 +69,11 @@ def _register_commands():
     if getattr(app, "_mesh_commands_added", False):
         return
     app._mesh_commands_added = True
-    from . import cli_convert, cli_diagnose, cli_eval, cli_push, cli_train
+    from . import convert as cli_convert
+    from . import diagnose as cli_diagnose
+    from . import eval as cli_eval
+    from . import push as cli_push
+    from . import train as cli_train
 
     for module in (cli_convert, cli_train, cli_eval, cli_push, cli_diagnose):
         module.register(app)

@@ -1,0 +1,1 @@
+"""Looking inside models: per-loop diagnostics (`diagnose`) and weights/routers (`inspect`)."""

@@ -1,0 +1,1 @@
+"""Conversion: source checkpoint -> plan -> tensors -> safetensors shards."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, LAMBADA and lm-eval tasks."""

@@ -1,0 +1,1 @@
+"""Training: recipe -> data -> loop -> checkpoint (Accelerate; LoRA via peft; healing by annealing)."""
