@@ -1,22 +1,34 @@
-"""mesh-convert: pretrained GPT-NeoX checkpoints -> MeSH recursive transformers.
+"""mesh-convert: pretrained GPT-NeoX and Llama-family checkpoints -> MeSH recursive transformers.
 
-Importing the package registers `MeshConfig` / `MeshForCausalLM` with transformers' Auto
-classes, and marks them for remote code, so `save_pretrained` writes `auto_map` and copies the
-modeling files next to the weights.
+The package is light to import: the model classes and the converter load (with torch and
+transformers) on first use of these names, e.g. `from mesh_convert import MeshForCausalLM`.
+Loading the model registers it with transformers' Auto classes (see `mesh_convert.modeling`).
+
+Map: `modeling` (the model) <- `convert` (checkpoint -> plan -> tensors -> shards) <- `train`
+(recipe -> data -> loop -> checkpoint) <- `eval`, `analysis` <- `hub` <- `cli`; `errors` and
+`io` serve them all. A module imports only from its own layer or the ones below it.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-from .modeling.configuration_mesh import MeshConfig
-from .modeling.modeling_mesh import MeshForCausalLM, MeshModel
+import importlib
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MeshConfig.model_type, MeshConfig, exist_ok=True)
-AutoModel.register(MeshConfig, MeshModel, exist_ok=True)
-AutoModelForCausalLM.register(MeshConfig, MeshForCausalLM, exist_ok=True)
-MeshConfig.register_for_auto_class()
-MeshModel.register_for_auto_class("AutoModel")
-MeshForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# name -> module that defines it, imported on first access (PEP 562)
+_LAZY = {
+    "MeshConfig": "mesh_convert.modeling",
+    "MeshModel": "mesh_convert.modeling",
+    "MeshForCausalLM": "mesh_convert.modeling",
+    "convert_model": "mesh_convert.convert.conversion",
+}
 
-__all__ = ["MeshConfig", "MeshForCausalLM", "MeshModel", "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

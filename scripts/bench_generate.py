@@ -84,7 +84,7 @@ def main() -> None:
 
     import torch
 
-    import mesh_convert  # noqa: F401
+    import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
     from mesh_convert.convert.conversion import convert_model
 
     warnings.filterwarnings("ignore")

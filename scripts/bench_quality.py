@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
+import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 from mesh_convert.convert.conversion import convert_model
 from mesh_convert.eval.harness import perplexity
 from mesh_convert.train.recipe import Recipe

@@ -84,7 +84,7 @@ def build_model(args, variant: str):
 
     import torch
 
-    import mesh_convert  # noqa: F401  (registers the Auto classes)
+    import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
     from mesh_convert.convert.conversion import convert_model
 
     source = load_source(args)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import mesh_convert  # noqa: F401  (registers the Auto classes)
+import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 from mesh_convert import MeshConfig, MeshForCausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -293,7 +293,6 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
         (["pythia-14m-deduped", "--loops", "2"], "no deduplicated run"),
         (["{src}", "--loops", "4", "--prelude", "3", "--coda", "3"], "does not fit 8 layers"),
         (["{src}", "--loops", "2", "--relax-rank", "many"], "--relax-rank"),
-        (["{src}", "--loops", "2", "--tie", "median"], "--tie"),
         (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
         (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),
     ],

@@ -574,9 +574,9 @@ def test_inspect_without_tokenizer_uses_random_ids_or_the_one_given(
         ("mesh layout", "laid out as 1+3R2+1"),
         ("context", "exceeds the model's context"),
         ("inspect missing", "does not exist"),
-        ("no tokenizer", "has no tokenizer"),
+        ("no tokenizer", "no tokenizer files"),
         ("zero samples", "--samples must be at least 1, not 0"),
-        ("inspect data, no tokenizer", "has no tokenizer"),
+        ("inspect data, no tokenizer", "no tokenizer files"),
         ("too many loops", "cannot split 8 layers into 7 loops"),
     ],
 )

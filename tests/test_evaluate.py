@@ -20,6 +20,7 @@ from conftest import make_tiny_pythia
 from mesh_convert import cli
 from mesh_convert.eval import harness as ev
 from mesh_convert.errors import UserError
+from mesh_convert.io import load_model, load_tokenizer
 
 # Character-level vocabulary (98 ids < the tiny models' 128): one token per ASCII character,
 # so token counts and byte counts of test texts are known by eye.
@@ -52,7 +53,7 @@ def model_dir(tiny_pythia) -> Path:
 
 @pytest.fixture
 def loaded(model_dir):
-    return ev.load_model(str(model_dir)), ev.load_tokenizer(str(model_dir))
+    return load_model(str(model_dir)), load_tokenizer(str(model_dir))
 
 
 # ------------------------------------------------------------------------- sliding windows
@@ -148,7 +149,7 @@ def test_perplexity_rejects_bad_settings(loaded):
 
 def test_tokenizer_that_does_not_fit_the_model_is_a_user_error(tmp_path):
     make_tiny_pythia(tmp_path / "small", vocab_size=64)
-    model = ev.load_model(str(tmp_path / "small"))
+    model = load_model(str(tmp_path / "small"))
     with pytest.raises(UserError, match="do not match"):
         ev.perplexity(model, char_tokenizer(), TEXT)
 
@@ -344,7 +345,7 @@ def test_cli_json_reports_several_models_side_by_side(two_models, capsys):
     assert [r["model"] for r in report["results"]] == ["pythia", "mesh"]
     assert report["data"]["task"] == "perplexity"
     for entry in report["results"]:
-        model = ev.load_model(str(two_models / entry["model"]))
+        model = load_model(str(two_models / entry["model"]))
         expected = ev.perplexity(model, char_tokenizer(), TEXT, context=32, stride=16)
         assert entry["perplexity"]["nats"] == pytest.approx(expected.nats, rel=1e-6)
         assert entry["perplexity"]["tokens"] == len(TEXT) - 1
@@ -358,7 +359,7 @@ def test_cli_lambada_task_on_a_jsonl(two_models, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     [entry] = json.loads(out)["results"]
-    model = ev.load_model(str(two_models / "pythia"))
+    model = load_model(str(two_models / "pythia"))
     expected = ev.lambada(model, char_tokenizer(), LAMBADA_LINES[:3])
     assert entry["lambada"]["count"] == 3
     assert entry["lambada"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
@@ -381,12 +382,10 @@ def test_cli_prints_one_table_with_both_models(two_models, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["missing-model", "--data", "text.txt"], "model directory not found"),
+        (["missing-model", "--data", "text.txt"], "model directory missing-model does not exist"),
         (["pythia", "--data", "absent.txt"], "data file not found: absent.txt"),
         (["pythia", "--data", "notext.jsonl", "--task", "lambada"], 'line 1 has no string "text" field'),
         (["pythia", "--data", "text.txt", "--context", "8", "--stride", "9"], "cannot exceed --context"),
-        (["pythia", "--data", "text.txt", "--task", "translate"], "--task must be one of"),
-        (["pythia", "--data", "text.txt", "--dtype", "float8"], "unknown dtype"),
         (["pythia", "bare", "--data", "text.txt"], "no tokenizer files in bare; pass --tokenizer DIR"),
     ],
 )

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from conftest import assert_loads_as_remote_code
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.modeling.modeling_mesh import CACHE_FIELD
-from mesh_convert.convert.plan import count_parameters, default_layout, mesh_config_from_source
+from mesh_convert.convert.plan import count_parameters, default_layout, mesh_config_from_source, mesh_parameter_counts
 from mesh_convert.convert.pythia import pythia_config
 
 
@@ -214,3 +214,42 @@ def test_paper_layouts_and_parameter_counts(size, loops, layout, converted, orig
     assert counts["original_nonembedding"] == original
     assert counts["routers"] == routers == 2 * (loops + 1) * (D * (loops + 3) + loops + 3)
     assert counts["relax"] == 0
+
+
+def _meta_counts(config: MeshConfig) -> dict[str, int]:
+    """The parameter counts read off the model built on the meta device."""
+    with torch.device("meta"):
+        model = MeshForCausalLM(config)
+    named = dict(model.named_parameters())
+    routers = sum(p.numel() for n, p in named.items() if n.startswith("model.memory."))
+    relax = sum(p.numel() for n, p in named.items() if "_delta" in n)
+    embeddings = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    embedding = sum(p.numel() for p in embeddings.values())
+    total = sum(p.numel() for p in model.parameters())
+    return {"nonembedding": total - embedding - routers - relax, "routers": routers, "relax": relax,
+            "embedding": embedding, "total": total}
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "qwen2"])
+@pytest.mark.parametrize("variant, relax_rank, tied", [("mesh", 0, False), ("mesh", 3, True), ("base", "full", False),
+                                                       ("anchor", 40, False)])
+def test_parameter_counts_from_the_config_match_the_model(family, variant, relax_rank, tied):
+    """The plan counts parameters from config numbers (no torch for --dry-run); the model must agree."""
+    from transformers import GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4,
+                  tie_word_embeddings=tied)
+    source = {
+        "gpt_neox": lambda: GPTNeoXConfig(**common),
+        "llama": lambda: LlamaConfig(**common, num_key_value_heads=2, head_dim=16, attention_bias=True, mlp_bias=True),
+        "qwen2": lambda: Qwen2Config(**common, num_key_value_heads=2),
+    }[family]()
+    layout = default_layout(8, 2)
+    config = mesh_config_from_source(source, layout, variant, 6, 8.0, relax_rank)
+    assert mesh_parameter_counts(config) == _meta_counts(config)
+    with torch.device("meta"):
+        original = AutoModelForCausalLM.from_config(source)
+    embedding = sum({id(p): p.numel() for m in (original.get_input_embeddings(), original.get_output_embeddings())
+                     for p in m.parameters()}.values())
+    counts = count_parameters(source, config)
+    assert counts["original_nonembedding"] == sum(p.numel() for p in original.parameters()) - embedding

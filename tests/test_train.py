@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from mesh_convert.train.data import PackedBlocks, ShuffledBlocks, StreamedBlocks
 from mesh_convert.errors import UserError
 from mesh_convert.train.recipe import Recipe
 from mesh_convert.train.loop import describe, train
-from test_train_support import (
+from helpers import (
     SUBPROCESS_ENV,
     char_tokenizer,
     corpus,
@@ -85,7 +86,7 @@ def test_partial_training_changes_only_the_selected_parameters(work, tmp_path, t
 
 def test_dry_run_prints_the_plan(work, tmp_path, monkeypatch, capsys):
     path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], tmp_path / "run"))
-    assert run_cli(monkeypatch, ["train", str(path), "train.max_steps=5", "--dry-run"]) == 0
+    assert run_cli(["train", str(path), "train.max_steps=5", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "max_steps: 5" in printed
     for needle in ("tokens_per_step", "128", "total_tokens", "640", "trainable parameters", "grad_accum"):
@@ -172,7 +173,7 @@ def test_bad_input_is_one_line_and_nonzero(work, tmp_path, monkeypatch, capsys, 
     elif case == "missing model":
         data["model"] = str(tmp_path / "nowhere")
     path = write_recipe(tmp_path / "r.yaml", data)
-    code = run_cli(monkeypatch, ["train", str(path), *args])
+    code = run_cli(["train", str(path), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     # Only the last line is ours (a weight-loading progress bar may come before it).
@@ -191,9 +192,18 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(work, tmp_path):
 
     out = tmp_path / "killed"
     path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], out, **settings))
-    env = {**os.environ, **SUBPROCESS_ENV, "MESH_CONVERT_TEST_STALL_AFTER_STEP": "3"}
-    code = "import sys; from mesh_convert.train.recipe import load_recipe; from mesh_convert.train.loop import train; " \
-           "train(load_recipe(sys.argv[1]))"
+    env = {**os.environ, **SUBPROCESS_ENV}
+    code = textwrap.dedent("""
+        import sys, time
+        from mesh_convert.train.recipe import load_recipe
+        from mesh_convert.train.loop import train
+
+        def stall_after_step_3(step, record):  # wait there to be killed, past the step-2 checkpoint
+            while step == 3:
+                time.sleep(1)
+
+        train(load_recipe(sys.argv[1]), on_step=stall_after_step_3)
+    """)
     process = subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline:

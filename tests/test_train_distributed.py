@@ -14,7 +14,7 @@ import pytest
 
 from mesh_convert.train.recipe import Recipe
 from mesh_convert.train.loop import train
-from test_train_support import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_recipe, write_text
+from helpers import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_recipe, write_text
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,11 @@ FSDP2_SCRIPT = r'''
 import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
-import mesh_convert
+import mesh_convert.modeling  # registers MeSH with the Auto classes
 from mesh_convert.train.data import build_data
 from mesh_convert.modeling.modeling_mesh import GPTNeoXLoopLayer
 from mesh_convert.train.recipe import load_recipe, lr_schedule
-from mesh_convert.train.loop import _rows, default_peak_lr, make_plan
+from mesh_convert.train.loop import _rows, default_peak_lr, plan_run
 from mesh_convert.train.optim import make_optimizer, param_groups, set_lr
 
 dist.init_process_group("gloo")
@@ -40,7 +40,7 @@ for module in model.modules():
 fully_shard(model)
 tokenizer = AutoTokenizer.from_pretrained(recipe.model)
 data = build_data(recipe.data, tokenizer, recipe.seed, model.config.max_position_embeddings)
-plan = make_plan(recipe, world, default_peak_lr(recipe, model.config))
+plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
 optimizer = make_optimizer(param_groups(model, recipe.optim), recipe.optim, plan.peak_lr)
 losses = []
 for step in range(plan.steps):

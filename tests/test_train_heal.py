@@ -10,7 +10,7 @@ from mesh_convert.train.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train.loop import train
 from mesh_convert.train.anneal import Annealer, export_at_rank, scheduled_rank
 from mesh_convert.train.distill import Distiller
-from test_train_support import char_tokenizer, metrics, recipe, tiny_converted, write_text
+from helpers import char_tokenizer, metrics, recipe, tiny_converted, write_text
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from mesh_convert.convert.plan import mesh_parameter_counts
 from mesh_convert.train.recipe import InitSpec
 from mesh_convert.train.scratch import init_scratch_model, scratch_config
-from test_train_support import ROOT, metrics, run_cli
+from helpers import ROOT, metrics, run_cli
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_init_command_writes_a_loadable_model(tmp_path, monkeypatch):
     out = tmp_path / "scratch"
     args = ["init", "custom", "--loops", "2", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128",
             "--context", "64", "-o", str(out)]
-    assert run_cli(monkeypatch, args) == 0
+    assert run_cli(args) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.layout == "1+1R2+1" and model.config.vocab_size == 128
     assert json.loads((out / "conversion.json").read_text())["parameters"]["routers"] == 2 * 3 * (32 * 5 + 5)
@@ -62,7 +62,7 @@ def test_init_command_writes_a_loadable_model(tmp_path, monkeypatch):
 
 
 def test_init_rejects_an_unknown_size(tmp_path, monkeypatch, capsys):
-    assert run_cli(monkeypatch, ["init", "pythia-7m", "-o", str(tmp_path / "x")]) == 1
+    assert run_cli(["init", "pythia-7m", "-o", str(tmp_path / "x")]) == 1
     assert "unknown Pythia size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -72,7 +72,7 @@ def test_cpu_smoke_recipe_lowers_the_loss_on_real_text(shared_dir, tmp_path, mon
     monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository root
     out = tmp_path / "smoke"
     args = ["train", "recipes/cpu-smoke.yaml", f"output_dir={out}", "train.max_steps=12", "train.eval_every=6"]
-    assert run_cli(monkeypatch, args) == 0
+    assert run_cli(args) == 0
     log = metrics(out)
     assert log[0]["loss"] > 10 and log[-1]["loss"] < log[0]["loss"] - 1.5
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]

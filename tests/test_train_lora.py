@@ -13,7 +13,7 @@ from mesh_convert.modeling.modeling_mesh import LoopLinear
 from mesh_convert.train.recipe import LoraSection, Recipe
 from mesh_convert.train.loop import train
 from mesh_convert.train.lora import wrap_lora
-from test_train_support import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
+from helpers import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run, monkeypatch, tmp_pat
     assert torch.allclose(merged(ids).logits, unmerged, atol=1e-5)
 
     target = tmp_path / "merged-cli"
-    assert run_cli(monkeypatch, ["merge", str(lora_run["out"] / "adapter"), "-o", str(target)]) == 0
+    assert run_cli(["merge", str(lora_run["out"] / "adapter"), "-o", str(target)]) == 0
     again = AutoModelForCausalLM.from_pretrained(target).eval()
     assert torch.allclose(again(ids).logits, unmerged, atol=1e-5)
     assert (target / "tokenizer.json").is_file()
@@ -90,16 +90,16 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run, monkeypatch, tmp_pat
 
 
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    assert run_cli(monkeypatch, ["merge", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
+    assert run_cli(["merge", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
     assert "is not a LoRA adapter directory" in capsys.readouterr().err
 
 
 def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_path, monkeypatch, capsys):
-    from test_train_support import write_text as text
+    from helpers import write_text as text
 
     data = recipe(lora_run["model"], text(tmp_path / "t.txt"), tmp_path / "run")
     path = write_recipe(tmp_path / "r.yaml", data)
-    assert run_cli(monkeypatch, ["finetune", str(path), "lora.r=2", "--dry-run"]) == 0
+    assert run_cli(["finetune", str(path), "lora.r=2", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "method: lora" in printed and "lora+routers" in printed
     routers = 2 * 3 * (32 * 5 + 5)

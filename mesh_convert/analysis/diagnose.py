@@ -274,56 +274,6 @@ def load_samples(path: Path, tokenizer, samples: int, seq_len: int, vocab_size: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading models and tokenizers.
-# ---------------------------------------------------------------------------------------------
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _looks_local(name: str) -> bool:
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def load_model(name: str, device: str | torch.device = "cpu"):
-    """A causal LM in float32, from a local directory or a hub id, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
-
-    path = Path(name).expanduser()
-    if _looks_local(name):
-        if not path.is_dir():
-            raise UserError(f"model directory {name} does not exist")
-        if not (path / "config.json").is_file():
-            raise UserError(f"{name} has no config.json; is it a saved model directory?")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path) if _looks_local(name) else name, trust_remote_code=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}")
-    return model.to(device).eval()
-
-
-def has_tokenizer(name: str) -> bool:
-    path = Path(name).expanduser()
-    return not path.is_dir() or any((path / file).is_file() for file in _TOKENIZER_FILES)
-
-
-def load_tokenizer(name: str):
-    """The tokenizer at a directory or hub id; a UserError when there is none."""
-    from transformers import AutoTokenizer
-
-    path = Path(name).expanduser()
-    if path.is_dir() and not has_tokenizer(name):
-        raise UserError(f"{name} has no tokenizer; pass --tokenizer (e.g. the source Pythia's directory or hub id)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load a tokenizer from {name}: {str(error).splitlines()[0]}")
-
-
-# ---------------------------------------------------------------------------------------------
 # Running the probes over samples.
 # ---------------------------------------------------------------------------------------------
 
@@ -578,9 +528,7 @@ __all__ = [
     "Layout",
     "cka_matrix",
     "collect_states",
-    "load_model",
     "load_samples",
-    "load_tokenizer",
     "normalized_spectrum",
     "parse_layout",
     "plot_cka",

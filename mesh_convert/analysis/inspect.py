@@ -10,12 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ..io import has_tokenizer, load_model, load_tokenizer
 from .diagnose import (
-    has_tokenizer,
     is_mesh,
     json_safe,
-    load_model,
-    load_tokenizer,
     model_layout,
     pyplot_agg,
     save_figure,
@@ -196,7 +194,7 @@ def sample_sequences(
     """
     vocab_size = model.config.vocab_size
     tokenizer_name = tokenizer or str(model_dir)
-    if data is None and not has_tokenizer(tokenizer_name):
+    if data is None and tokenizer is None and not has_tokenizer(tokenizer_name):
         generator = torch.Generator().manual_seed(0)
         sequences = list(torch.randint(0, vocab_size, (RANDOM_SAMPLES, RANDOM_LENGTH), generator=generator))
         return (
@@ -301,7 +299,7 @@ def inspect_model(
         raise UserError(f"model directory {model_dir} does not exist")
     if samples < 1 or seq_len < 2:
         raise UserError("need at least 1 sample of at least 2 tokens")
-    model = load_model(str(model_dir), device)
+    model = load_model(model_dir, device=device)
     config = model.config
     mesh = is_mesh(model)
     report = InspectReport(

@@ -6,22 +6,19 @@ cause is a `UserError`, printed as one line with a non-zero exit; `--debug` show
 """
 
 import os
-import shlex
 import sys
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import UserError
-
-try:  # typer >= 0.29 ships its own copy of click, whose exceptions are not click's
-    from typer._click.exceptions import ClickException as _TyperClickException
-    from typer.exceptions import Abort as _TyperAbort
-except ImportError:  # older typer raises click's own
-    _TyperClickException, _TyperAbort = click.ClickException, click.exceptions.Abort
+from . import convert as convert_commands
+from . import diagnose as diagnose_commands
+from . import eval as eval_commands
+from . import push as push_commands
+from . import train as train_commands
 
 err_console = Console(stderr=True)
 
@@ -30,7 +27,7 @@ class DefaultToConvert(TyperGroup):
     """Routes `mesh-convert MODEL ...` to the `convert` command, so that the common case needs
     no subcommand while `mesh-convert eval ...` etc. still work."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         root_options = [a for a in args[:1] if a == "--debug"]  # root options stay before the command
         rest = args[len(root_options) :]
         first = rest[0] if rest else None
@@ -64,49 +61,28 @@ def root(
     pass  # `main` reads --debug from the arguments itself: a process-wide setting would leak into later calls
 
 
-def _register_commands():
-    """Add the subcommands (once): their modules import heavy libraries only when they run."""
-    if getattr(app, "_mesh_commands_added", False):
-        return
-    app._mesh_commands_added = True
-    from . import convert as cli_convert
-    from . import diagnose as cli_diagnose
-    from . import eval as cli_eval
-    from . import push as cli_push
-    from . import train as cli_train
-
-    for module in (cli_convert, cli_train, cli_eval, cli_push, cli_diagnose):
-        module.register(app)
-
-
-_invoked_with: list[str] = []
-
-
-def invocation() -> str:
-    """The command line as the user typed it (recorded in conversion.json and model cards)."""
-    return shlex.join(["mesh-convert", *_invoked_with])
+for commands in (convert_commands, train_commands, eval_commands, push_commands, diagnose_commands):
+    commands.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("MESH_CONVERT_DEBUG") == "1"
-    _register_commands()
-    _invoked_with[:] = args
     try:
         # Not standalone: typer then returns exit codes (130 for Ctrl-C) instead of exiting.
-        code = app(args=args, standalone_mode=False, prog_name="mesh-convert")
+        code = app(args=args, standalone_mode=False, prog_name="mesh-convert", obj={"argv": list(args)})
     except UserError as error:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 1
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         return exit_.exit_code
-    except (click.ClickException, _TyperClickException) as error:
+    except typer.TyperException as error:  # usage errors (a bad flag, value or choice): as typer shows them, exit 2
         error.show()
         return error.exit_code
-    except (click.exceptions.Abort, _TyperAbort):
+    except typer.Abort:
         err_console.print("[bold red]error:[/] interrupted", highlight=False)
         return 130
     except KeyboardInterrupt:
@@ -124,7 +100,3 @@ def main(argv: list[str] | None = None) -> int:
     if code == 130:
         err_console.print("[bold red]error:[/] interrupted", highlight=False)
     return code if isinstance(code, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """`mesh-convert MODEL --loops K [options]`: plan or run a conversion, with tables and --json."""
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -9,7 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..convert.options import ConvertOptions
 from ..errors import UserError
+from .params import flag, with_options
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,13 +29,14 @@ def _plan_tables(plan) -> list[Table]:
     summary = Table(title=f"{plan.options.model} -> MeSH {layout.text}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("source", plan.mesh_config.provenance["source"]["model"])
+    fields = plan.mesh_fields
+    summary.add_row("source", fields["provenance"]["source"]["model"])
     summary.add_row("layout", f"{layout.text}  (prelude {layout.prelude}, core {layout.core} x {layout.loops} loops, coda {layout.coda})")
-    summary.add_row("variant", plan.mesh_config.variant)
-    if plan.mesh_config.variant == "mesh":
-        summary.add_row("memory", f"{plan.mesh_config.num_slots} slots, router gap {plan.mesh_config.router_gap:g}")
+    summary.add_row("variant", fields["variant"])
+    if fields["variant"] == "mesh":
+        summary.add_row("memory", f"{fields['num_slots']} slots, router gap {fields['router_gap']:g}")
     summary.add_row("tie", plan.options.tie)
-    summary.add_row("relax rank", str(plan.mesh_config.relax_rank))
+    summary.add_row("relax rank", str(fields["relax_rank"]))
     summary.add_row("dtype", plan.dtype_name)
     summary.add_row("output", str(plan.output_dir))
 
@@ -50,8 +54,8 @@ def _plan_tables(plan) -> list[Table]:
     layers.add_column("unique layer")
     layers.add_column("original layers it is made from")
     layers.add_column("runs as unrolled layers")
-    layer_map = plan.mesh_config.provenance["layer_map"]
-    loop_sources = plan.mesh_config.provenance["loop_sources"]
+    layer_map = fields["provenance"]["layer_map"]
+    loop_sources = fields["provenance"]["loop_sources"]
     for j, sources in enumerate(layer_map["prelude"]):
         layers.add_row(f"prelude {j}", _ints(sources), str(sources[0]))
     for i, sources in enumerate(layer_map["core"]):
@@ -79,52 +83,23 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def convert_command(
-    model: str = typer.Argument(..., help="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
-    loops: int = typer.Option(..., "--loops", "-k", help="K: how many times the shared core runs."),
-    prelude: int | None = typer.Option(None, "--prelude", help="P unshared bottom layers (default: the paper's layout)."),
-    coda: int | None = typer.Option(None, "--coda", help="Q unshared top layers (default: the paper's layout)."),
-    variant: str = typer.Option("mesh", "--variant", help="mesh | base | residual | anchor | anchor_emb"),
-    tie: str = typer.Option("upper", "--tie", help="How a core layer is made from its K stand-ins: upper (default; best after healing, BENCHMARKS.md) | stepwise | lower | average"),
-    slots: int | None = typer.Option(None, "--slots", help="B memory slots (default K+3)."),
-    router_gap: float | None = typer.Option(None, "--router-gap", help="Logit gap of the function-preserving router init."),
-    relax_rank: str = typer.Option("0", "--relax-rank", help="Per-loop delta rank: 0 (none), N, or full (exact)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (as the source) | float32 | float16 | bfloat16"),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision, e.g. step143000 for Pythia."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory (default ./<model>-mesh-<layout>)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard, e.g. 500MB."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; downloads no weights."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Then upload the result to this Hub repo."),
-):
+@with_options(
+    ConvertOptions,
+    flag("dry_run", "--dry-run", help="Print the plan only; downloads no weights."),
+    flag("as_json", "--json", help="Print one JSON object instead of tables."),
+)
+def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = False, **values):
     """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
-    from . import invocation
-    from ..convert.conversion import ConvertOptions, convert, make_plan
-    from ..convert.plan import DEFAULT_ROUTER_GAP
+    from ..convert.plan import make_plan
 
     try:
-        options = ConvertOptions(
-            model=model,
-            loops=loops,
-            prelude=prelude,
-            coda=coda,
-            variant=variant,
-            tie=tie,
-            slots=slots,
-            router_gap=DEFAULT_ROUTER_GAP if router_gap is None else router_gap,
-            relax_rank=relax_rank,
-            dtype=dtype,
-            revision=revision,
-            output=output,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            push_to_hub=push_to_hub,
-        )
+        options = ConvertOptions(**values)
     except ValidationError as error:
         raise _options_error(error) from None
+    push_to_hub = options.push_to_hub
 
-    plan = make_plan(options, command=invocation(), builtin_facts=dry_run)
+    command = shlex.join(["mesh-convert", *ctx.obj["argv"]])  # as typed, for conversion.json and the card
+    plan = make_plan(options, command=command, builtin_facts=dry_run)
     if dry_run:
         if as_json:
             typer.echo(json.dumps(plan.to_dict(), indent=2))
@@ -132,6 +107,8 @@ def convert_command(
             for table in _plan_tables(plan):
                 console.print(table)
         return
+
+    from ..convert.conversion import convert  # torch and transformers: only for a real conversion
 
     with _progress(enabled=not as_json) as progress:
         result = convert(plan, progress)

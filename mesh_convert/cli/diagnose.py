@@ -117,7 +117,8 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from ..analysis.diagnose import load_model, load_samples, load_tokenizer, resolve_layout, run_diagnostics, write_outputs
+    from ..analysis.diagnose import load_samples, resolve_layout, run_diagnostics, write_outputs
+    from ..io import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(
@@ -127,7 +128,7 @@ def diagnose(
         raise UserError("--threshold must be positive")
     if not data.is_file():
         raise UserError(f"data file {data} does not exist")
-    lm = load_model(model, _default_device(device))
+    lm = load_model(model, device=_default_device(device))
     chosen = resolve_layout(lm, layout, loops)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, lm.config.max_position_embeddings)
     if seq_len > lm.config.max_position_embeddings:

@@ -16,47 +16,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import GenerationConfig, PreTrainedConfig
+from transformers import GenerationConfig
 
-from .. import __version__
-from .source import (
-    TOKENIZER_FILES,
-    CheckpointReader,
-    SourceRef,
-    fetch_checkpoint,
-    fetch_config,
-    load_source_config,
-    resolve_source,
-)
-from ..modeling.configuration_mesh import MeshConfig
 from ..errors import UserError
-from .families import (
-    MESH_EMBED,
-    MESH_FINAL_NORM,
-    MESH_HEAD,
-    SourceFamily,
-    final_norm_names,
-    layer_tensor_shapes,
-    source_family,
-)
+from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
-from .plan import (
-    DEFAULT_ROUTER_GAP,
-    Layout,
-    count_parameters,
-    layer_map,
-    loop_sources,
-    mesh_config_from_source,
-    resolve_layout,
-    shared_sources,
-)
-from .pythia import parse_alias, pythia_config
+from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
+from .options import ConvertOptions
+from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
 from .shards import ShardWriter, TensorSpan
+from .reader import CheckpointReader
+from ..io import TOKENIZER_FILES
+from .source import fetch_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
@@ -65,154 +39,6 @@ AUTO_MAP = {
     "AutoModel": "modeling_mesh.MeshModel",
     "AutoModelForCausalLM": "modeling_mesh.MeshForCausalLM",
 }
-
-
-class ConvertOptions(BaseModel):
-    """Everything a conversion depends on; the CLI (and recipes) build this, and it validates."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    loops: int = Field(ge=1)
-    prelude: int | None = Field(default=None, ge=0)
-    coda: int | None = Field(default=None, ge=0)
-    variant: Literal["mesh", "base", "residual", "anchor", "anchor_emb"] = "mesh"
-    tie: Literal["average", "stepwise", "lower", "upper"] = "upper"
-    slots: int | None = Field(default=None, ge=2)
-    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0)
-    relax_rank: int | Literal["full"] = 0
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    revision: str | None = None
-    output: Path | None = None
-    overwrite: bool = False
-    max_shard_size: str = "5GB"
-    push_to_hub: str | None = None  # the card's usage snippet then names this repo
-
-    @field_validator("relax_rank", mode="before")
-    @classmethod
-    def _parse_rank(cls, value):
-        if isinstance(value, str) and value.strip().lower() == "full":
-            return "full"
-        try:
-            rank = int(value)
-        except (TypeError, ValueError):
-            raise ValueError("must be a non-negative integer or 'full'") from None
-        if rank < 0:
-            raise ValueError("must be a non-negative integer or 'full'")
-        return rank
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _parse_size(cls, value: str):
-        from huggingface_hub.serialization._base import parse_size_to_int
-
-        try:
-            if parse_size_to_int(value) <= 0:
-                raise ValueError
-        except ValueError:
-            raise ValueError("must be a size like 500MB or 5GB") from None
-        return value
-
-
-@dataclass
-class ConversionPlan:
-    options: ConvertOptions
-    source: SourceRef
-    source_config: PreTrainedConfig
-    layout: Layout
-    mesh_config: MeshConfig
-    params: dict
-    command: str = ""
-
-    @property
-    def family(self) -> SourceFamily:
-        return source_family(self.source_config.model_type)
-
-    @property
-    def output_dir(self) -> Path:
-        if self.options.output is not None:
-            return self.options.output
-        base = Path(self.source.name.rstrip("/")).name
-        return Path(f"{base}-mesh-{self.layout.text}")
-
-    def to_dict(self) -> dict:
-        """The full plan and provenance, as written to conversion.json and printed by --dry-run --json."""
-        config = self.mesh_config
-        return {
-            "mesh_convert_version": __version__,
-            "command": self.command,
-            "source": config.provenance["source"],
-            "layout": self.layout.text,
-            "prelude": self.layout.prelude,
-            "core": self.layout.core,
-            "loops": self.layout.loops,
-            "coda": self.layout.coda,
-            "variant": config.variant,
-            "tie": self.options.tie,
-            "slots": config.num_slots if config.variant == "mesh" else None,
-            "router_gap": config.router_gap if config.variant == "mesh" else None,
-            "relax_rank": config.relax_rank,
-            "dtype": self.dtype_name,
-            "layer_map": config.provenance["layer_map"],
-            "loop_sources": config.provenance["loop_sources"],
-            "params": self.params,
-            "output": str(self.output_dir),
-            "training": None,
-            "eval_results": None,
-        }
-
-    @property
-    def dtype_name(self) -> str:
-        if self.options.dtype != "auto":
-            return self.options.dtype
-        dtype = getattr(self.source_config, "dtype", None) or torch.float32
-        name = str(dtype).removeprefix("torch.")
-        return name if name in DTYPES else "float32"
-
-
-def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = False) -> ConversionPlan:
-    """Resolve the source, its architecture and the layout, without reading any weights.
-
-    With `builtin_facts` (for --dry-run), `pythia-<size>` aliases use the suite's built-in
-    architecture and need no network; otherwise the checkpoint's own config.json decides."""
-    ref = resolve_source(options.model, options.revision)
-    alias = parse_alias(options.model) if ref.local_dir is None else None
-    if alias and builtin_facts:
-        source_config = pythia_config(alias.size)
-    else:
-        source_config = load_source_config(fetch_config(ref))
-    family = source_family(source_config.model_type)
-    try:
-        layout = resolve_layout(source_config.num_hidden_layers, options.loops, options.prelude, options.coda)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    slots = options.slots if options.slots is not None else layout.loops + 3
-    if options.variant == "mesh" and slots < layout.loops + 2:
-        raise UserError(
-            f"--slots {slots} is too few for {layout.loops} loops: the function-preserving router init needs "
-            f"K+2 = {layout.loops + 2} slots (one per step plus the embedding); the paper's default is K+3"
-        )
-    provenance = {
-        "source": {
-            "model": ref.repo_id or str(ref.local_dir),
-            "revision": ref.revision,
-            "model_type": family.model_type,
-            "license": "apache-2.0" if alias else None,
-            "num_layers": source_config.num_hidden_layers,
-            "hidden_size": source_config.hidden_size,
-            "num_attention_heads": source_config.num_attention_heads,
-        },
-        "tie": options.tie,
-        "layer_map": layer_map(layout, options.tie),
-        "loop_sources": loop_sources(layout),
-        "router_gap": options.router_gap,
-        "relax_rank": options.relax_rank,
-    }
-    mesh_config = mesh_config_from_source(
-        source_config, layout, options.variant, slots, options.router_gap, options.relax_rank, provenance
-    )
-    params = count_parameters(source_config, mesh_config)
-    return ConversionPlan(options, ref, source_config, layout, mesh_config, params, command)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +267,7 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
     shard as soon as it exists, and a copied one goes from file to file without being read."""
     dtype = DTYPES[plan.dtype_name]
     expected = expected_tensors(plan.mesh_config, dtype)
-    split = split_torch_state_dict_into_shards(expected, max_shard_size=plan.options.max_shard_size)
+    split = split_torch_state_dict_into_shards(expected, max_shard_size=plan.options.max_shard_bytes)
     total = sum(t.numel() * t.element_size() for t in expected.values())
     task = progress.add_task("converting", total=total)
     layout = {

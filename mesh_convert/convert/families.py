@@ -7,9 +7,6 @@ layer's `attention.dense.weight` becomes a unique layer's `attention.dense.weigh
 
 from dataclasses import dataclass
 
-import torch
-from transformers import PreTrainedConfig
-
 from ..errors import UserError
 
 # MeSH output tensor names that do not live inside a layer.
@@ -36,7 +33,8 @@ class SourceFamily:
     def base_model_type(self) -> str:
         return self.mesh_layers or self.model_type
 
-    def mesh_fields(self, config: PreTrainedConfig) -> dict:
+    def mesh_fields(self, config) -> dict:
+        """From the source's config (or any object with its attributes)."""
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             raise UserError(f"this {self.model_type} checkpoint uses sliding-window attention, which mesh-convert does not support")
         fields = {name: getattr(config, name) for name in self.config_fields if hasattr(config, name)}
@@ -123,6 +121,8 @@ def source_family(model_type: str | None) -> SourceFamily:
 
 def layer_tensor_shapes(mesh_config) -> dict[str, tuple[int, ...]]:
     """Names and shapes of one unshared layer's tensors (relative to the layer), from the MeSH layer class."""
+    import torch
+
     from ..modeling.modeling_mesh import FAMILIES
 
     with torch.device("meta"):
@@ -132,6 +132,8 @@ def layer_tensor_shapes(mesh_config) -> dict[str, tuple[int, ...]]:
 
 def final_norm_names(mesh_config) -> list[str]:
     """The final norm's tensor names (LayerNorm: weight and bias; RMSNorm: weight)."""
+    import torch
+
     from ..modeling.modeling_mesh import FAMILIES
 
     with torch.device("meta"):

@@ -1,10 +1,14 @@
 """Built-in facts about the Pythia suite (spec section 1), so that plans for the `pythia-<size>`
 aliases work offline, without downloading a config."""
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import GPTNeoXConfig
+if TYPE_CHECKING:
+    from transformers import GPTNeoXConfig
 
 # size -> (layers, hidden size, heads, pretraining learning rate)
 PYTHIA_SUITE = {
@@ -50,10 +54,11 @@ def parse_alias(name: str) -> PythiaAlias | None:
     return PythiaAlias(size, deduped)
 
 
-def pythia_config(size: str) -> GPTNeoXConfig:
-    """The architecture of `EleutherAI/pythia-<size>` (as in its config.json; weights are fp16)."""
+def pythia_config_fields(size: str) -> dict:
+    """The architecture of `EleutherAI/pythia-<size>` as config.json fields (weights are fp16)."""
     layers, hidden, heads, _ = PYTHIA_SUITE[size]
-    return GPTNeoXConfig(
+    return dict(
+        model_type="gpt_neox",
         vocab_size=50304,
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -70,3 +75,12 @@ def pythia_config(size: str) -> GPTNeoXConfig:
         eos_token_id=0,
         dtype="float16",
     )
+
+
+def pythia_config(size: str) -> GPTNeoXConfig:
+    """The `GPTNeoXConfig` of `EleutherAI/pythia-<size>`."""
+    from transformers import GPTNeoXConfig
+
+    fields = pythia_config_fields(size)
+    del fields["model_type"]
+    return GPTNeoXConfig(**fields)

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, first_line
+from ..errors import UserError
+from ..io import read_jsonl
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -56,16 +57,6 @@ DATA_NAMES: dict[str, tuple[str, str]] = {
 HUB_DATA: dict[str, tuple[str, str]] = {
     "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
 }
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 # --------------------------------------------------------------------------------- results
 
@@ -238,13 +229,7 @@ def _read_utf8(path: Path) -> str:
 def read_jsonl_texts(path: Path) -> list[str]:
     """The "text" field of every non-blank line of a jsonl file."""
     texts = []
-    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path} line {number} is not valid JSON: {error.msg}") from None
+    for number, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(f'{path} line {number} has no string "text" field')
         texts.append(record["text"])
@@ -264,13 +249,6 @@ def load_text_dataset(name_or_path: str | os.PathLike) -> TextDataset:
 # ---------------------------------------------------------------------------------- models
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise UserError(f"unknown dtype '{name}' (choose float32, bfloat16 or float16)") from None
-
-
 def parse_device(name: str) -> torch.device:
     """`auto` means CUDA when available, else CPU."""
     if name == "auto":
@@ -282,64 +260,6 @@ def parse_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available")
     return device
-
-
-def _is_hub_id(name: str) -> bool:
-    """`org/model` that is not a local path: left to the Hub (its own errors say what failed)."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
-
-
-def check_model_source(name: str) -> None:
-    path = Path(name).expanduser()
-    if _is_hub_id(name):
-        return
-    if not path.exists():
-        raise UserError(f"model directory not found: {path}")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def load_tokenizer(name: str):
-    """The tokenizer saved at a checkpoint directory (or Hub id)."""
-    from transformers import AutoTokenizer
-
-    check_model_source(name)
-    hub = _is_hub_id(name)
-    path = Path(name).expanduser()
-    # transformers 5 quietly builds an empty tokenizer from a bare config.json: look first.
-    if not hub and not any((path / file).is_file() for file in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer files in {path}; pass --tokenizer DIR (e.g. the original model's)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name if hub else str(path))
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise UserError(f"no usable tokenizer at {name} ({first_line(error)}); pass --tokenizer DIR") from None
-    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
-        raise UserError(f"the tokenizer at {name} encodes text to nothing; pass --tokenizer DIR")
-    return tokenizer
-
-
-def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """Load a causal LM (MeSH checkpoints included) in eval mode, in `dtype` on `device`.
-
-    `dtype` is always passed explicitly: transformers 5 otherwise keeps the checkpoint's dtype
-    (Pythia checkpoints are fp16, which is poor on CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    from .. import MeshForCausalLM  # noqa: F401  (registers MeSH with the Auto classes)
-
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    torch_device = parse_device(device) if isinstance(device, str) else device
-    check_model_source(name)
-    source = name if _is_hub_id(name) else str(Path(name).expanduser())
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"cannot load model {name}: {first_line(error)}") from None
-    return model.to(torch_device).eval()
 
 
 def model_device(model) -> torch.device:

@@ -13,6 +13,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .. import io
+
 PAPER_URL = "https://arxiv.org/abs/2510.07739"
 BASE_TAGS = ["mesh", "recursive-transformer", "custom_code", "mesh-convert"]
 # Routers and relaxation deltas are non-embedding parameters too: a full-rank relaxation stores as
@@ -36,7 +38,6 @@ _TASK_DATASETS: dict[str, tuple[str, str, str | None]] = {
     "sciq": ("allenai/sciq", "SciQ", None),
 }
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------- reading info
@@ -442,6 +443,6 @@ def build_model_card(
 def write_model_card(output_dir: Path, info: dict, *, repo_id: str | None = None) -> None:
     """Write README.md into a converted model's directory."""
     output_dir = Path(output_dir)
-    has_tokenizer = any((output_dir / name).is_file() for name in _TOKENIZER_FILES)
+    has_tokenizer = io.has_tokenizer(output_dir)
     card = build_model_card(info, repo_id=repo_id, has_tokenizer=has_tokenizer)
     (output_dir / "README.md").write_text(str(card), encoding="utf-8")

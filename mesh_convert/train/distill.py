@@ -7,14 +7,14 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .recipe import DistillSection
-from .lora import load_model
+from ..io import load_model
 
 
 class Distiller:
     def __init__(self, section: DistillSection, device: torch.device, dtype: torch.dtype, vocab_size: int):
         self.weight = section.weight
         self.temperature = section.temperature
-        self.teacher = load_model(section.teacher, dtype).to(device).eval()
+        self.teacher = load_model(section.teacher, dtype=dtype).to(device).eval()
         self.teacher.requires_grad_(False)
         teacher_vocab = self.teacher.get_output_embeddings().weight.shape[0]
         if teacher_vocab != vocab_size:

@@ -11,12 +11,14 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..io import check_model_dir, load_model, load_tokenizer
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -25,7 +27,7 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class Plan:
+class RunPlan:
     processes: int
     micro_batch_size: int
     grad_accum: int
@@ -43,7 +45,7 @@ class Plan:
         return self.steps * self.tokens_per_step
 
 
-def make_plan(recipe: Recipe, processes: int, peak_lr: float) -> Plan:
+def plan_run(recipe: Recipe, processes: int, peak_lr: float) -> RunPlan:
     train = recipe.train
     per_step = train.micro_batch_size * processes
     if train.global_batch_size % per_step:
@@ -53,7 +55,7 @@ def make_plan(recipe: Recipe, processes: int, peak_lr: float) -> Plan:
         )
     tokens_per_step = train.global_batch_size * recipe.data.block_size
     steps = train.max_steps or math.ceil(train.max_tokens / tokens_per_step)
-    return Plan(processes, train.micro_batch_size, train.global_batch_size // per_step, train.global_batch_size,
+    return RunPlan(processes, train.micro_batch_size, train.global_batch_size // per_step, train.global_batch_size,
                 recipe.data.block_size, steps, peak_lr)
 
 
@@ -78,7 +80,6 @@ def default_peak_lr(recipe: Recipe, config) -> float:
 def load_base_model(recipe: Recipe, meta: bool = False):
     """The model to train, in float32 master weights (mixed precision autocasts on top)."""
     from .scratch import init_scratch_model, scratch_config
-    from .lora import load_model
 
     if recipe.init is not None:
         config = scratch_config(recipe.init)
@@ -94,7 +95,7 @@ def load_base_model(recipe: Recipe, meta: bool = False):
         config = model_config(recipe)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    return load_model(recipe.model, torch.float32)
+    return load_model(recipe.model, dtype=torch.float32)
 
 
 def model_config(recipe: Recipe):
@@ -105,20 +106,13 @@ def model_config(recipe: Recipe):
         return scratch_config(recipe.init)
     from transformers import AutoConfig
 
-    import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
+    import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 
-    load_model_config_check(recipe.model)
+    check_model_dir(recipe.model)
     try:
         return AutoConfig.from_pretrained(recipe.model)
     except Exception as error:
         raise UserError(f"cannot read the model config in {recipe.model}: {error}") from None
-
-
-def load_model_config_check(path: str) -> None:
-    if not Path(path).is_dir():
-        raise UserError(f"model directory {path} does not exist")
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"{path} is not a model checkpoint (no config.json)")
 
 
 def apply_trainable(model, recipe: Recipe):
@@ -130,18 +124,6 @@ def apply_trainable(model, recipe: Recipe):
         return wrap_lora(model, recipe.lora, train_routers=recipe.trainable == "lora+routers")
     select_trainable(model, recipe.trainable)
     return model
-
-
-def load_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    path = recipe.tokenizer_path
-    if not Path(path).is_dir() or not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise UserError(f"no tokenizer in {path}; set `tokenizer` to a tokenizer directory")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as error:
-        raise UserError(f"cannot load the tokenizer in {path}: {error}") from None
 
 
 def check_data_files(recipe: Recipe) -> None:
@@ -166,7 +148,7 @@ def describe(recipe: Recipe, processes: int = 1) -> dict:
     if context is not None and recipe.data.block_size > context:
         raise UserError(f"data.block_size={recipe.data.block_size} is above the model's context of {context} tokens")
     model = apply_trainable(model, recipe)
-    plan = make_plan(recipe, processes, default_peak_lr(recipe, model.config))
+    plan = plan_run(recipe, processes, default_peak_lr(recipe, model.config))
     counts = count_trainable(model)
     return {
         "processes": plan.processes,
@@ -194,7 +176,7 @@ def _rows(batch: torch.Tensor, micro: int, rank: int, world: int, size: int) -> 
     return batch[start : start + size]
 
 
-def evaluate(model, accelerator, blocks, micro_batch_size: int, max_batches: int | None) -> dict:
+def validation_loss(model, accelerator, blocks, micro_batch_size: int, max_batches: int | None) -> dict:
     """Mean token loss and perplexity over held-out blocks, split across processes. Every process
     runs the same number of forward passes (padding with weight 0), which sharded models need."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -224,8 +206,9 @@ def evaluate(model, accelerator, blocks, micro_batch_size: int, max_batches: int
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(recipe: Recipe, console=None) -> dict:
-    """Run the recipe; returns a summary (steps, tokens, final loss, output paths)."""
+def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, final loss, output paths). `on_step(step,
+    record)` runs after each optimizer step, once its metrics are logged and its checkpoint saved."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -236,12 +219,12 @@ def train(recipe: Recipe, console=None) -> dict:
     output = Path(recipe.output_dir)
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
-    make_plan(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
+    plan_run(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=make_plan(recipe, world, 1.0).grad_accum,
+        gradient_accumulation_steps=plan_run(recipe, world, 1.0).grad_accum,
         log_with=list(recipe.trackers) or None,
         project_dir=str(output),
     )
@@ -252,13 +235,13 @@ def train(recipe: Recipe, console=None) -> dict:
     # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
     check_data_files(recipe)
     context = getattr(model_config(recipe), "max_position_embeddings", None)
-    tokenizer = load_tokenizer(recipe)
+    tokenizer = load_tokenizer(recipe.tokenizer_path, remedy="set `tokenizer` to a tokenizer directory")
     data = build_data(recipe.data, tokenizer, recipe.seed, context)
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_trainable(model, recipe)
-    plan = make_plan(recipe, world, default_peak_lr(recipe, model.config))
+    plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
     counts = count_trainable(model)
 
     annealer = None
@@ -300,7 +283,6 @@ def train(recipe: Recipe, console=None) -> dict:
     if recipe.trackers:
         accelerator.init_trackers("mesh-convert", config=_flat(recipe.model_dump(mode="json")))
 
-    stall_at = int(os.environ.get("MESH_CONVERT_TEST_STALL_AFTER_STEP", "0"))  # tests: wait to be killed
     progress = _Progress(console if main else None, plan.steps, state.step)
     model.train()
     last_loss = float("nan")
@@ -343,7 +325,7 @@ def train(recipe: Recipe, console=None) -> dict:
             window_start, window_tokens = time.perf_counter(), 0
         every = recipe.train.eval_every
         if data.eval is not None and ((every and state.step % every == 0) or state.step == plan.steps):
-            record.update(evaluate(model, accelerator, data.eval, plan.micro_batch_size, recipe.train.eval_batches))
+            record.update(validation_loss(model, accelerator, data.eval, plan.micro_batch_size, recipe.train.eval_batches))
         if state.step % recipe.train.log_every == 0 or "eval_loss" in record or state.step == plan.steps:
             metrics.write(record)
             if recipe.trackers:
@@ -351,9 +333,8 @@ def train(recipe: Recipe, console=None) -> dict:
         progress.update(state.step, record)
         if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
             save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
-        if stall_at and state.step == stall_at:
-            while True:  # a test kills the process here (SIGKILL), after the checkpoint above
-                time.sleep(1)
+        if on_step is not None:
+            on_step(state.step, record)
     progress.close()
 
     summary = _export(recipe, accelerator, model, tokenizer, state, last_loss)
@@ -467,7 +448,7 @@ class _Progress:
             self.bar.stop()
 
 
-__all__ = ["Plan", "describe", "evaluate", "main", "make_plan", "train"]
+__all__ = ["RunPlan", "describe", "main", "plan_run", "train", "validation_loss"]
 
 
 def main(argv: list[str] | None = None) -> int:

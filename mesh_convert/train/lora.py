@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError
+from ..io import load_model
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -70,7 +71,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
-    import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
+    import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -79,7 +80,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     base_path = Path(base or config.base_model_name_or_path or "")
     if not (base_path / "config.json").is_file():
         raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
-    model = load_model(base_path, torch.float32)
+    model = load_model(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output)
@@ -94,21 +95,4 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     return output
 
 
-def load_model(path: str | Path, dtype):
-    """A causal LM from a local directory; any failure is a one-line UserError."""
-    from transformers import AutoModelForCausalLM
-
-    import mesh_convert  # noqa: F401
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model checkpoint (no config.json)")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
-        raise UserError(f"cannot load the model in {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
-
-
-__all__ = ["copy_side_files", "load_model", "merge_adapter", "router_module_names", "wrap_lora"]
+__all__ = ["copy_side_files", "merge_adapter", "router_module_names", "wrap_lora"]

@@ -1,4 +1,4 @@
-"""Helpers for the training tests (no tests here): a character tokenizer whose ids fit the tiny
+"""Helpers shared by the tests (no tests here): a character tokenizer whose ids fit the tiny
 models' 128-token vocabulary, learnable text, converted tiny checkpoints and a CLI runner."""
 
 import json
@@ -6,12 +6,11 @@ import random
 from pathlib import Path
 
 import torch
-import typer
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_pythia
-from mesh_convert import cli
+from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,20 +78,9 @@ def write_recipe(path: Path, data: dict) -> Path:
     return path
 
 
-def run_cli(monkeypatch, args: list[str]) -> int:
-    """`mesh_convert.cli.main` with the training commands on a fresh app (as the lead wires them)."""
-    from mesh_convert.cli import train as cli_train
-
-    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-    cli_train.register(app)
-
-    @app.command("version", hidden=True)  # a second command keeps typer in multi-command mode
-    def _version():
-        pass
-
-    monkeypatch.setattr(cli, "app", app)
-    monkeypatch.setattr(cli, "_register_commands", lambda: None)
-    return cli.main(args)
+def run_cli(args: list[str]) -> int:
+    """The CLI through its public entry point, `mesh_convert.cli.main` (as the console script runs it)."""
+    return main(args)
 
 
 def metrics(output: Path) -> list[dict]:

@@ -1,0 +1,102 @@
+"""The options of a conversion, each declared once: its type and choices, default, bounds, and the
+flag and help text the command line derives from it (`cli.params`)."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
+
+Variant = Literal["mesh", "base", "residual", "anchor", "anchor_emb"]
+Tie = Literal["upper", "stepwise", "lower", "average"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+# Logit gap of the function-preserving router init (spec section 5): off-target mass is
+# (B-1)*e^-gap; BENCHMARKS.md shows how it was chosen.
+DEFAULT_ROUTER_GAP = 8.0
+
+_SIZE = TypeAdapter(ByteSize)  # "500MB", "5GB" (powers of ten), "5GiB"
+
+
+def cli_argument(**cli) -> dict:
+    """Field metadata: a positional command-line argument."""
+    return {"cli": {"argument": True, **cli}}
+
+
+def cli_option(*flags: str, **cli) -> dict:
+    """Field metadata: a command-line option under `flags`; `type` overrides the field's type for
+    parsing (the field's validator then reads the text)."""
+    return {"cli": {"flags": flags, **cli}}
+
+
+class ConvertOptions(BaseModel):
+    """Everything a conversion depends on; the CLI (and recipes) build this, and it validates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b).",
+        json_schema_extra=cli_argument(),
+    )
+    loops: int = Field(ge=1, description="K: how many times the shared core runs.",
+                       json_schema_extra=cli_option("--loops", "-k"))
+    prelude: int | None = Field(default=None, ge=0, description="P unshared bottom layers (default: the paper's layout).",
+                                json_schema_extra=cli_option("--prelude"))
+    coda: int | None = Field(default=None, ge=0, description="Q unshared top layers (default: the paper's layout).",
+                             json_schema_extra=cli_option("--coda"))
+    variant: Variant = Field(default="mesh", description="The recurrence between loops: MeSH's memory, or a baseline.",
+                             json_schema_extra=cli_option("--variant"))
+    tie: Tie = Field(
+        default="upper",
+        description="How a core layer is made from its K stand-ins (upper: best after healing, BENCHMARKS.md).",
+        json_schema_extra=cli_option("--tie"),
+    )
+    slots: int | None = Field(default=None, ge=2, description="B memory slots (default K+3).",
+                              json_schema_extra=cli_option("--slots"))
+    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0,
+                              description="Logit gap of the function-preserving router init.",
+                              json_schema_extra=cli_option("--router-gap"))
+    relax_rank: int | Literal["full"] = Field(
+        default=0, description="Per-loop delta rank: 0 (none), N, or full (exact).",
+        json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
+    )
+    dtype: Dtype = Field(default="auto", description="Output dtype; auto keeps the source's.",
+                         json_schema_extra=cli_option("--dtype"))
+    revision: str | None = Field(default=None, description="Hub revision, e.g. step143000 for Pythia.",
+                                 json_schema_extra=cli_option("--revision"))
+    output: Path | None = Field(default=None, description="Output directory (default ./<model>-mesh-<layout>).",
+                                json_schema_extra=cli_option("--output", "-o"))
+    overwrite: bool = Field(default=False, description="Replace a non-empty output directory.",
+                            json_schema_extra=cli_option("--overwrite"))
+    max_shard_size: str = Field(default="5GB", description="Largest safetensors shard, e.g. 500MB.",
+                                json_schema_extra=cli_option("--max-shard-size"))
+    push_to_hub: str | None = Field(  # the card's usage snippet then names this repo
+        default=None, description="Then upload the result to this Hub repo.",
+        json_schema_extra=cli_option("--push-to-hub"),
+    )
+
+    @field_validator("relax_rank", mode="before")
+    @classmethod
+    def _parse_rank(cls, value):
+        if isinstance(value, str) and value.strip().lower() == "full":
+            return "full"
+        try:
+            rank = int(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be a non-negative integer or 'full'") from None
+        if rank < 0:
+            raise ValueError("must be a non-negative integer or 'full'")
+        return rank
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _parse_size(cls, value: str):
+        try:
+            if _SIZE.validate_python(value) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError("must be a size like 500MB or 5GB") from None
+        return value
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return int(_SIZE.validate_python(self.max_shard_size))

@@ -1,0 +1,149 @@
+"""Reading what users point the package at, one way for every command: Hub ids, checkpoint
+directories, models and tokenizers (one dtype and remote-code policy), dtype names and JSONL.
+
+Light to import: torch, transformers and huggingface_hub load inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# Files that make up a tokenizer (the converter copies them next to the weights).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+# Any of these is enough for AutoTokenizer to build a tokenizer (the others only add to one).
+_TOKENIZER_CORE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+# dtype names accepted on command lines and in recipes, with the short spellings.
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`float32` / `bfloat16` / `float16` (or fp32, bf16, fp16) -> the torch dtype."""
+    import torch
+
+    canonical = DTYPE_ALIASES.get(name.lower())
+    if canonical is None:
+        raise UserError(f"unknown dtype '{name}' (choose float32, bfloat16 or float16)")
+    return getattr(torch, canonical)
+
+
+# ----------------------------------------------------------------------------- where things are
+
+
+def is_hub_id(name: str) -> bool:
+    """`namespace/name` that is a valid Hub repo id and not a local path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1 or Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_dir(name: str | Path) -> Path:
+    """The checkpoint directory `name`, or a UserError saying what is missing."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model directory {name} does not exist" if not path.exists() else f"{name} is not a directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{name} is not a model checkpoint (no config.json)")
+    return path
+
+
+def model_source(name: str | Path) -> str:
+    """What `from_pretrained` should get: a Hub id as it is, else the checked local directory."""
+    return str(name) if is_hub_id(str(name)) else str(check_model_dir(name))
+
+
+def has_tokenizer(name: str | Path) -> bool:
+    """Whether `name` holds tokenizer files (a Hub id is assumed to)."""
+    if is_hub_id(str(name)):
+        return True
+    path = Path(name).expanduser()
+    return any((path / file).is_file() for file in _TOKENIZER_CORE)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """A causal LM (MeSH checkpoints included) from a directory or Hub id, in eval mode.
+
+    One policy for every command: the dtype is explicit (transformers 5 otherwise keeps the
+    checkpoint's, and Pythia's fp16 is poor on CPU), and remote code is not run: MeSH loads with
+    this package's own classes, registered with the Auto classes."""
+    from transformers import AutoModelForCausalLM
+
+    import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
+
+    source = model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype
+        )
+    except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
+        raise UserError(f"cannot load the model in {name}: {type(error).__name__}: {first_line(error)}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
+    """The tokenizer of a checkpoint directory (or Hub id); `remedy` ends the error messages."""
+    from transformers import AutoTokenizer
+
+    hub = is_hub_id(str(name))
+    source = str(name) if hub else str(Path(name).expanduser())
+    if not hub and not Path(source).is_dir():
+        raise UserError(f"tokenizer directory {name} does not exist")
+    # transformers 5 quietly builds an empty tokenizer from a bare config.json: look first.
+    if not has_tokenizer(name):
+        raise UserError(f"no tokenizer files in {name}; {remedy}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise UserError(f"no usable tokenizer at {name} ({first_line(error)}); {remedy}") from None
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer at {name} encodes text to nothing; {remedy}")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for every non-blank line of a JSONL file, as the file is read."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path} line {number} is not valid JSON: {error.msg}") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None

@@ -1,0 +1,83 @@
+"""The command line as a user meets it: light to start (no torch, no transformers for help and
+for a Pythia alias's dry run), choices checked by the parser, `python -m mesh_convert`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers")
+
+# Runs the CLI's entry point in a fresh process, then prints which heavy libraries got imported.
+PROBE = """
+import sys
+from mesh_convert.cli import main
+code = main(sys.argv[1:])
+print("HEAVY", sorted({m.split(".")[0] for m in sys.modules} & {%r, %r}), code, file=sys.stderr)
+""" % HEAVY
+
+COMMANDS = ["", "convert", "train", "finetune", "init", "merge", "eval", "push", "diagnose", "inspect"]
+
+
+def run_probe(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+                          stdin=subprocess.DEVNULL)
+
+
+def heavy_imports(result: subprocess.CompletedProcess) -> str:
+    return next(line for line in result.stderr.splitlines() if line.startswith("HEAVY"))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_imports_neither_torch_nor_transformers(command, tmp_path):
+    result = run_probe([*command.split(), "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+    assert heavy_imports(result) == "HEAVY [] 0"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_dry_run_of_a_pythia_alias_imports_neither_torch_nor_transformers(as_json, tmp_path):
+    result = run_probe(["pythia-410m", "--loops", "3", "--dry-run", *(["--json"] if as_json else [])], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert heavy_imports(result) == "HEAVY [] 0"
+    if as_json:
+        plan = json.loads(result.stdout)
+        assert plan["layout"] == "3+6R3+3" and plan["params"]["original_nonembedding"] == 302_311_424
+        assert plan["command"] == "mesh-convert pythia-410m --loops 3 --dry-run --json"
+    else:
+        assert "3+6R3+3" in result.stdout and "302,311,424" in result.stdout
+
+
+def test_package_import_is_light_and_model_names_load_on_use(tmp_path):
+    code = ("import sys, mesh_convert; light = 'torch' not in sys.modules; "
+            "from mesh_convert import MeshConfig, MeshForCausalLM, convert_model; "
+            "from transformers import AutoConfig; "
+            "print(light, MeshForCausalLM.__name__, callable(convert_model), type(AutoConfig.for_model('mesh')).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.split() == ["True", "MeshForCausalLM", "True", "MeshConfig"], result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, choices",
+    [
+        (["pythia-160m", "--loops", "2", "--tie", "median"], "'upper', 'stepwise', 'lower', 'average'"),
+        (["pythia-160m", "--loops", "2", "--variant", "loop"], "'mesh', 'base', 'residual', 'anchor', 'anchor_emb'"),
+        (["pythia-160m", "--loops", "2", "--dtype", "float8"], "'auto', 'float32', 'float16', 'bfloat16'"),
+        (["eval", "m", "--task", "translate"], "'auto', 'perplexity', 'lambada'"),
+        (["eval", "m", "--dtype", "float8"], "'float32', 'bfloat16', 'float16'"),
+    ],
+)
+def test_bad_choices_are_rejected_by_the_parser_with_the_valid_list(args, choices, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mesh_convert", *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = " ".join(result.stderr.split())
+    assert "Invalid value" in last and choices in last, result.stderr
+    assert list(tmp_path.iterdir()) == []
