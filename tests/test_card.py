@@ -1,11 +1,14 @@
 """The model card built from conversion.json."""
 
 import copy
+import json
 import re
 
 import pytest
 from huggingface_hub import ModelCard
 
+from mesh_convert.convert.record import ConversionRecord
+from mesh_convert.errors import UserError
 from mesh_convert.hub.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
 
 INFO = {
@@ -120,18 +123,42 @@ def test_missing_fields_are_left_out(strip):
         assert "## Parameters" not in card.text
 
 
-def test_none_and_malformed_values():
+def test_none_values_are_left_out():
     info = copy.deepcopy(INFO)
     info.update(source=None, params={"original_nonembedding": None, "converted_nonembedding": 5},
-                layer_map=None, training={"steps": "many"}, variant=None, relax_rank=None,
-                eval_results=[{"task": "piqa"}, "junk", {"task": "sciq", "metric": "acc", "value": 0.8}])
+                layer_map=None, training={"steps": None}, variant=None, relax_rank=None,
+                eval_results=[{"task": "sciq", "metric": "acc", "value": 0.8}])
     card = reparse(build_model_card(info))
     assert card.data.base_model is None
     assert [r.dataset_type for r in card.data.eval_results] == ["allenai/sciq"]
     assert "## Training" not in card.text and "## Layer map" not in card.text
-    assert table_value(card.text, "original model, non-embedding") == "unknown"
-    assert "reduction" not in card.text
+    assert "original model" not in card.text and "reduction" not in card.text
+    assert table_value(card.text, "converted layers (stored once), non-embedding") == "5"
     assert build_model_card(None).data.library_name == "transformers"
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [('{"training": {"steps": "many"}}', "training.steps"), ('{"eval_results": ["junk"]}', "eval_results.0"),
+     ("[1, 2]", "conversion.json"), ("{not json", "conversion.json")],
+)
+def test_a_malformed_record_is_one_clear_error(tmp_path, content, problem):
+    (tmp_path / "conversion.json").write_text(content)
+    with pytest.raises(UserError, match=re.escape(problem)):
+        ConversionRecord.read(tmp_path)
+
+
+def test_records_of_the_old_init_command_still_read(tmp_path):
+    """`init` used to write its counts under `parameters`; such a model's card still shows them."""
+    old = {"init": {"size": "custom", "loops": 2}, "seed": 0,
+           "parameters": {"nonembedding": 41_184, "routers": 990, "relax": 0, "embedding": 8_192, "total": 50_366}}
+    (tmp_path / "conversion.json").write_text(json.dumps(old))
+    record = ConversionRecord.read(tmp_path)
+    assert record.params.converted_nonembedding == 41_184 and record.init == old["init"]
+    write_model_card(tmp_path, record)
+    text = (tmp_path / "README.md").read_text()
+    assert table_value(text, "converted layers (stored once), non-embedding") == "41,184"
+    assert table_value(text, "converted model, total") == "50,366"
 
 
 @pytest.mark.parametrize(

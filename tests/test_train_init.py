@@ -57,7 +57,13 @@ def test_init_command_writes_a_loadable_model(tmp_path, monkeypatch):
     assert run_cli(args) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.layout == "1+1R2+1" and model.config.vocab_size == 128
-    assert json.loads((out / "conversion.json").read_text())["parameters"]["routers"] == 2 * 3 * (32 * 5 + 5)
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["params"]["routers"] == 2 * 3 * (32 * 5 + 5)
+    # The card shows the from-scratch model's parameter table (there is no original to compare with).
+    card = (out / "README.md").read_text()
+    nonembedding = record["params"]["converted_nonembedding"]
+    assert "## Parameters" in card and f"| converted layers (stored once), non-embedding | {nonembedding:,} |" in card
+    assert "original model" not in card and "`1+1R2+1`" in card
     assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 5)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..convert.record import ConversionRecord
 from ..io import has_tokenizer, load_model, load_tokenizer
 from .diagnose import (
     is_mesh,
@@ -100,12 +101,13 @@ def read_provenance(model_dir: Path, config) -> dict:
     provenance: dict = {}
     if getattr(config, "provenance", None):
         provenance["config"] = config.provenance
-    conversion = model_dir / "conversion.json"
-    if conversion.is_file():
-        try:
-            provenance["conversion.json"] = json.loads(conversion.read_text())
-        except json.JSONDecodeError as error:
-            provenance["conversion.json"] = f"unreadable: {error}"
+    try:
+        record = ConversionRecord.read(model_dir)
+    except UserError as error:  # shown, not fatal: the model itself loaded
+        provenance["conversion.json"] = f"unreadable: {error}"
+    else:
+        if record is not None:
+            provenance["conversion.json"] = record.model_dump(mode="json", exclude_unset=True)
     return provenance
 
 

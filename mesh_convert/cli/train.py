@@ -1,5 +1,6 @@
 """`mesh-convert train | finetune | init | merge`: training commands (wired by `cli.register`)."""
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -79,6 +80,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("init")
     def init_command(
+        ctx: typer.Context,
         size: str = typer.Argument(..., help="pythia-<size> (e.g. pythia-160m) or 'custom'."),
         loops: int = typer.Option(2, "--loops", "-k", help="Loops K of the shared core."),
         output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
@@ -95,11 +97,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
     ):
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
-        import json
-
-        from ..train.recipe import InitSpec
         from ..convert.plan import mesh_parameter_counts
-        from ..train.scratch import init_scratch_model, scratch_config
+        from ..hub.card import write_model_card
+        from ..train.recipe import InitSpec
+        from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
@@ -119,7 +120,9 @@ def register(app: typer.Typer) -> None:
             except Exception as error:
                 raise UserError(f"cannot load the tokenizer in {tokenizer}: {error}") from None
         counts = mesh_parameter_counts(config)
-        (output / "conversion.json").write_text(json.dumps({"init": spec.model_dump(), "seed": seed, "parameters": counts}, indent=2) + "\n")
+        record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
+        record.write(output)
+        write_model_card(output, record)
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {output}", highlight=False)
 

@@ -305,11 +305,11 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, staging / name)
-    info = plan.to_dict()
-    (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
-    from ..hub.card import write_model_card
+    record = plan.record()
+    record.write(staging)
+    from ..hub.card import write_model_card  # the card is the hub layer's; the converter writes it too
 
-    write_model_card(staging, info, repo_id=plan.options.push_to_hub)
+    write_model_card(staging, record, repo_id=plan.options.push_to_hub)
 
 
 def convert(plan: ConversionPlan, progress) -> ConversionResult:

@@ -18,6 +18,7 @@ from ..errors import UserError
 from .families import SourceFamily, source_family
 from .options import DEFAULT_ROUTER_GAP, ConvertOptions, Dtype, Tie
 from .pythia import parse_alias, pythia_config_fields
+from .record import ConversionRecord
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
 
 if TYPE_CHECKING:
@@ -319,6 +320,10 @@ class ConversionPlan:
             return self.options.output
         base = Path(self.source.name.rstrip("/")).name
         return Path(f"{base}-mesh-{self.layout.text}")
+
+    def record(self) -> ConversionRecord:
+        """The conversion record (conversion.json) of this plan."""
+        return ConversionRecord.model_validate(self.to_dict())
 
     def to_dict(self) -> dict:
         """The full plan and provenance, as written to conversion.json and printed by --dry-run --json."""

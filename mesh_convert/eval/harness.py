@@ -26,7 +26,6 @@ the document's bytes); on any real text that changes the figure by a few parts p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence

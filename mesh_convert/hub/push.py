@@ -8,7 +8,6 @@ printed, not even inside a server's error message.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+from ..convert.record import ConversionRecord
 from .card import write_model_card
 from ..errors import UserError, first_line
 
@@ -89,19 +89,6 @@ def hub_endpoint(endpoint: str) -> Iterator[None]:
         yield
     finally:
         constants.ENDPOINT = saved
-
-
-def load_conversion_info(folder: Path) -> dict | None:
-    path = folder / "conversion.json"
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
-    if not isinstance(info, dict):
-        raise UserError(f"cannot read {path}: expected a JSON object")
-    return info
 
 
 # ----------------------------------------------------------------------------- error messages
@@ -181,7 +168,7 @@ def _upload(
     private: bool,
     revision: str | None,
     commit_message: str,
-    info: dict | None,
+    record: ConversionRecord | None,
 ) -> str:
     """The network part: create the repo (and branch), then upload the folder in one commit.
     Returns the full repo id, which the Hub completes with the user's namespace if it was left out."""
@@ -194,10 +181,10 @@ def _upload(
     # A folder converted without a card (or whose card was deleted) gets one, but only for as long
     # as the upload runs unless it succeeds: a failed push leaves the folder exactly as it was.
     card_path = folder / "README.md"
-    wrote_card = info is not None and not card_path.exists()
+    wrote_card = record is not None and not card_path.exists()
     if wrote_card:
         try:
-            write_model_card(folder, info, repo_id=full_id)
+            write_model_card(folder, record, repo_id=full_id)
         except OSError as error:
             with suppress(OSError):  # a partly written card, where the folder let us start one
                 card_path.unlink(missing_ok=True)
@@ -239,13 +226,13 @@ def push_folder(
     folder = Path(folder)
     check_model_folder(folder)
     check_repo_id(repo_id)
-    info = load_conversion_info(folder)
+    record = ConversionRecord.read(folder)
     token = resolve_token(token)
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         with hub_endpoint(endpoint):
-            full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, info)
+            full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record)
     except Exception as error:
         user_error = to_user_error(error, repo_id, endpoint, token)
         if user_error is not None:

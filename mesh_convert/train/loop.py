@@ -65,7 +65,11 @@ def default_peak_lr(recipe: Recipe, config) -> float:
         return recipe.optim.lr
     from ..convert.pythia import PYTHIA_LR
 
-    hint = recipe.init.size if recipe.init is not None else json.dumps(getattr(config, "provenance", None) or {})
+    if recipe.init is not None:
+        hint = recipe.init.size
+    else:  # the converted model's source, as its config records it
+        source = (getattr(config, "provenance", None) or {}).get("source") or {}
+        hint = source.get("model", "") if isinstance(source, dict) else str(source)
     match = re.search(r"pythia-([0-9.]+[mb])", hint, re.IGNORECASE)
     if match and match[1].lower() in PYTHIA_LR:
         return PYTHIA_LR[match[1].lower()]

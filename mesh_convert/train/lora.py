@@ -6,11 +6,11 @@ train as full copies through `modules_to_save`: peft refuses a ModuleList there,
 Linear is named individually (`write_routers.0`, ...).
 """
 
-import json
 from pathlib import Path
 
 from torch import nn
 
+from ..convert.record import ConversionRecord, with_training
 from ..errors import UserError
 from ..io import load_model
 from .recipe import LoraSection
@@ -55,14 +55,11 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
 
 
 def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
-    """Copy conversion.json from the source model (if any) and add a `training` section."""
-    record = {}
-    if source is not None and (source / "conversion.json").is_file():
-        record = json.loads((source / "conversion.json").read_text())
-    if training is not None:
-        record["training"] = training
-    if record:
-        (target / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
+    """Carry the source model's conversion record (if any) over to `target`, with a `training` section."""
+    record = ConversionRecord.read(source) if source is not None else None
+    record = with_training(record, training)
+    if record is not None:
+        record.write(target)
 
 
 def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path | None = None) -> Path:
@@ -88,10 +85,9 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
         if (source / "tokenizer_config.json").is_file():
             AutoTokenizer.from_pretrained(str(source)).save_pretrained(output)
             break
-    training = None
-    if (adapter_dir / "conversion.json").is_file():
-        training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
-    copy_side_files(base_path, output, training)
+    adapter_record = ConversionRecord.read(adapter_dir)
+    training = adapter_record.training if adapter_record is not None else None
+    copy_side_files(base_path, output, training.model_dump(exclude_unset=True) if training is not None else None)
     return output
 
 

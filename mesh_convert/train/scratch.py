@@ -9,8 +9,11 @@ import math
 
 import torch
 
-from ..modeling.configuration_mesh import MeshConfig
+from .. import __version__
+from ..convert.plan import mesh_parameter_counts
+from ..convert.record import ConversionRecord, Params
 from ..errors import UserError
+from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM
 from .recipe import InitSpec
 
@@ -73,3 +76,26 @@ def init_scratch_model(config: MeshConfig, seed: int) -> MeshForCausalLM:
         if name.endswith(OUTPUT_PROJECTIONS):
             module.weight.normal_(0.0, std)
     return model
+
+
+def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str = "") -> ConversionRecord:
+    """The conversion record of a from-scratch model: its layout, its parameter counts (there is no
+    original model to compare with), the spec and the seed."""
+    counts = mesh_parameter_counts(config)
+    return ConversionRecord(
+        mesh_convert_version=__version__,
+        command=command or None,
+        layout=config.layout,
+        prelude=config.num_prelude_layers,
+        core=config.num_core_layers,
+        loops=config.num_loops,
+        coda=config.num_coda_layers,
+        variant=config.variant,
+        slots=config.num_slots if config.variant == "mesh" else None,
+        relax_rank=config.relax_rank,
+        dtype="float32",
+        params=Params(converted_nonembedding=counts["nonembedding"], routers=counts["routers"], relax=counts["relax"],
+                      embedding=counts["embedding"], total=counts["total"]),
+        init=spec.model_dump(),
+        seed=seed,
+    )

@@ -1,0 +1,150 @@
+"""`conversion.json`: the record of where a model came from and what was done to it.
+
+One schema, written by `convert`, `train`/`finetune` (a `training` section), `init` and `merge`,
+and read by the model card, `push`, `inspect` and training. Every field is optional, because
+records of older versions lack some, and unknown fields are kept, so that a record passes through
+`train` and `merge` unchanged. Records written before this schema existed still read: `init` then
+wrote its counts under `parameters`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from ..errors import UserError
+
+FILENAME = "conversion.json"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Source(_Section):
+    model: str | None = None  # Hub id or local directory, as converted
+    revision: str | None = None
+    model_type: str | None = None
+    license: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+
+
+class Params(_Section):
+    """Parameter counts (`convert.plan.count_parameters`); `converted_nonembedding` counts the
+    stored layers only, routers and relaxation deltas are counted apart."""
+
+    original_nonembedding: int | None = None
+    converted_nonembedding: int | None = None
+    routers: int = 0
+    relax: int = 0
+    embedding: int | None = None
+    total: int | None = None
+    reduction: float | None = None
+
+
+class Training(_Section):
+    recipe: Any = None  # the recipe as trained (a dict), or its name
+    method: str | None = None
+    trainable: str | None = None
+    tokens: int | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    processes: int | None = None
+    distributed: str | None = None
+    init: dict | None = None  # the from-scratch spec, for models `init` made
+
+
+class EvalEntry(_Section):
+    task: str
+    metric: str
+    value: float
+
+
+class ConversionRecord(_Section):
+    mesh_convert_version: str | None = None
+    command: str | None = None
+    source: Source | None = None
+    layout: str | None = None
+    prelude: int | None = None
+    core: int | None = None
+    loops: int | None = None
+    coda: int | None = None
+    variant: str | None = None
+    tie: str | None = None
+    slots: int | None = None
+    router_gap: float | None = None
+    relax_rank: int | str | None = None
+    dtype: str | None = None
+    layer_map: dict[str, list[list[int]]] | None = None
+    loop_sources: list[list[int]] | None = None
+    params: Params | None = None
+    output: str | None = None
+    init: dict | None = None  # `init`: the from-scratch spec
+    seed: int | None = None  # `init`: the seed of the random weights
+    training: Training | None = None
+    eval_results: list[EvalEntry] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_init_records(cls, data):
+        """`init` once wrote `mesh_parameter_counts` under `parameters`."""
+        if isinstance(data, dict) and "parameters" in data and "params" not in data:
+            data = dict(data)
+            counts = dict(data.pop("parameters") or {})
+            if "nonembedding" in counts:
+                counts["converted_nonembedding"] = counts.pop("nonembedding")
+            data["params"] = counts
+        return data
+
+    @property
+    def source_model(self) -> str | None:
+        return self.source.model if self.source else None
+
+    def layout_text(self) -> str | None:
+        """`P+CRK+Q`, rebuilt from the counts when the record does not store it."""
+        if self.layout:
+            return self.layout
+        parts = (self.prelude, self.core, self.loops, self.coda)
+        return None if None in parts else "{}+{}R{}+{}".format(*parts)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / FILENAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> ConversionRecord | None:
+        """The record in `directory`, None when there is none; a UserError when it is unreadable."""
+        path = Path(directory) / FILENAME
+        if not path.is_file():
+            return None
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            detail = _first_problem(error) if isinstance(error, ValidationError) else str(error).splitlines()[0]
+            raise UserError(f"cannot read {path}: {detail}") from None
+
+
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the record"
+    return f"{where}: {first['msg']}"
+
+
+def with_training(record: ConversionRecord | None, training: dict | None) -> ConversionRecord | None:
+    """`record` (of the source model) with the `training` section of a run that continued it."""
+    if training is None:
+        return record
+    base = record or ConversionRecord()
+    return base.model_copy(update={"training": Training.model_validate(training)})
+
+
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "with_training"]
