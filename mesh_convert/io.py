@@ -7,6 +7,7 @@ Light to import: torch, transformers and huggingface_hub load inside the functio
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +85,13 @@ def has_tokenizer(name: str | Path) -> bool:
         return True
     path = Path(name).expanduser()
     return any((path / file).is_file() for file in _TOKENIZER_CORE)
+
+
+def resolve_endpoint() -> str:
+    """HF_ENDPOINT as it is now: huggingface_hub reads it only once, at import time."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 # ----------------------------------------------------------------------------- loading

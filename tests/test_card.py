@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 
 from mesh_convert.convert.record import ConversionRecord
 from mesh_convert.errors import UserError
-from mesh_convert.hub.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
+from mesh_convert.convert.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
 
 INFO = {
     "mesh_convert_version": "0.1.0",

@@ -19,9 +19,13 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForCausalLM
 
 from mesh_convert.cli import main
-from mesh_convert.errors import UserError
-from mesh_convert.hub.push import _httpx as httpx  # the HTTP client module huggingface_hub uses
-from mesh_convert.hub.push import http_error_message, push_folder, push_to_hub, scrub, to_user_error
+from mesh_convert.errors import UserError, http_error_message, hub_error, scrub
+from mesh_convert.hub.push import push_folder, push_to_hub
+
+try:  # the HTTP client module huggingface_hub uses (httpx2 from huggingface_hub 2.x)
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 from hub_standin import HubStandin, User
 
@@ -303,7 +307,7 @@ def test_http_errors_become_one_line(status, expected):
 
 def test_tokens_are_scrubbed_from_server_messages():
     error = _http_error(500, {"error": f"boom, Authorization: Bearer {WRITE_TOKEN}"})
-    user_error = to_user_error(error, "alice/x", "http://hub.test", WRITE_TOKEN)
+    user_error = hub_error(error, "alice/x", endpoint="http://hub.test", token=WRITE_TOKEN, uploading=True)
     assert isinstance(user_error, UserError)
     assert WRITE_TOKEN not in str(user_error) and "500" in str(user_error)
     # Token-shaped strings are hidden even when they are not the token in use.
@@ -312,7 +316,7 @@ def test_tokens_are_scrubbed_from_server_messages():
 
 
 def test_unknown_errors_are_not_disguised():
-    assert to_user_error(KeyError("x"), "alice/x", "http://hub.test", WRITE_TOKEN) is None
+    assert hub_error(KeyError("x"), "alice/x", endpoint="http://hub.test", token=WRITE_TOKEN, uploading=True) is None
 
 
 # ----------------------------------------------------------------------------- convert --push-to-hub

@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
     ):
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         from ..convert.plan import mesh_parameter_counts
-        from ..hub.card import write_model_card
+        from ..convert.card import write_model_card
         from ..train.recipe import InitSpec
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 

@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 from ..errors import UserError
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
+from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
 from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
@@ -307,8 +308,6 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
             shutil.copyfile(source_dir / name, staging / name)
     record = plan.record()
     record.write(staging)
-    from ..hub.card import write_model_card  # the card is the hub layer's; the converter writes it too
-
     write_model_card(staging, record, repo_id=plan.options.push_to_hub)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from ..errors import UserError, hub_error
 from ..io import TOKENIZER_FILES, is_hub_id
 from .pythia import parse_alias
 
@@ -48,42 +48,15 @@ def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     return SourceRef(name, name, revision, None)
 
 
-def _hub_errors():
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    return {
-        RevisionNotFoundError: "revision {revision} not found in {repo}",
-        GatedRepoError: "{repo} is gated: accept its terms on the Hub and log in (hf auth login)",
-        RepositoryNotFoundError: "no model {repo} on the Hub (or it is private and you are not logged in)",
-        EntryNotFoundError: "{repo} has no such file",
-        OfflineModeIsEnabled: "cannot fetch {repo}: offline mode is on (HF_HUB_OFFLINE)",
-        LocalEntryNotFoundError: "cannot reach the Hub to fetch {repo} (no network, and not in the local cache)",
-        HfHubHTTPError: "the Hub refused {repo}: {error}",
-    }
-
-
 def _from_hub(ref: SourceRef, action):
     """Run a huggingface_hub call, turning its errors into one line."""
     try:
         return action()
-    except tuple(_hub_errors()) as error:
-        for kind, message in _hub_errors().items():
-            if isinstance(error, kind):
-                from ..hub.push import error_line
-
-                short = error_line(error)
-                raise UserError(message.format(repo=ref.repo_id, revision=ref.revision, error=short)) from None
-        raise
-    except (OSError, ConnectionError) as error:
-        raise UserError(f"cannot reach the Hub to fetch {ref.repo_id}: {error}") from None
+    except Exception as error:
+        user_error = hub_error(error, ref.repo_id, revision=ref.revision)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def fetch_config(ref: SourceRef) -> Path:

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..io import read_jsonl
+from ..errors import UserError, error_line
+from ..io import read_jsonl, resolve_endpoint
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -194,7 +194,6 @@ def fetch_hub_data(key: str, looked: str) -> Path:
     `cache_data_dir()`, so later runs (and offline ones) find it without the Hub."""
     from huggingface_hub import hf_hub_download
 
-    from ..hub.push import error_line, resolve_endpoint
 
     repo_id, filename = HUB_DATA[key]
     target = cache_data_dir() / DATA_NAMES[key][0]

@@ -1,1 +1,1 @@
-"""The Hugging Face Hub: model cards and uploads."""
+"""The Hugging Face Hub: uploading a model directory (`push`)."""

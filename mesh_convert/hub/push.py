@@ -8,8 +8,6 @@ printed, not even inside a server's error message.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -17,17 +15,13 @@ from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..convert.record import ConversionRecord
-from .card import write_model_card
-from ..errors import UserError, first_line
-
-try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
-    import httpx2 as _httpx
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as _httpx
+from ..convert.card import write_model_card
+from ..errors import UserError, hub_error, scrub
+from ..io import resolve_endpoint
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
 DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
@@ -35,8 +29,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.ind
 # Local clutter that is never part of a model (huggingface_hub already skips .git and its cache).
 IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "**/__pycache__/**", "*.pyc"]
 
-_BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-_HF_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -70,11 +62,6 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def resolve_endpoint() -> str:
-    """HF_ENDPOINT as it is now: huggingface_hub reads it only once, at import time."""
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
 @contextmanager
 def hub_endpoint(endpoint: str) -> Iterator[None]:
     """Make huggingface_hub's import-time default agree with `endpoint` while pushing.
@@ -89,68 +76,6 @@ def hub_endpoint(endpoint: str) -> Iterator[None]:
         yield
     finally:
         constants.ENDPOINT = saved
-
-
-# ----------------------------------------------------------------------------- error messages
-
-
-def scrub(text: str, token: str | None) -> str:
-    """`text` without the token or anything shaped like one (servers may echo request headers)."""
-    if token:
-        text = text.replace(token, "***")
-    text = _BEARER.sub(r"\1***", text)
-    return _HF_TOKEN_LIKE.sub("***", text)
-
-
-def _server_detail(error: HfHubHTTPError, token: str | None) -> str:
-    """The server's own explanation, first line only, kept short (scrubbed before it is cut, so
-    that no fragment of a token survives the cut)."""
-    message = scrub(getattr(error, "server_message", None) or "", token).strip()
-    return message.splitlines()[0][:200] if message else ""
-
-
-def http_error_message(error: HfHubHTTPError, repo_id: str, endpoint: str, token: str | None = None) -> str:
-    """One line for an HTTP error from the Hub, by status code."""
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
-    detail = _server_detail(error, token)
-    suffix = f" ({detail})" if detail else ""
-    if status == 401:
-        return (
-            f"the Hub at {endpoint} refused the token (401 Unauthorized){suffix}: "
-            "run `hf auth login` or set HF_TOKEN to a valid token"
-        )
-    if status == 403:
-        return (
-            f"the Hub refused the upload to {repo_id} (403 Forbidden){suffix}: "
-            "the token needs write access to this namespace"
-        )
-    if status == 404:
-        return f"repository {repo_id} or its branch was not found on {endpoint} (404 Not Found){suffix}"
-    reason = getattr(response, "reason_phrase", "") or "error"
-    shown = f"{status} {reason}" if status else "HTTP error"
-    return f"the Hub at {endpoint} answered {shown} while pushing to {repo_id}{suffix}"
-
-
-def error_line(error: BaseException, token: str | None = None) -> str:
-    """An error's first line, safe to show: a server may echo the request's token back in it."""
-    return scrub(first_line(error), token)
-
-
-def to_user_error(error: BaseException, repo_id: str, endpoint: str, token: str) -> UserError | None:
-    """A `UserError` for the failures a user can cause or fix, None for anything else (a bug)."""
-    if isinstance(error, HfHubHTTPError):
-        message = http_error_message(error, repo_id, endpoint, token)
-    elif isinstance(error, OfflineModeIsEnabled):
-        message = "HF_HUB_OFFLINE is set: unset it to push to the Hub"
-    elif isinstance(error, (_httpx.RequestError, ConnectionError)):
-        message = f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
-    elif isinstance(error, ValueError):
-        # huggingface_hub raises ValueError for content the Hub rejects (README metadata, LFS batch).
-        message = f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
-    else:
-        return None
-    return UserError(scrub(message, token))
 
 
 # ----------------------------------------------------------------------------- pushing
@@ -234,7 +159,7 @@ def push_folder(
         with hub_endpoint(endpoint):
             full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record)
     except Exception as error:
-        user_error = to_user_error(error, repo_id, endpoint, token)
+        user_error = hub_error(error, repo_id, endpoint=endpoint, token=token, uploading=True)
         if user_error is not None:
             raise user_error from None
         if token in str(error):  # a bug, reported as such, but still without the token

@@ -1,0 +1,86 @@
+"""The package's map: subpackages in layers, each importing only from its own layer or the ones
+below it (errors < modeling < io < convert < train < eval, analysis < hub < cli), no import
+cycle between modules, and a self-contained remote-code pair."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mesh_convert"
+LAYERS = {"errors": 0, "modeling": 1, "io": 2, "convert": 3, "train": 4, "eval": 5, "analysis": 5, "hub": 6,
+          "cli": 7, "__main__": 8}
+REMOTE_CODE = ("configuration_mesh", "modeling_mesh")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every mesh_convert module `path` imports, at module level or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("mesh_convert")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("mesh_convert"):
+                modules = {f"{target}.{alias.name}" for alias in node.names}
+                known = {m for m in modules if (PACKAGE.parent / (m.replace(".", "/") + ".py")).is_file()
+                         or (PACKAGE.parent / m.replace(".", "/")).is_dir()}
+                found |= known or {target}
+    return found - {name}
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+GRAPH = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py")}
+
+
+def test_no_layer_imports_a_higher_one():
+    wrong = []
+    for module, targets in GRAPH.items():
+        own = layer(module)
+        if own is None:  # the package's root names its public objects lazily
+            continue
+        for target in targets:
+            other = layer(target)
+            if other is None or other == own:
+                continue
+            if LAYERS[other] >= LAYERS[own]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    def visit(module, stack):
+        if module in stack:
+            return stack[stack.index(module):] + [module]
+        for target in sorted(GRAPH.get(module, ())):
+            if target in GRAPH and target != "mesh_convert":  # the root imports nothing until used
+                cycle = visit(target, stack + [module])
+                if cycle:
+                    return cycle
+        return None
+
+    for module in GRAPH:
+        assert visit(module, []) is None, visit(module, [])
+
+
+def test_the_remote_code_pair_imports_only_each_other():
+    for name in REMOTE_CODE:
+        targets = imports(PACKAGE / "modeling" / f"{name}.py")
+        assert targets <= {f"mesh_convert.modeling.{other}" for other in REMOTE_CODE}, targets
+
+
+def test_few_top_level_modules():
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "errors.py", "io.py"]
