@@ -14,7 +14,10 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 # (B-1)*e^-gap; BENCHMARKS.md shows how it was chosen.
 DEFAULT_ROUTER_GAP = 8.0
 
-_SIZE = TypeAdapter(ByteSize)  # "500MB", "5GB" (powers of ten), "5GiB"
+
+def _bytes(size: str) -> int:
+    """The bytes in a size like 500MB, 5GB (powers of ten) or 5GiB; a ValueError for anything else."""
+    return int(TypeAdapter(ByteSize).validate_python(size))
 
 
 def cli_argument(**cli) -> dict:
@@ -31,7 +34,7 @@ def cli_option(*flags: str, **cli) -> dict:
 class ConvertOptions(BaseModel):
     """Everything a conversion depends on; the CLI (and recipes) build this, and it validates."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # validators are built on first use, not for --help
 
     model: str = Field(
         description="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b).",
@@ -91,7 +94,7 @@ class ConvertOptions(BaseModel):
     @classmethod
     def _parse_size(cls, value: str):
         try:
-            if _SIZE.validate_python(value) <= 0:
+            if _bytes(value) <= 0:
                 raise ValueError
         except ValueError:
             raise ValueError("must be a size like 500MB or 5GB") from None
@@ -99,4 +102,4 @@ class ConvertOptions(BaseModel):
 
     @property
     def max_shard_bytes(self) -> int:
-        return int(_SIZE.validate_python(self.max_shard_size))
+        return _bytes(self.max_shard_size)

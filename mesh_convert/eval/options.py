@@ -12,7 +12,7 @@ EvalDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class EvalOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built on first use, not for --help
 
     models: list[str] = Field(
         description="Checkpoint directories (or Hub ids); several are shown side by side.",
