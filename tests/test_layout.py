@@ -84,3 +84,13 @@ def test_the_remote_code_pair_imports_only_each_other():
 
 def test_few_top_level_modules():
     assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "errors.py", "io.py"]
+
+
+def test_the_remote_code_keeps_the_options_choices():
+    """configuration_mesh.py is self-contained, so it has its own list of variants: the same as the options'."""
+    from typing import get_args
+
+    from mesh_convert.convert.options import Variant
+    from mesh_convert.modeling.configuration_mesh import VARIANTS
+
+    assert get_args(Variant) == VARIANTS

@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..convert.options import Variant
 from ..errors import UserError
 
 console = Console(stderr=True)
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
         prelude: int = typer.Option(None, "--prelude", help="Prelude layers (default: the paper's layout)."),
         coda: int = typer.Option(None, "--coda", help="Coda layers (default: the paper's layout)."),
-        variant: str = typer.Option("mesh", "--variant", help="mesh, base, residual, anchor or anchor_emb."),
+        variant: Variant = typer.Option("mesh", "--variant", help="The recurrence between loops: MeSH's memory, or a baseline."),
         layers: int = typer.Option(None, "--layers", help="Unrolled layers (custom size, or override)."),
         hidden: int = typer.Option(None, "--hidden", help="Hidden size D."),
         heads: int = typer.Option(None, "--heads", help="Attention heads."),

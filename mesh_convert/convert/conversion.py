@@ -30,10 +30,9 @@ from .options import ConvertOptions
 from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
 from .shards import ShardWriter, TensorSpan
 from .reader import CheckpointReader
-from ..io import TOKENIZER_FILES
+from ..io import TOKENIZER_FILES, torch_dtype
 from .source import fetch_checkpoint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_mesh.MeshConfig",
@@ -111,7 +110,7 @@ def iter_tensor_groups(
     they exist, so a group never holds more than one float32 layer at a time."""
     family, layout, config = plan.family, plan.layout, plan.mesh_config
     names = list(layer_tensor_shapes(config))
-    dtype = DTYPES[plan.dtype_name]
+    dtype = torch_dtype(plan.dtype_name)
 
     def load(name: str) -> torch.Tensor | TensorSpan:
         span = reader.span(name) if spans else None
@@ -214,7 +213,7 @@ def convert_model(model, loops: int, **options) -> MeshForCausalLM:
     converted = MeshForCausalLM(plan.mesh_config)
     converted.load_state_dict(convert_state_dict(reader, plan), strict=not plan.mesh_config.tie_word_embeddings)
     converted.tie_weights()
-    return converted.to(DTYPES[plan.dtype_name]).eval()
+    return converted.to(torch_dtype(plan.dtype_name)).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +265,7 @@ def staged_directory(target: Path) -> Iterator[Path]:
 def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan, progress) -> tuple[list[str], int]:
     """Stream the converted tensors into safetensors shards: each tensor goes to its place in its
     shard as soon as it exists, and a copied one goes from file to file without being read."""
-    dtype = DTYPES[plan.dtype_name]
+    dtype = torch_dtype(plan.dtype_name)
     expected = expected_tensors(plan.mesh_config, dtype)
     split = split_torch_state_dict_into_shards(expected, max_shard_size=plan.options.max_shard_bytes)
     total = sum(t.numel() * t.element_size() for t in expected.values())
@@ -292,7 +291,7 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
 def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> None:
     """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card."""
     config = plan.mesh_config
-    config.dtype = DTYPES[plan.dtype_name]
+    config.dtype = torch_dtype(plan.dtype_name)
     config.auto_map = dict(AUTO_MAP)
     config.save_pretrained(staging)
     package_dir = Path(__file__).parents[1] / "modeling"

@@ -15,6 +15,12 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 DEFAULT_ROUTER_GAP = 8.0
 
 
+def default_slots(loops: int) -> int:
+    """The paper's memory size B = K + 3 (one slot per step, the embedding's, and one spare);
+    `configuration_mesh.MeshConfig`, which travels as remote code, keeps its own copy of this rule."""
+    return loops + 3
+
+
 def _bytes(size: str) -> int:
     """The bytes in a size like 500MB, 5GB (powers of ten) or 5GiB; a ValueError for anything else."""
     return int(TypeAdapter(ByteSize).validate_python(size))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from .. import __version__
 from ..errors import UserError
 from .families import SourceFamily, source_family
-from .options import DEFAULT_ROUTER_GAP, ConvertOptions, Dtype, Tie
+from .options import DEFAULT_ROUTER_GAP, ConvertOptions, Dtype, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
 from .record import ConversionRecord
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
@@ -269,7 +269,7 @@ def mesh_parameter_counts(config: MeshConfig | Mapping) -> dict[str, int]:
     D, K = fields["hidden_size"], fields["num_loops"]
     unique = fields["num_prelude_layers"] + fields["num_core_layers"] + fields["num_coda_layers"]
     nonembedding = unique * _layer_parameters(fields) + _norm_vectors(fields) * D
-    slots = fields.get("num_slots") or K + 3
+    slots = fields.get("num_slots") or default_slots(K)
     routers = 2 * (K + 1) * (D * slots + slots) if fields.get("variant", "mesh") == "mesh" else 0
     relax = fields["num_core_layers"] * _relax_parameters(fields)
     embedding = _embedding_parameters(fields)
@@ -376,7 +376,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
         layout = resolve_layout(source_config.num_hidden_layers, options.loops, options.prelude, options.coda)
     except ValueError as error:
         raise UserError(str(error)) from None
-    slots = options.slots if options.slots is not None else layout.loops + 3
+    slots = options.slots if options.slots is not None else default_slots(layout.loops)
     if options.variant == "mesh" and slots < layout.loops + 2:
         raise UserError(
             f"--slots {slots} is too few for {layout.loops} loops: the function-preserving router init needs "

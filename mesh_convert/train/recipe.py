@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..convert.options import Variant
 from ..errors import UserError
 
 TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
@@ -30,7 +31,7 @@ class InitSpec(Strict):
     loops: int = Field(2, ge=1)
     prelude: int | None = None
     coda: int | None = None
-    variant: str = "mesh"
+    variant: Variant = "mesh"
     # Dimensions that override (or, for size=custom, define) the Pythia architecture.
     num_layers: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1)
