@@ -9,7 +9,7 @@ scripts/make_demo_checkpoint.py into $MESH_CONVERT_CACHE/bench) and `smollm2` (S
 float32, from scripts/get_smollm2.py), or any local checkpoint directory given as NAME=PATH.
 
 Each repetition runs, one after another and each in its own process:
-  baseline  `python -c "import torch, transformers, mesh_convert.convert, mesh_convert.cli"`
+  baseline  `python -c "import torch, transformers, mesh_convert.convert.conversion, mesh_convert.cli"`
             (peak RSS and wall time of a process that only imports what the CLI imports);
   copy      `shutil.copyfile` of the source weight files into the work directory (in this process),
             and a user-space read/write copy of them;
@@ -60,7 +60,7 @@ from bench_common import (  # noqa: E402
 
 TIME_TARGET = 2.0  # conversion time <= 2x the copy time
 SHARD_TARGET = 2.0  # peak RSS <= baseline + 2 shards
-BASELINE_IMPORTS = "import torch, transformers, mesh_convert, mesh_convert.convert, mesh_convert.cli"
+BASELINE_IMPORTS = "import torch, transformers, mesh_convert, mesh_convert.convert.conversion, mesh_convert.cli"
 # ... and then print its own /proc status, for the anonymous / file-backed split of the baseline.
 BASELINE_CODE = BASELINE_IMPORTS + "; print(open('/proc/self/status').read())"
 
