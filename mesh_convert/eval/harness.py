@@ -2,7 +2,7 @@
 when lm-eval is installed, any lm-eval harness task.
 
 The functions take a loaded model and tokenizer, so that scripts can call them directly; the
-`mesh-convert eval` command (`cli_eval.py`) is a thin layer over them. Nothing here prints:
+`mesh-convert eval` command (`cli/eval.py`, `eval/runner.py`) is a thin layer over them. Nothing here prints:
 long loops report through an optional `on_progress(done, total)` callback.
 
 Sliding-window perplexity, precisely. The text is tokenized once (no special tokens added).
