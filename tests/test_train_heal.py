@@ -6,20 +6,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import assert_loads_as_remote_code
 from mesh_convert.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train import train
-from mesh_convert.train_anneal import Annealer, export_at_rank, scheduled_rank
+from mesh_convert.train_anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank
 from mesh_convert.train_distill import Distiller
 from test_train_support import char_tokenizer, metrics, recipe, tiny_converted, write_text
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal")
+@pytest.fixture(scope="module", params=["gpt_neox", "llama"])
+def work(request, tmp_path_factory):
+    """Both decoder families: their relaxed norms differ (LayerNorm weight+bias vs RMSNorm weight)."""
+    root = tmp_path_factory.mktemp(f"heal-{request.param}")
     tokenizer = char_tokenizer(root / "tokenizer")
-    full = tiny_converted(root / "mesh-full", tokenizer, relax_rank="full")
+    full = tiny_converted(root / "mesh-full", tokenizer, relax_rank="full", family=request.param)
     return {"root": root, "text": write_text(root / "train.txt"), "full": full,
-            "teacher": root / "mesh-full-source", "plain": tiny_converted(root / "mesh", tokenizer)}
+            "teacher": root / "mesh-full-source", "plain": tiny_converted(root / "mesh", tokenizer, family=request.param)}
 
 
 def test_distillation_term_is_zero_for_the_teacher_itself_and_has_no_teacher_grads(work):
@@ -80,21 +82,49 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     assert len(metrics(out)) == 6
 
 
-def test_export_preserves_the_annealed_function(work):
+@pytest.mark.parametrize("target", [0, 2])
+def test_export_preserves_the_annealed_function(work, target):
     """After the last truncation the deltas have the target rank, so exporting changes nothing;
-    the recentring step moves the loop-mean of the deltas into the shared weights exactly."""
+    the recentring step moves the loop-mean of the deltas (norms included) into the shared weights exactly."""
     model = AutoModelForCausalLM.from_pretrained(work["full"]).eval()
     ids = torch.randint(3, 100, (2, 10))
     with torch.no_grad():
         original = model(ids).logits
-    annealer = Annealer(model, AnnealSection(target_rank=2, steps=2, every=1))
-    annealer._recentre(model.model.core[0].attention.dense)
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=2, every=1))
+    for module in relaxed_modules(model):
+        annealer._recentre(module)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, original, atol=1e-5)
     annealer.after_step(1)
     annealer.after_step(2)
     with torch.no_grad():
         annealed = model(ids).logits
-        exported = export_at_rank(model, 2)(ids).logits
+        exported = export_at_rank(model, target)(ids).logits
     assert torch.allclose(exported, annealed, atol=1e-4)
     assert not torch.allclose(annealed, original, atol=1e-3)  # truncation did change the model
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_exported_annealed_model_loads_with_the_trained_logits(work, tmp_path, target):
+    """Anneal while really training (optimizer steps, penalty), then write the export as training
+    does: plain transformers, in a fresh process without mesh_convert, gives the trained logits."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(work["full"])
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=4, every=2, penalty=1e-3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(6):
+        ids = torch.randint(3, 100, (2, 16))
+        loss = model(input_ids=ids, labels=ids).loss
+        if (penalty := annealer.penalty(step)) is not None:
+            loss = loss + penalty
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        annealer.after_step(step + 1)
+    model.eval()
+    x = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        trained = model(x).logits
+    export_at_rank(model, target).save_pretrained(tmp_path / "exported")
+    assert_loads_as_remote_code(tmp_path / "exported", x, trained, tmp_path)
