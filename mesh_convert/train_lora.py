@@ -50,7 +50,13 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
         modules_to_save=routers or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    # peft records the base as it was loaded, often relative to the training folder; the adapter
+    # (`merge`, peft's AutoPeftModel) must find it from anywhere. A Hub id is kept as it is.
+    base = model.name_or_path
+    if base and Path(base).is_dir():
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = str(Path(base).resolve())
+    return peft_model
 
 
 def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
@@ -72,6 +78,8 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
 
     import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
 
+    from .card import write_model_card
+
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
@@ -91,6 +99,8 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     if (adapter_dir / "conversion.json").is_file():
         training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
     copy_side_files(base_path, output, training)
+    record = output / "conversion.json"
+    write_model_card(output, json.loads(record.read_text()) if record.is_file() else {})
     return output
 
 

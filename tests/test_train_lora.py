@@ -2,10 +2,12 @@
 change, merged == unmerged, the adapter loads with PeftModel, and `merge` writes a checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,15 +20,18 @@ from test_train_support import char_tokenizer, metrics, recipe, run_cli, state_o
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """One LoRA (+ routers) run on a relaxed tiny model, shared by the checks below."""
+    """One LoRA (+ routers) run on a relaxed tiny model, shared by the checks below. Its recipe
+    names the model and data relative to the training folder, as a user in that folder would."""
     root = tmp_path_factory.mktemp("lora")
     tokenizer = char_tokenizer(root / "tokenizer")
     model = tiny_converted(root / "mesh", tokenizer, relax_rank=4)
-    out = root / "run"
-    data = recipe(model, write_text(root / "train.txt"), out, method="lora",
+    write_text(root / "train.txt")
+    data = recipe(Path("mesh"), Path("train.txt"), Path("run"), method="lora",
                   lora={"r": 4, "alpha": 8, "merge": True}, train={"max_steps": 6})
-    train(Recipe.model_validate(data))
-    return {"model": model, "out": out}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        train(Recipe.model_validate(data))
+    return {"model": model, "out": root / "run"}
 
 
 def test_lora_wrapper_passes_the_loop_index_to_relaxed_layers(tiny_mesh_model):
@@ -87,6 +92,27 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run, monkeypatch, tmp_pat
     assert torch.allclose(again(ids).logits, unmerged, atol=1e-5)
     assert (target / "tokenizer.json").is_file()
     assert json.loads((target / "conversion.json").read_text())["training"]["method"] == "lora"
+
+
+def test_merge_and_peft_find_the_base_model_from_any_folder(lora_run, monkeypatch, tmp_path):
+    """The adapter records where its base model is in a form that resolves from anywhere; the
+    merged model comes with a model card like every other model this tool writes."""
+    adapter = lora_run["out"] / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).is_absolute() and Path(recorded) == lora_run["model"].resolve()
+
+    monkeypatch.chdir(tmp_path)
+    ids = torch.tensor([[5, 9, 14, 3, 60, 61, 62, 7]])
+    unmerged = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()(ids).logits
+    assert run_cli(monkeypatch, ["merge", str(adapter), "-o", "merged-here"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-here").eval()
+    assert torch.allclose(merged(ids).logits, unmerged, atol=1e-5)
+
+    card = ModelCard.load(tmp_path / "merged-here" / "README.md")
+    assert card.data.library_name == "transformers" and "mesh" in card.data.tags
+    assert "## Training" in card.text and "- method: lora" in card.text
+    assert "{" not in card.text.split("## Training")[1].split("##")[0]  # the recipe is not dumped as a dict
+    assert (lora_run["out"] / "merged" / "README.md").is_file()  # `lora.merge: true` writes one too
 
 
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
