@@ -22,6 +22,17 @@ DEFAULT_TARGETS = {
 }
 
 
+def linear_layer_names(model: nn.Module) -> set[str]:
+    """The names a LoRA target can give a Linear layer by (peft matches a name's dotted suffix):
+    the last part, or with its list's name for a member of a ModuleList (`write_routers.0`)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return names
+
+
 def router_module_names(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
@@ -34,7 +45,7 @@ def router_module_names(model: nn.Module) -> list[str]:
 def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
     from peft import LoraConfig, get_peft_model
 
-    available = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = linear_layer_names(model)
     targets = section.target_modules or DEFAULT_TARGETS[getattr(model.config, "base_model_type", "gpt_neox")]
     unknown = [t for t in targets if t not in available]
     if unknown:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
@@ -14,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from mesh_convert.modeling_mesh import LoopLinear
 from mesh_convert.recipe import LoraSection, Recipe
 from mesh_convert.train import train
-from mesh_convert.train_lora import wrap_lora
-from test_train_support import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
+from mesh_convert.train_lora import DEFAULT_TARGETS, wrap_lora
+from test_train_support import ROOT, char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,32 @@ def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_pat
     lora = sum(2 * (i + o) for i, o in [(32, 96), (32, 32), (32, 128), (128, 32)]) * 5  # r=2, 1+3R2+1: 5 unique layers
     assert f"{routers:,} / " in printed
     assert f"/ {lora:,}" in printed
+
+
+LORA_RECIPES = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if yaml.safe_load(p.read_text()).get("method") == "lora"]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("path", LORA_RECIPES, ids=lambda p: p.name)
+def test_lora_recipes_fit_every_family(path, family, tmp_path, monkeypatch):
+    """A shipped LoRA recipe, its lora section untouched, fine-tunes a conversion of either family:
+    LoRA lands on every attention and MLP projection of that family."""
+    model = tiny_converted(tmp_path / "mesh", char_tokenizer(tmp_path / "tokenizer"), family=family)
+    overrides = [f"model={model}", f"data.train=[{write_text(tmp_path / 'train.txt')}]", f"output_dir={tmp_path / 'run'}",
+                 "data.block_size=32", "data.eval_blocks=2", "train.max_steps=2", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "train.eval_every=0", "checkpoint.every=0",
+                 "train.mixed_precision='no'"]  # one process cannot switch Accelerate's precision
+    assert run_cli(monkeypatch, ["finetune", str(path), *overrides]) == 0
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {k.split(".")[-3] for k in saved if ".lora_A." in k} == set(DEFAULT_TARGETS[family])
+
+
+def test_unknown_lora_target_lists_the_models_linear_layers_by_name(lora_run, tmp_path, monkeypatch, capsys):
+    data = recipe(lora_run["model"], write_text(tmp_path / "t.txt"), tmp_path / "run", method="lora")
+    path = write_recipe(tmp_path / "r.yaml", data)
+    assert run_cli(monkeypatch, ["finetune", str(path), "lora.target_modules=[q_proj]", "--dry-run"]) == 1
+    error = capsys.readouterr().err
+    assert "['q_proj'] match no Linear layer" in error
+    for name in ("'query_key_value'", "'dense'", "'dense_4h_to_h'", "'write_routers.0'", "'read_routers.2'"):
+        assert name in error
+    assert "'0'" not in error
