@@ -65,9 +65,13 @@ def scheduled_rank(full: int, target: int, progress: float) -> int:
 
 
 class Annealer:
-    def __init__(self, model: nn.Module, section: AnnealSection):
+    def __init__(self, model: nn.Module, section: AnnealSection, total_steps: int):
         self.section = section
         self.target = section.target_rank
+        if total_steps < section.steps:
+            # Stopped mid-schedule, the deltas still hold more than the target rank keeps.
+            raise UserError(f"anneal.steps={section.steps} is more than the run's {total_steps} steps, so the export "
+                            f"at rank {self.target} would differ from the trained model: lower anneal.steps or train longer")
         self.modules = relaxed_modules(model)
         if not self.modules:
             raise UserError("anneal needs a model converted with relaxation (relax_rank > 0 or full)")

@@ -11,7 +11,7 @@ from mesh_convert.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train import train
 from mesh_convert.train_anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank
 from mesh_convert.train_distill import Distiller
-from test_train_support import char_tokenizer, metrics, recipe, tiny_converted, write_text
+from test_train_support import char_tokenizer, metrics, recipe, run_cli, tiny_converted, write_recipe, write_text
 
 
 @pytest.fixture(scope="module", params=["gpt_neox", "llama"])
@@ -82,6 +82,17 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     assert len(metrics(out)) == 6
 
 
+def test_a_run_shorter_than_its_annealing_is_refused(work, tmp_path, monkeypatch, capsys):
+    """Stopped mid-schedule, the deltas still have more than the target rank: the export would
+    silently differ from the trained model."""
+    data = recipe(work["full"], work["text"], tmp_path / "run", train={"max_steps": 3},
+                  anneal={"target_rank": 0, "steps": 4, "every": 2})
+    assert run_cli(monkeypatch, ["train", str(write_recipe(tmp_path / "r.yaml", data))]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: anneal.steps=4") and "3 steps" in error
+    assert not (tmp_path / "run" / "model").exists()
+
+
 @pytest.mark.parametrize("target", [0, 2])
 def test_export_preserves_the_annealed_function(work, target):
     """After the last truncation the deltas have the target rank, so exporting changes nothing;
@@ -90,7 +101,7 @@ def test_export_preserves_the_annealed_function(work, target):
     ids = torch.randint(3, 100, (2, 10))
     with torch.no_grad():
         original = model(ids).logits
-    annealer = Annealer(model, AnnealSection(target_rank=target, steps=2, every=1))
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=2, every=1), total_steps=2)
     for module in relaxed_modules(model):
         annealer._recentre(module)
     with torch.no_grad():
@@ -110,7 +121,7 @@ def test_exported_annealed_model_loads_with_the_trained_logits(work, tmp_path, t
     does: plain transformers, in a fresh process without mesh_convert, gives the trained logits."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(work["full"])
-    annealer = Annealer(model, AnnealSection(target_rank=target, steps=4, every=2, penalty=1e-3))
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=4, every=2, penalty=1e-3), total_steps=6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for step in range(6):
