@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_loads_as_remote_code
+from mesh_convert.data import build_data
 from mesh_convert.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train import train
 from mesh_convert.train_anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank
@@ -66,11 +67,20 @@ def test_rank_schedule_ends_at_the_target():
 
 @pytest.mark.parametrize("target", [0, 3])
 def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, tmp_path, target):
+    """The held-out loss of the exported model equals the one the run measured on its trained model."""
     out = tmp_path / "run"
     data = recipe(work["full"], work["text"], out, train={"max_steps": 6},
                   anneal={"target_rank": target, "steps": 4, "every": 2, "penalty": 1e-3})
-    train(Recipe.model_validate(data))
+    data["data"]["eval_files"] = [str(write_text(tmp_path / "eval.txt", seed=1, lines=40))]
+    parsed = Recipe.model_validate(data)
+    train(parsed)
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    blocks = build_data(parsed.data, AutoTokenizer.from_pretrained(out / "model"), parsed.seed, None).eval
+    ids = blocks.stack(range(len(blocks)))
+    with torch.no_grad():
+        logits = exported(ids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert loss == pytest.approx(metrics(out)[-1]["eval_loss"], abs=1e-5)
     assert exported.config.relax_rank == target
     names = [n for n, _ in exported.named_parameters()]
     if target == 0:
