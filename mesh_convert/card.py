@@ -338,9 +338,12 @@ def _training_section(info: dict) -> str | None:
     training = _section(info, "training")
     if not training:
         return None
+    recipe = training.get("recipe")
     facts = [
-        ("recipe", training.get("recipe")),
+        # Training records the whole resolved recipe (a dict); only a recipe's name reads well here.
+        ("recipe", recipe if isinstance(recipe, str) else None),
         ("method", training.get("method")),
+        ("trainable", training.get("trainable")),
         ("tokens", _fmt_int(training["tokens"]) if _number(training.get("tokens")) is not None else None),
         ("steps", _fmt_int(training["steps"]) if _number(training.get("steps")) is not None else None),
         ("final loss", _fmt_value(training["final_loss"]) if _number(training.get("final_loss")) is not None else None),

@@ -267,7 +267,7 @@ def train(recipe: Recipe, console=None) -> dict:
             raise UserError("anneal needs whole (unsharded) parameters: run it on one process or with DDP")
         from .train_anneal import Annealer
 
-        annealer = Annealer(model, recipe.anneal)
+        annealer = Annealer(model, recipe.anneal, plan.steps)
     groups = param_groups(model, recipe.optim)
     optimizer = make_optimizer(groups, recipe.optim, plan.peak_lr)
     state = TrainState()

@@ -22,6 +22,17 @@ DEFAULT_TARGETS = {
 }
 
 
+def linear_layer_names(model: nn.Module) -> set[str]:
+    """The names a LoRA target can give a Linear layer by (peft matches a name's dotted suffix):
+    the last part, or with its list's name for a member of a ModuleList (`write_routers.0`)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return names
+
+
 def router_module_names(model: nn.Module) -> list[str]:
     names = []
     for name, module in model.named_modules():
@@ -34,7 +45,7 @@ def router_module_names(model: nn.Module) -> list[str]:
 def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
     from peft import LoraConfig, get_peft_model
 
-    available = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    available = linear_layer_names(model)
     targets = section.target_modules or DEFAULT_TARGETS[getattr(model.config, "base_model_type", "gpt_neox")]
     unknown = [t for t in targets if t not in available]
     if unknown:
@@ -50,7 +61,13 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
         modules_to_save=routers or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    # peft records the base as it was loaded, often relative to the training folder; the adapter
+    # (`merge`, peft's AutoPeftModel) must find it from anywhere. A Hub id is kept as it is.
+    base = model.name_or_path
+    if base and Path(base).is_dir():
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = str(Path(base).resolve())
+    return peft_model
 
 
 def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
@@ -72,6 +89,8 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
 
     import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
 
+    from .card import write_model_card
+
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
@@ -91,6 +110,8 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     if (adapter_dir / "conversion.json").is_file():
         training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
     copy_side_files(base_path, output, training)
+    record = output / "conversion.json"
+    write_model_card(output, json.loads(record.read_text()) if record.is_file() else {})
     return output
 
 
