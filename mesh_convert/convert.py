@@ -452,7 +452,7 @@ def _stop_signals(handler) -> Iterator[None]:
     try:
         for number in STOP_SIGNALS:
             current = signal.getsignal(number)
-            if current is not signal.SIG_IGN:
+            if current is not signal.SIG_IGN and current is not None:  # None: set outside Python
                 previous[number] = current
                 signal.signal(number, handler)
         yield
@@ -468,15 +468,14 @@ def _raise_interrupt(number, frame):
 def _owner_alive(pid_text: str) -> bool:
     if not pid_text.isdigit():
         return False  # a leftover of a version that did not record its process
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return True
+    if os.name == "nt":
+        return True  # there, os.kill(pid, 0) would terminate the process rather than probe it
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid_text), 0)
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
+        return True  # alive, under another user
     return True
 
 
@@ -549,13 +548,13 @@ def staged_directory(target: Path, overwrite: bool = False, sources: tuple[Path,
     even one filled while this runs; with it the old and the new swap whole. Either way a reader
     of `target` sees one of the two complete states, and a run killed outright leaves only hidden
     leftovers, which the next run to that target reclaims."""
-    check_target(target, overwrite, sources)
-    target = resolve_target(target)
+    shown, target = target, resolve_target(target)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     staging = target.with_name(f".{target.name}.{STAGING}-{tag}")
     try:
+        reclaim_leftovers(target)  # first: a previous version put back is then checked like any other
+        check_target(shown, overwrite, sources)
         target.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_leftovers(target)
         staging.mkdir()  # mode from the umask, like any other directory the user creates
     except OSError as error:
         raise UserError(f"cannot write to {target.parent}: {error.strerror or error}") from None

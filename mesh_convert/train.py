@@ -491,14 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     args = sys.argv[1:] if argv is None else argv
+    overwrite = "--overwrite" in args
+    args = [arg for arg in args if arg != "--overwrite"]
     if not args:
-        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...]", file=sys.stderr)
+        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...] [--overwrite]", file=sys.stderr)
         return 2
     try:
-        train(load_recipe(args[0], args[1:]), console=Console(stderr=True))
+        train(load_recipe(args[0], args[1:]), console=Console(stderr=True), overwrite=overwrite)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     return 0
 
 

@@ -19,6 +19,7 @@ import yaml
 from conftest import make_tiny_pythia
 from mesh_convert import convert as convert_module
 from mesh_convert.cli import main
+from mesh_convert.train import main as train_main
 from test_train_support import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_text
 
 INIT = ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--context", "64"]
@@ -84,6 +85,15 @@ def _setup_full_folder(tmp: Path, monkeypatch) -> None:
     (tmp / "full" / "keep.txt").write_text("mine")
 
 
+def _setup_adapter(tmp: Path, monkeypatch) -> None:
+    """An adapter's config naming its base: all that merge reads before it checks the output."""
+    (tmp / "adapter").mkdir()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tmp / "tiny-pythia"),
+              "r": 4, "target_modules": ["query_key_value"]}
+    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    _setup_full_folder(tmp, monkeypatch)
+
+
 REFUSALS = [
     ("output is the source", ["{src}", "-k", "2", "-o", "{src}", "--overwrite"], None, "input"),
     ("output holds the source", ["{src}", "-k", "2", "-o", "{tmp}", "--overwrite"], None, "input"),
@@ -92,6 +102,9 @@ REFUSALS = [
     ("init into a non-empty folder", [*INIT, "-o", "{tmp}/full"], _setup_full_folder, "--overwrite"),
     ("init whose tokenizer fails", [*INIT, "-o", "{tmp}/new", "--tokenizer", "{tmp}"], None, "tokenizer"),
     ("init over its own tokenizer", [*INIT, "-o", "{src}", "--tokenizer", "{src}", "--overwrite"], None, "input"),
+    ("merge into a non-empty folder", ["merge", "{tmp}/adapter", "-o", "{tmp}/full"], _setup_adapter, "--overwrite"),
+    ("merge over its adapter", ["merge", "{tmp}/adapter", "-o", "{tmp}/adapter", "--overwrite"], _setup_adapter, "input"),
+    ("merge over its base", ["merge", "{tmp}/adapter", "-o", "{src}", "--overwrite"], _setup_adapter, "input"),
 ]
 
 
@@ -195,6 +208,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 from mesh_convert import convert
 from mesh_convert.cli import main
+from mesh_convert.train import main as train_main
 
 stage, name, *args = sys.argv[1:]
 number = getattr(signal, name)
@@ -205,29 +219,40 @@ if stage == "write":  # the new result is complete in its staging place, not yet
         finish(*a, **k)
         os.kill(os.getpid(), number)
     convert.write_metadata = write_metadata
-else:  # "cleanup": removing what sits beside the target (the previous result, once replaced)
+elif stage == "cleanup":  # removing what sits beside the target (the previous result, once replaced)
     remove = shutil.rmtree
     def rmtree(path, *a, **k):
         if Path(path).resolve().parent == target.parent:
             os.kill(os.getpid(), number)
         return remove(path, *a, **k)
     shutil.rmtree = rmtree
+else:  # "between-renames": a system without an atomic exchange swaps by two renames
+    convert._exchange = lambda first, second: False
+    rename = os.rename
+    def os_rename(source, destination, *a, **k):
+        rename(source, destination, *a, **k)
+        if Path(source).resolve() == target:
+            os.kill(os.getpid(), number)
+    os.rename = os_rename
 sys.exit(main(args))
 """
 
+# (stage, signal, what a reader of the target sees right after: the previous or the new result)
 SIGNALS = [
-    ("write", "SIGTERM"),
-    ("write", "SIGHUP"),
-    ("write", "SIGKILL"),
-    ("cleanup", "SIGINT"),
-    ("cleanup", "SIGTERM"),
-    ("cleanup", "SIGHUP"),
-    ("cleanup", "SIGKILL"),
+    ("write", "SIGTERM", "previous"),
+    ("write", "SIGHUP", "previous"),
+    ("write", "SIGKILL", "previous"),
+    ("cleanup", "SIGINT", "new"),
+    ("cleanup", "SIGTERM", "new"),
+    ("cleanup", "SIGHUP", "new"),
+    ("cleanup", "SIGKILL", "new"),
+    ("between-renames", "SIGTERM", "new"),
+    ("between-renames", "SIGKILL", None),  # only the next run can put the previous result back
 ]
 
 
-@pytest.mark.parametrize("stage, name", SIGNALS, ids=[f"{n}-during-{s}" for s, n in SIGNALS])
-def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, converted_names, stage, name):
+@pytest.mark.parametrize("stage, name, seen", SIGNALS, ids=[f"{n}-during-{s}" for s, n, _ in SIGNALS])
+def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, converted_names, stage, name, seen):
     out = tmp_path / "out"
     before = previous_result(out)
     args = [str(source), "-k", "2", "-o", str(out), "--overwrite"]
@@ -235,21 +260,22 @@ def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, 
         [sys.executable, "-c", SIGNAL_AT_STAGE, stage, name, *args],
         env={**os.environ, **SUBPROCESS_ENV}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )
-    published = stage == "cleanup"
-    if published:
+    if seen == "new":
         assert sorted(p.name for p in out.iterdir()) == converted_names, result.stderr
-    else:
+    elif seen == "previous":
         assert snapshot(out) == before, result.stderr
-    if name == "SIGKILL":
+    if name != "SIGKILL":
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: interrupted") and (("written in full" in last) == (seen == "new")), last
+    else:
         assert result.returncode == -signal.SIGKILL
-        assert leftovers(tmp_path), "a killed run leaves its hidden staging place (reclaimed below)"
+        assert leftovers(tmp_path), "a killed run leaves its hidden staging place"
+        if seen is None:  # the next run puts the previous result back, and refuses to replace it
+            code, err = run_cli(capsys, *args[:-1])
+            assert code == 1 and "--overwrite" in err and snapshot(out) == before, err
         code, err = run_cli(capsys, *args)
         assert code == 0 and sorted(p.name for p in out.iterdir()) == converted_names, err
-    else:
-        assert result.returncode == 130, result.stderr
-        assert "Traceback" not in result.stderr
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: interrupted") and (("written in full" in last) == published), last
     assert not leftovers(tmp_path)
 
 
@@ -281,10 +307,13 @@ def test_training_into_an_earlier_run_needs_overwrite(training, tmp_path, capsys
     code, err = run_cli(capsys, "train", path)
     assert code == 1 and "--overwrite" in err, err
     assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
+    assert train_main([str(path)]) == 1 and "--overwrite" in capsys.readouterr().err  # the launchers' entry
+    assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
     code, err = run_cli(capsys, "train", path, "--overwrite")
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [1, 2] and (run / "model" / "conversion.json").is_file()
-    assert not leftovers(run)
+    assert train_main([str(path), "--overwrite"]) == 0
+    assert [r["step"] for r in metrics(run)] == [1, 2] and not leftovers(run)
 
 
 def test_a_kill_during_the_training_export_leaves_no_partial_model(training, tmp_path, capsys):
