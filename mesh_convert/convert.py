@@ -537,7 +537,11 @@ def _publish(staging: Path, target: Path, overwrite: bool, tag: str) -> None:
         return
     set_aside = target.with_name(f".{target.name}.{SET_ASIDE}-{tag}")
     target.rename(set_aside)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        set_aside.rename(target)
+        raise
     _remove(set_aside)
 
 

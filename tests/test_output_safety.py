@@ -4,6 +4,7 @@ states (the previous one or the new one), the report says which, and what a kill
 behind is reclaimed by the next. Every command that writes a model directory is covered: convert,
 init, merge (through the training export) and train."""
 
+import errno
 import hashlib
 import json
 import os
@@ -197,6 +198,25 @@ def test_init_replaces_only_with_overwrite(tmp_path, capsys):
     code, err = run_cli(capsys, *INIT, "-o", out, "--overwrite")
     assert code == 0, err
     assert (out / "conversion.json").is_file() and not (out / "previous.txt").exists() and not leftovers(tmp_path)
+
+
+def test_a_failed_portable_swap_puts_the_previous_result_back(source, tmp_path, capsys, monkeypatch):
+    """Where there is no atomic exchange the swap is two renames; if the second fails (a full
+    or failing disk), the first is undone rather than leaving no target at all."""
+    out = tmp_path / "out"
+    before = previous_result(out)
+    monkeypatch.setattr(convert_module, "_exchange", lambda first, second: False, raising=False)
+    rename = os.rename
+
+    def the_disk_fails_on_the_second_rename(source, destination, *args, **kwargs):
+        if Path(destination) == out and ".partial-" in Path(source).name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return rename(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", the_disk_fails_on_the_second_rename)
+    code, err = run_cli(capsys, source, "-k", "2", "-o", out, "--overwrite")
+    assert code == 1 and "error:" in err, err
+    assert snapshot(out) == before and not leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
