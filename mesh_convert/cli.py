@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        return 1
+        return error.exit_code
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
     except (click.ClickException, _TyperClickException) as error:

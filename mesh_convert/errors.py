@@ -8,6 +8,14 @@ class UserError(Exception):
     Anything else escaping a command is a bug and is reported as such (with --debug, in full).
     """
 
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """A stop signal that came too late to stop the work: the message says what was done."""
+
+    exit_code = 130
+
 
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""

@@ -224,8 +224,10 @@ def evaluate(model, accelerator, blocks, micro_batch_size: int, max_batches: int
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(recipe: Recipe, console=None) -> dict:
-    """Run the recipe; returns a summary (steps, tokens, final loss, output paths)."""
+def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, final loss, output paths). An output_dir
+    that already holds something is continued from its newest checkpoint (`checkpoint.resume`),
+    or, with `overwrite`, replaced; otherwise it is refused."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
@@ -234,6 +236,13 @@ def train(recipe: Recipe, console=None) -> dict:
     from accelerate import PartialState
 
     output = Path(recipe.output_dir)
+    checkpoints = output / "checkpoints"
+    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
+    if resume is None and not overwrite and output.is_dir() and any(output.iterdir()):
+        raise UserError(
+            f"output_dir {output} already holds a run and there is no checkpoint to resume from "
+            "(use --overwrite to replace it, or another output_dir)"
+        )
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     make_plan(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
@@ -283,8 +292,6 @@ def train(recipe: Recipe, console=None) -> dict:
         vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
         distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
 
-    checkpoints = output / "checkpoints"
-    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
     if resume is not None:
         try:
             accelerator.load_state(str(resume))
@@ -356,7 +363,7 @@ def train(recipe: Recipe, console=None) -> dict:
                 time.sleep(1)
     progress.close()
 
-    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss)
+    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss, replace=overwrite or resume is not None)
     summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=counts)
     if recipe.trackers:
         accelerator.end_training()
@@ -383,8 +390,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float) -> dict:
-    """Write the trained model (or adapter), the tokenizer and conversion.json with a training section."""
+def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float, replace: bool) -> dict:
+    """Write the trained model (or adapter), the tokenizer and conversion.json with a training
+    section, each staged and published whole; `replace` allows replacing an earlier export."""
+    from .convert import staged_directory
     from .train_lora import copy_side_files
 
     output = Path(recipe.output_dir)
@@ -405,27 +414,29 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
     if accelerator.is_main_process:
         if recipe.method == "lora":
             adapter = output / "adapter"
-            unwrapped.save_pretrained(adapter, state_dict=state_dict)
-            tokenizer.save_pretrained(adapter)
-            copy_side_files(source, adapter, training)
+            with staged_directory(adapter, replace) as staging:
+                unwrapped.save_pretrained(staging, state_dict=state_dict)
+                tokenizer.save_pretrained(staging)
+                copy_side_files(source, staging, training)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
                 from .train_lora import merge_adapter
 
-                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source))
+                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace))
         else:
             target = output / "model"
-            if recipe.anneal.target_rank is not None:
-                from .train_anneal import export_at_rank
-
-                unwrapped.load_state_dict(state_dict)
-                export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(target)
-            else:
-                unwrapped.save_pretrained(target, state_dict=state_dict)
-            tokenizer.save_pretrained(target)
             if recipe.init is not None:
                 training["init"] = recipe.init.model_dump()
-            copy_side_files(source, target, training)
+            with staged_directory(target, replace) as staging:
+                if recipe.anneal.target_rank is not None:
+                    from .train_anneal import export_at_rank
+
+                    unwrapped.load_state_dict(state_dict)
+                    export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(staging)
+                else:
+                    unwrapped.save_pretrained(staging, state_dict=state_dict)
+                tokenizer.save_pretrained(staging)
+                copy_side_files(source, staging, training)
             paths["model"] = str(target)
     accelerator.wait_for_everyone()
     return paths
@@ -480,14 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     args = sys.argv[1:] if argv is None else argv
+    overwrite = "--overwrite" in args
+    args = [arg for arg in args if arg != "--overwrite"]
     if not args:
-        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...]", file=sys.stderr)
+        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...] [--overwrite]", file=sys.stderr)
         return 2
     try:
-        train(load_recipe(args[0], args[1:]), console=Console(stderr=True))
+        train(load_recipe(args[0], args[1:]), console=Console(stderr=True), overwrite=overwrite)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     return 0
 
 

@@ -81,7 +81,9 @@ def copy_side_files(source: Path | None, target: Path, training: dict | None = N
         (target / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path | None = None) -> Path:
+def merge_adapter(
+    adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
     import torch
     from peft import PeftConfig, PeftModel
@@ -90,6 +92,7 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
 
     from .card import write_model_card
+    from .convert import check_target, staged_directory
 
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -98,20 +101,21 @@ def merge_adapter(adapter_dir: str | Path, output: str | Path, base: str | Path 
     base_path = Path(base or config.base_model_name_or_path or "")
     if not (base_path / "config.json").is_file():
         raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
+    check_target(output, overwrite, (adapter_dir, base_path))  # before the slow load
     model = load_model(base_path, torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output)
-    for source in (adapter_dir, base_path):
-        if (source / "tokenizer_config.json").is_file():
-            AutoTokenizer.from_pretrained(str(source)).save_pretrained(output)
-            break
-    training = None
-    if (adapter_dir / "conversion.json").is_file():
-        training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
-    copy_side_files(base_path, output, training)
-    record = output / "conversion.json"
-    write_model_card(output, json.loads(record.read_text()) if record.is_file() else {})
+    with staged_directory(output, overwrite, (adapter_dir, base_path)) as staging:
+        merged.save_pretrained(staging)
+        for source in (adapter_dir, base_path):
+            if (source / "tokenizer_config.json").is_file():
+                AutoTokenizer.from_pretrained(str(source)).save_pretrained(staging)
+                break
+        training = None
+        if (adapter_dir / "conversion.json").is_file():
+            training = json.loads((adapter_dir / "conversion.json").read_text()).get("training")
+        copy_side_files(base_path, staging, training)
+        record = staging / "conversion.json"
+        write_model_card(staging, json.loads(record.read_text()) if record.is_file() else {})
     return output
 
 
