@@ -30,6 +30,7 @@ from .checkpoint import (
     fetch_checkpoint,
     fetch_config,
     load_source_config,
+    one_thread,
     resolve_source,
     tokenizer_files,
 )
@@ -267,18 +268,13 @@ def _average(tensors: list[torch.Tensor], dtype: torch.dtype, chunk: int = 1 << 
     little: 1.7x faster than 128 KiB chunks on a pythia-1b layer."""
     out = torch.empty(tensors[0].shape, dtype=dtype)
     flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
-    # One thread: the loop is memory-bound, and each small op's parallel region waits for every
-    # thread, so a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # One thread: a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
+    with one_thread():
         for start in range(0, flat_out.numel(), chunk):
             acc = flats[0][start : start + chunk].to(torch.float32, copy=True)
             for flat in flats[1:]:
                 acc += flat[start : start + chunk]
             flat_out[start : start + chunk] = acc.div_(len(tensors))
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

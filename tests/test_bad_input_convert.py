@@ -266,3 +266,17 @@ def test_non_finite_source_weights_warn_and_convert(pythia, tmp_path, capsys):
     assert "NaN or inf" in warnings[0]
     assert "gpt_neox.layers.5.mlp.dense_4h_to_h.weight" in warnings[0]
     assert "gpt_neox.layers.7.attention.dense.weight" in warnings[0]
+
+
+def test_a_hub_cache_snapshot_named_as_a_folder_converts(pythia, tmp_path, capsys):
+    """In the Hub cache, a snapshot's files are links into the repo's `blobs` folder: naming that
+    snapshot folder as a local checkpoint is not a link out of the checkpoint."""
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "snapshots").mkdir(parents=True)
+    snapshot = copy_of(pythia, repo / "snapshots" / "0123abc")
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_text('{"model_max_length": 64}')
+    (snapshot / "tokenizer_config.json").symlink_to("../../blobs/f00d")
+    code = main([str(snapshot), "--loops", "2", "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
