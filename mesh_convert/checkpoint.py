@@ -3,6 +3,9 @@ alias. Tensors are read lazily (safetensors memory-mapped, `.bin` with `weights_
 conversion holds one layer group in memory, not the whole model."""
 
 import json
+import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,15 @@ TOKENIZER_FILES = [
 ]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# Without an index, only these are weights: a Trainer checkpoint also holds training_args.bin,
+# optimizer.pt and the like, which are pickles of other things.
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+# Config fields that every supported family needs; a missing one would silently take the
+# defaults of some other model size from transformers.
+REQUIRED_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Far above any published checkpoint (the deepest Llama, Qwen2 and GPT-NeoX models have ~126
+# layers), low enough that planning and checking a layout stays instant.
+MAX_LAYERS = 1024
 
 
 @dataclass(frozen=True)
@@ -41,9 +53,15 @@ class SourceRef:
 
 def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:
+        raise UserError(f"cannot read {name}: {error.strerror or error}") from None
+    if exists:
         if not path.is_dir():
             raise UserError(f"{name} is a file; give the checkpoint's directory")
+        if revision is not None:
+            raise UserError(f"--revision applies to Hub models; {name} is a local directory")
         return SourceRef(name, None, revision, path.resolve())
     try:
         alias = parse_alias(name)
@@ -120,19 +138,85 @@ def fetch_checkpoint(ref: SourceRef) -> Path:
 
 def load_source_config(directory: Path) -> PreTrainedConfig:
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
     try:
+        if not config_file.is_file():
+            raise UserError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
         raw = json.loads(config_file.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read {config_file}: {error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file} does not hold a JSON object (it holds a {type(raw).__name__})")
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassError
+
     from .families import source_family
 
     source_family(raw.get("model_type"))  # a clear error for architectures we do not convert
+    missing = [field for field in REQUIRED_CONFIG_FIELDS if field not in raw]
+    if missing:
+        raise UserError(f"{config_file} lacks {', '.join(missing)}")
     try:
-        return AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory)
+    except StrictDataclassError as error:  # transformers checks field types and the architecture
+        reason = str(error).splitlines()[-1].strip().split(": ", 1)[-1]
+        if isinstance(error, StrictDataclassClassValidationError):  # names no values: add the sizes
+            sizes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+            reason += " (" + ", ".join(f"{name} {raw[name]!r}" for name in sizes if name in raw) + ")"
+        raise UserError(f"{config_file}: {reason}") from None
     except (ValueError, OSError, TypeError) as error:
         raise UserError(f"cannot read {config_file}: {str(error).splitlines()[0]}") from None
+    check_sizes(config, str(config_file))
+    return config
+
+
+def check_sizes(config: PreTrainedConfig, where: str) -> None:
+    """Sizes that transformers accepts but no model can have (zero or negative), and layer counts
+    beyond MAX_LAYERS."""
+    for field in REQUIRED_CONFIG_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {field} must be a positive integer, not {value!r}")
+    if config.num_hidden_layers > MAX_LAYERS:
+        raise UserError(
+            f"{where}: num_hidden_layers {config.num_hidden_layers} is more than mesh-convert plans for "
+            f"(at most {MAX_LAYERS}; the deepest published checkpoints of these families have about 126)"
+        )
+
+
+def tokenizer_files(directory: Path, local: bool) -> list[Path]:
+    """The tokenizer files to copy into the output. In a local directory, a link to a file outside
+    it is refused: the copy would carry that file into the output, and --push-to-hub onto the Hub.
+    A Hub cache snapshot's files are links into the cache's blob store by design, whether we
+    downloaded it (not `local`) or the user names the snapshot's folder."""
+    directory = directory.resolve()
+    allowed = [directory]
+    if directory.parent.name == "snapshots":
+        allowed.append(directory.parent.parent / "blobs")
+    found = []
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if local and not any(path.resolve().is_relative_to(root) for root in allowed):
+            raise UserError(
+                f"{path} is a link to {path.resolve()}, outside the checkpoint; mesh-convert copies tokenizer "
+                "files into the output, so copy that file into the checkpoint instead"
+            )
+        found.append(path)
+    return found
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread: for memory-bound loops of small ops, where each op's parallel
+    region waits for every thread, so a single busy core slows them many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class CheckpointReader:
@@ -144,6 +228,7 @@ class CheckpointReader:
         self._where: dict[str, object] = {}  # tensor name -> open safetensors handle or a dict of tensors
         self._files: dict[str, Path] = {}  # tensor name -> its safetensors file
         self._spans: dict[Path, dict[str, TensorSpan]] = {}  # per file, read on first use
+        self.non_finite: list[str] = []  # tensors read so far that hold NaN or inf
         if state_dict is not None:
             self._where = {name: state_dict for name in state_dict}
             return
@@ -160,17 +245,21 @@ class CheckpointReader:
             if index.is_file():
                 try:
                     shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                except (json.JSONDecodeError, KeyError, AttributeError) as error:
+                except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
                     raise UserError(f"{index} is not a valid shard index: {error}") from None
-                missing = [name for name in shard_names if not (directory / name).is_file()]
+                for name in shard_names:
+                    # The index names files in its own directory; anything else could read any file.
+                    if not isinstance(name, str) or os.path.isabs(name) or ".." in Path(name).parts:
+                        raise UserError(f"{index} names a shard outside the checkpoint: {name!r}")
+                missing = [name for name in shard_names if not (directory / name).exists()]
                 if missing:
                     raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
-                return [directory / name for name in shard_names]
-        for pattern in ("*.safetensors", "*.bin"):
+                return _regular_files([directory / name for name in shard_names])
+        for pattern in WEIGHT_PATTERNS:
             files = sorted(directory.glob(pattern))
             if files:
-                return files
-        raise UserError(f"no weights found in {directory} (expected *.safetensors or pytorch_model*.bin)")
+                return _regular_files(files)
+        raise UserError(f"no weights found in {directory} (expected model*.safetensors or pytorch_model*.bin)")
 
     def _open_safetensors(self, file: Path):
         try:
@@ -207,10 +296,22 @@ class CheckpointReader:
         return tuple(source.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
+        """The tensor's floating-point dtype; a UserError for anything else (integers and complex
+        numbers are not weights of these models: casting them would make garbage)."""
         source = self._where[name]
         if isinstance(source, dict):
-            return source[name].dtype
-        return DTYPES_BY_NAME.get(source.get_slice(name).get_dtype(), torch.float32)
+            value = source[name]
+            if not isinstance(value, torch.Tensor):
+                raise UserError(f"{name} in the checkpoint is not a tensor but a {type(value).__name__}")
+            stored, dtype = str(value.dtype).removeprefix("torch."), value.dtype
+            if not dtype.is_floating_point:
+                dtype = None
+        else:
+            stored = source.get_slice(name).get_dtype()
+            dtype = DTYPES_BY_NAME.get(stored)
+        if dtype is None:
+            raise UserError(f"tensor {name} is stored as {stored}, not as floating point: the checkpoint is damaged or not a model's weights")
+        return dtype
 
     def span(self, name: str) -> TensorSpan | None:
         """Where the tensor's bytes lie in its safetensors file (None for .bin and in-memory sources)."""
@@ -222,13 +323,32 @@ class CheckpointReader:
         return self._spans[file].get(name)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, read into memory; a tensor holding NaN or inf is noted in `non_finite`."""
         source = self._where[name]
         if isinstance(source, dict):
-            return source[name]
-        try:
-            # A fresh mapping per tensor: its pages are released with the tensor, instead of the
-            # whole source file staying resident through one long-lived mapping.
-            with safe_open(self._files[name], framework="pt") as handle:
-                return handle.get_tensor(name)
-        except SafetensorError as error:
-            raise UserError(f"cannot read tensor {name} from {self.directory}: {error}") from None
+            tensor = source[name]
+        else:
+            try:
+                # A fresh mapping per tensor: its pages are released with the tensor, instead of the
+                # whole source file staying resident through one long-lived mapping.
+                with safe_open(self._files[name], framework="pt") as handle:
+                    tensor = handle.get_tensor(name)
+            except SafetensorError as error:
+                raise UserError(f"cannot read tensor {name} from {self.directory}: {error}") from None
+        if tensor.numel() and name not in self.non_finite:
+            # One reduction pass, no full-size temporary (unlike isfinite): NaN propagates into the
+            # minimum and maximum, and an inf is one of them. On one thread it adds ~5% to a
+            # conversion that reads every tensor; on all threads it doubled it on a busy machine.
+            with one_thread():
+                low, high = torch.aminmax(tensor)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                self.non_finite.append(name)
+        return tensor
+
+
+def _regular_files(files: list[Path]) -> list[Path]:
+    """`files`, refusing anything but regular files (reading a FIFO or a device would hang or never end)."""
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{file} is not a regular file")
+    return files

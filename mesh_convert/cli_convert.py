@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -123,6 +124,8 @@ def convert_command(
         )
     except ValidationError as error:
         raise _options_error(error) from None
+    if push_to_hub:
+        _check_push_target(push_to_hub)
 
     plan = make_plan(options, command=invocation(), builtin_facts=dry_run)
     if dry_run:
@@ -135,6 +138,12 @@ def convert_command(
 
     with _progress(enabled=not as_json) as progress:
         result = convert(plan, progress)
+    if result.non_finite:
+        err_console.print(
+            f"[bold yellow]warning:[/] NaN or inf in source tensors {escape(', '.join(result.non_finite))} (converted as they are)",
+            highlight=False,
+            soft_wrap=True,
+        )
     url = _push(result.output_dir, push_to_hub) if push_to_hub else None
     if as_json:
         info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
@@ -147,6 +156,16 @@ def convert_command(
     console.print(f"[green]done:[/] {result.output_dir}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
     if url:
         console.print(f"[green]pushed:[/] {url}")
+
+
+def _check_push_target(repo_id: str) -> None:
+    """A bad repo id is known before the conversion, not after it."""
+    from .hub import check_repo_id
+
+    try:
+        check_repo_id(repo_id)
+    except UserError as error:
+        raise UserError(f"--push-to-hub: {error}") from None
 
 
 def _push(output_dir: Path, repo_id: str) -> str:

@@ -33,13 +33,14 @@ from transformers import GenerationConfig, PreTrainedConfig
 
 from . import __version__
 from .checkpoint import (
-    TOKENIZER_FILES,
     CheckpointReader,
     SourceRef,
     fetch_checkpoint,
     fetch_config,
     load_source_config,
+    one_thread,
     resolve_source,
+    tokenizer_files,
 )
 from .configuration_mesh import MeshConfig
 from .errors import Interrupted, UserError
@@ -73,6 +74,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_mesh.MeshModel",
     "AutoModelForCausalLM": "modeling_mesh.MeshForCausalLM",
 }
+# Each slot is one more hidden state per token in the memory buffer, and one more output of every
+# router; the paper uses K+3 and found K+1 .. K+4 alike. Far beyond that is a typo, not a design.
+MAX_SLOTS = 1024
 
 
 class ConvertOptions(BaseModel):
@@ -87,7 +91,7 @@ class ConvertOptions(BaseModel):
     variant: Literal["mesh", "base", "residual", "anchor", "anchor_emb"] = "mesh"
     tie: Literal["average", "stepwise", "lower", "upper"] = "upper"
     slots: int | None = Field(default=None, ge=2)
-    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0)
+    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0, allow_inf_nan=False)
     relax_rank: int | Literal["full"] = 0
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     revision: str | None = None
@@ -173,11 +177,30 @@ class ConversionPlan:
 
     @property
     def dtype_name(self) -> str:
-        if self.options.dtype != "auto":
-            return self.options.dtype
-        dtype = getattr(self.source_config, "dtype", None) or torch.float32
-        name = str(dtype).removeprefix("torch.")
-        return name if name in DTYPES else "float32"
+        return output_dtype_name(self.options, self.source_config)
+
+
+def output_dtype_name(options: ConvertOptions, source_config: PreTrainedConfig) -> str:
+    if options.dtype != "auto":
+        return options.dtype
+    dtype = getattr(source_config, "dtype", None) or torch.float32
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
+def check_router_options(options: ConvertOptions, slots: int, dtype_name: str) -> None:
+    """The router init stores the gap as a bias in the output dtype: it must be a number that dtype holds."""
+    largest = torch.finfo(DTYPES[dtype_name]).max
+    if options.router_gap > largest:
+        raise UserError(
+            f"--router-gap {options.router_gap:g} does not fit {dtype_name}, the dtype the router biases are "
+            f"stored in: use a gap in (0, {largest:g}] (the default is {DEFAULT_ROUTER_GAP:g})"
+        )
+    if options.variant == "mesh" and slots > MAX_SLOTS:
+        raise UserError(
+            f"--slots {slots} is more than {MAX_SLOTS}: every slot adds a hidden state per token to the memory "
+            f"buffer and an output to each router; the paper uses K+3 (here {options.loops + 3})"
+        )
 
 
 def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = False) -> ConversionPlan:
@@ -202,6 +225,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
             f"--slots {slots} is too few for {layout.loops} loops: the function-preserving router init needs "
             f"K+2 = {layout.loops + 2} slots (one per step plus the embedding); the paper's default is K+3"
         )
+    check_router_options(options, slots, output_dtype_name(options, source_config))
     provenance = {
         "source": {
             "model": ref.repo_id or str(ref.local_dir),
@@ -254,18 +278,13 @@ def _average(tensors: list[torch.Tensor], dtype: torch.dtype, chunk: int = 1 << 
     little: 1.7x faster than 128 KiB chunks on a pythia-1b layer."""
     out = torch.empty(tensors[0].shape, dtype=dtype)
     flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
-    # One thread: the loop is memory-bound, and each small op's parallel region waits for every
-    # thread, so a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # One thread: a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
+    with one_thread():
         for start in range(0, flat_out.numel(), chunk):
             acc = flats[0][start : start + chunk].to(torch.float32, copy=True)
             for flat in flats[1:]:
                 acc += flat[start : start + chunk]
             flat_out[start : start + chunk] = acc.div_(len(tensors))
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -356,7 +375,8 @@ def expected_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.
 
 
 def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None:
-    """Every tensor the conversion needs exists with the shape its config implies; checked before any output."""
+    """Every tensor the conversion needs exists, is floating point and has the shape its config
+    implies, and no layer lies beyond the config's count; checked before any output."""
     family, config = plan.family, plan.mesh_config
     layer_shapes = layer_tensor_shapes(config)
     embedding = (config.vocab_size, config.hidden_size)
@@ -370,10 +390,18 @@ def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None
     for name, shape in wanted.items():
         if name not in reader:
             raise UserError(f"the checkpoint lacks tensor {name} (truncated, or not a {family.model_type} model?)")
+        reader.dtype(name)  # refuses integer and complex tensors
         if reader.shape(name) != shape:
             raise UserError(
                 f"tensor {name} has shape {list(reader.shape(name))}, but config.json implies {list(shape)}"
             )
+    beyond = family.layer(plan.layout.unrolled_layers)
+    extra = next((name for name in reader.names() if name.startswith(beyond)), None)
+    if extra is not None:
+        raise UserError(
+            f"the checkpoint has tensors of layer {plan.layout.unrolled_layers} ({extra}), but config.json says "
+            f"num_hidden_layers is {plan.layout.unrolled_layers}: converting would drop layers"
+        )
 
 
 def convert_state_dict(reader: CheckpointReader, plan: ConversionPlan) -> dict[str, torch.Tensor]:
@@ -412,6 +440,7 @@ class ConversionResult:
     shards: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    non_finite: list[str] = field(default_factory=list)  # source tensors read with NaN or inf in them
 
 
 def resolve_target(target: Path) -> Path:
@@ -606,7 +635,7 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
     return list(split.filename_to_tensors), total
 
 
-def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> None:
+def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokenizers: list[Path]) -> None:
     """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card."""
     config = plan.mesh_config
     config.dtype = DTYPES[plan.dtype_name]
@@ -620,9 +649,8 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
     else:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(staging)
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, staging / name)
+    for path in tokenizers:
+        shutil.copyfile(path, staging / path.name)
     info = plan.to_dict()
     (staging / "conversion.json").write_text(json.dumps(info, indent=2) + "\n")
     from .card import write_model_card
@@ -639,7 +667,8 @@ def convert(plan: ConversionPlan, progress) -> ConversionResult:
     source_dir = fetch_checkpoint(plan.source)
     reader = CheckpointReader(source_dir)
     check_source_tensors(reader, plan)
+    tokenizers = tokenizer_files(source_dir, local=plan.source.local_dir is not None)
     with staged_directory(target, plan.options.overwrite, sources) as staging:
         shards, total = write_weights(staging, reader, plan, progress)
-        write_metadata(staging, source_dir, plan)
-    return ConversionResult(target, plan, shards, total, time.perf_counter() - started)
+        write_metadata(staging, source_dir, plan, tokenizers)
+    return ConversionResult(target, plan, shards, total, time.perf_counter() - started, reader.non_finite)

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from .configuration_mesh import MeshConfig
-from .families import source_family
+from .families import final_norm_names, layer_tensor_shapes, source_family
 from .modeling_mesh import MeshForCausalLM
 
 TIES = ("average", "stepwise", "lower", "upper")
@@ -83,7 +83,12 @@ def default_layout(num_layers: int, loops: int) -> Layout:
     """
     if loops < 1:
         raise ValueError("--loops must be at least 1")
-    balanced = [layout for layout in _layouts(num_layers, loops) if 0 <= layout.coda - layout.prelude <= 1]
+    # Per core size, the one split of the rest with coda - prelude in {0, 1}, both at least 1.
+    balanced = [
+        Layout(rest // 2, core, loops, rest - rest // 2)
+        for core in range(1, num_layers // loops + 1)
+        if (rest := num_layers - core * loops) >= 2
+    ]
     if not balanced:
         raise ValueError(
             f"{num_layers} layers are too few for {loops} loops with at least one prelude and one coda layer"
@@ -195,24 +200,37 @@ def _embedding_parameters(model) -> int:
     return sum(p.numel() for p in tensors.values())
 
 
+def _layer_parameters(mesh_config: MeshConfig) -> int:
+    """Parameters of one unshared layer (the same in the source family's own layer class)."""
+    return sum(math.prod(shape) for shape in layer_tensor_shapes(mesh_config).values())
+
+
 def mesh_parameter_counts(mesh_config: MeshConfig) -> dict[str, int]:
-    """Parameters of a MeSH model, counted on the meta device: `nonembedding` is the unique layers
-    plus the final norm, without routers or relax deltas (tied embeddings count once)."""
+    """Parameters of a MeSH model: `nonembedding` is the unique layers plus the final norm, without
+    routers or relax deltas (tied embeddings count once).
+
+    Counted on the meta device on a model with one core layer and no prelude or coda, then scaled
+    to the real layer counts, so that planning costs the same at any depth."""
+    config = mesh_config.to_dict()
+    config.update(num_prelude_layers=0, num_core_layers=1, num_coda_layers=0, num_hidden_layers=mesh_config.num_loops)
     with torch.device("meta"):
-        model = MeshForCausalLM(mesh_config)
+        model = MeshForCausalLM(MeshConfig.from_dict(config))
     routers = sum(p.numel() for name, p in model.named_parameters() if name.startswith("model.memory."))
     relax = sum(p.numel() for name, p in model.named_parameters() if "_delta" in name)
     embedding = _embedding_parameters(model)
     total = sum(p.numel() for p in model.parameters())
+    more_layers = mesh_config.num_prelude_layers + mesh_config.num_core_layers - 1 + mesh_config.num_coda_layers
+    total += more_layers * _layer_parameters(mesh_config) + (mesh_config.num_core_layers - 1) * relax
+    relax *= mesh_config.num_core_layers
     return {"nonembedding": total - embedding - routers - relax, "routers": routers, "relax": relax,
             "embedding": embedding, "total": total}
 
 
 def count_parameters(source_config: PreTrainedConfig, mesh_config: MeshConfig) -> dict[str, float]:
-    """Parameter counts of the original and the converted model (see `mesh_parameter_counts`)."""
-    with torch.device("meta"):
-        original = AutoModelForCausalLM.from_config(source_config)
-    counts = {"original_nonembedding": sum(p.numel() for p in original.parameters()) - _embedding_parameters(original)}
+    """Parameter counts of the original and the converted model (see `mesh_parameter_counts`).
+    The original's layers are the converter's unshared layers, so its count needs no model."""
+    norm = len(final_norm_names(mesh_config)) * mesh_config.hidden_size
+    counts = {"original_nonembedding": source_config.num_hidden_layers * _layer_parameters(mesh_config) + norm}
     converted = mesh_parameter_counts(mesh_config)
     counts["converted_nonembedding"] = converted.pop("nonembedding")
     counts.update(converted)
