@@ -80,7 +80,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 def convert_command(
-    model: str = typer.Argument(..., help="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
+    model: str = typer.Argument(..., help="GPT-NeoX or Llama-family checkpoint: local dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
     loops: int = typer.Option(..., "--loops", "-k", help="K: how many times the shared core runs."),
     prelude: int | None = typer.Option(None, "--prelude", help="P unshared bottom layers (default: the paper's layout)."),
     coda: int | None = typer.Option(None, "--coda", help="Q unshared top layers (default: the paper's layout)."),
@@ -98,7 +98,7 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Then upload the result to this Hub repo."),
 ):
-    """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
+    """Convert a pretrained GPT-NeoX (Pythia) or Llama-family (Llama, Qwen2, SmolLM2) checkpoint into a MeSH recursive transformer."""
     from .cli import invocation
     from .convert import ConvertOptions, convert, make_plan
     from .plan import DEFAULT_ROUTER_GAP

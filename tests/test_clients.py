@@ -1,0 +1,134 @@
+"""What clients this project did not write see: plain transformers in a process where
+mesh_convert cannot be imported and stdin is closed, a pushed repo read through the Hub
+stand-in, and the command line's help as a newcomer reads it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from conftest import make_tiny_llama, make_tiny_pythia
+from hub_standin import HubStandin, User
+from mesh_convert import cli
+
+WRITE_TOKEN = "hf_standinWriteToken0123456789abcd"
+WORDS = ["<unk>", "<|endoftext|>", "<s>", "hello", "world", "mesh", "loops"]
+
+
+def word_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
+    """A tiny word-level tokenizer; with `adds_bos` it puts <s> first, as Llama's do."""
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<|endoftext|>", bos_token="<s>" if adds_bos else None
+    )
+
+
+# The README's and the model card's call, in a process that cannot import mesh_convert.
+LOAD_TOKENIZER = """
+import sys
+sys.modules["mesh_convert"] = None
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+print("IDS", tokenizer("hello mesh world")["input_ids"])
+"""
+
+
+def load_tokenizer_outside(source: str, env_extra: dict, workdir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(workdir / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH="", **env_extra)
+    return subprocess.run(
+        [sys.executable, "-c", LOAD_TOKENIZER, source],
+        cwd=workdir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+
+
+def assert_loads_quietly(done: subprocess.CompletedProcess, adds_bos: bool) -> None:
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in done.stdout + done.stderr
+    assert "model of type" not in done.stderr
+    # From a Hub repo transformers names the remote code files it fetched: that notice is all.
+    fetched_code_notice = r"\[transformers\] A new version of the following files was downloaded.*?pin a revision\."
+    assert re.sub(fetched_code_notice, "", done.stderr, flags=re.S).strip() == "", done.stderr[-3000:]
+    expected = [2, 3, 5, 4] if adds_bos else [3, 5, 4]
+    assert f"IDS {expected}" in done.stdout
+
+
+def converted_with_tokenizer(tmp_path: Path, family: str) -> Path:
+    source = tmp_path / f"tiny-{family}"
+    (make_tiny_pythia if family == "gpt_neox" else make_tiny_llama)(source)
+    word_tokenizer(adds_bos=family == "llama").save_pretrained(source)
+    output = tmp_path / f"{family}-mesh"
+    assert cli.main(["convert", str(source), "--loops", "2", "-o", str(output)]) == 0
+    return output
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_converted_tokenizer_loads_as_documented_without_prompt_or_warning(tmp_path, family):
+    output = converted_with_tokenizer(tmp_path, family)
+    card = (output / "README.md").read_text()
+    call = re.search(r"tokenizer = AutoTokenizer\.from_pretrained\((.*)\)", card).group(1)
+    assert call.endswith(", trust_remote_code=True"), call
+    done = load_tokenizer_outside(str(output), {"HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert_loads_quietly(done, adds_bos=family == "llama")
+
+
+def test_pushed_tokenizer_loads_as_documented_without_prompt_or_warning(tmp_path, monkeypatch):
+    output = converted_with_tokenizer(tmp_path, "llama")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks LFS, not Xet
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+    with HubStandin(tmp_path / "standin", {WRITE_TOKEN: User("alice", write=True)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+        assert cli.main(["push", str(output), "alice/tiny-llama-mesh"]) == 0
+        card = hub.files("alice/tiny-llama-mesh")["README.md"].decode()
+        assert re.search(r"tokenizer = AutoTokenizer\.from_pretrained\(.*, trust_remote_code=True\)", card)
+        done = load_tokenizer_outside(
+            "alice/tiny-llama-mesh", {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}, tmp_path
+        )
+    assert_loads_quietly(done, adds_bos=True)
+
+
+# ------------------------------------------------------------------------------ help
+
+
+def help_text(capsys, *command: str) -> str:
+    capsys.readouterr()
+    assert cli.main([*command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+COMMANDS = ["convert", "train", "finetune", "init", "merge", "eval", "push", "diagnose", "inspect"]
+
+
+@pytest.mark.parametrize("command", [[], *[[name] for name in COMMANDS]], ids=["root", *COMMANDS])
+def test_help_shows_flags_as_flags_and_arguments_in_capitals(capsys, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    text = help_text(capsys, *command)
+    assert "<bool>" not in text
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage, usage
+    if command == ["convert"]:
+        assert re.search(r"Usage: mesh-convert convert \[OPTIONS\] MODEL\s*$", usage), usage
+        assert re.search(r"--dry-run\s+Print the plan only", text)
+
+
+def test_help_and_package_name_the_llama_family(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in ([], ["convert"]):
+        text = " ".join(help_text(capsys, *command).split())
+        assert "GPT-NeoX (Pythia) and Llama-family (Llama, Qwen2, SmolLM2)" in text or (
+            "GPT-NeoX (Pythia) or Llama-family (Llama, Qwen2, SmolLM2)" in text
+        ), text
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert "Llama-family (Llama, Qwen2, SmolLM2)" in re.search(r'^description = "(.*)"$', pyproject, re.M).group(1)
