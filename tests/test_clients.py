@@ -2,6 +2,8 @@
 mesh_convert cannot be imported and stdin is closed, a pushed repo read through the Hub
 stand-in, and the command line's help as a newcomer reads it."""
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -132,3 +135,31 @@ def test_help_and_package_name_the_llama_family(capsys, monkeypatch):
         ), text
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert "Llama-family (Llama, Qwen2, SmolLM2)" in re.search(r'^description = "(.*)"$', pyproject, re.M).group(1)
+
+
+# ------------------------------------------------------------------- the demo's SmolLM2
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dequantised_smollm2_checkpoint_is_plain_float_for_lm_eval(tmp_path):
+    """scripts/get_smollm2.py re-saves the model transformers de-quantised from the GGUF file. The
+    same step on a tiny Llama whose config carries the GGUF loader's quantization_config: the
+    folder must be a plain float checkpoint that lm-eval's HFLM loads by path."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import GgufConfig
+
+    loaded = make_tiny_llama(tmp_path / "tiny-llama", num_layers=2)
+    loaded.config.quantization_config = GgufConfig(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    target = tmp_path / "float-checkpoint"
+    load_script("get_smollm2").save_float_checkpoint(loaded, word_tokenizer(adds_bos=True), target)
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    wrapper = HFLM(pretrained=str(target), device="cpu", batch_size=1, dtype="float32")
+    assert wrapper.model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(wrapper.model.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
