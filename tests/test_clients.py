@@ -163,3 +163,39 @@ def test_dequantised_smollm2_checkpoint_is_plain_float_for_lm_eval(tmp_path):
     wrapper = HFLM(pretrained=str(target), device="cpu", batch_size=1, dtype="float32")
     assert wrapper.model.lm_head.weight.dtype == torch.float32
     assert torch.equal(wrapper.model.model.embed_tokens.weight, loaded.model.embed_tokens.weight)
+
+
+# ------------------------------------------------------------------------ the README
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_cli_process(*args: str) -> str:
+    env = {**os.environ, "COLUMNS": "100", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from mesh_convert.cli import main; sys.exit(main())", *args],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_readme_dry_run_example_is_the_real_output():
+    text = README.read_text()
+    intro = "`mesh-convert pythia-1.4b --loops 3 --dry-run` prints"
+    block = re.search(re.escape(intro) + r".*?```\n(.*?)```", text, re.S).group(1)
+    real = run_cli_process("pythia-1.4b", "--loops", "3", "--dry-run")
+    assert [line.rstrip() for line in block.splitlines()] == [line.rstrip() for line in real.splitlines()]
+
+
+def test_readme_names_only_keys_the_dry_run_json_has(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = README.read_text()
+    paragraph = re.search(r"and `--dry-run --json` one JSON object(.*?)\n\n", text, re.S).group(1)
+    capsys.readouterr()
+    assert cli.main(["pythia-1.4b", "--loops", "3", "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    keys = set(plan) | {f"params.{key}" for key in plan["params"]} | set(plan["params"])
+    named = set(re.findall(r"`([a-z_.]+)`", paragraph)) - {"conversion.json"}
+    assert named and named <= keys, named - keys
+    assert "provenance" not in paragraph or "provenance" in plan
