@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError, first_line
+from .hf_bars import transformers_bars_hidden
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -336,7 +337,8 @@ def load_model(name: str, *, dtype: str | torch.dtype = "float32", device: str |
     check_model_source(name)
     source = name if _is_hub_id(name) else str(Path(name).expanduser())
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch_dtype)
+        with transformers_bars_hidden():
+            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"cannot load model {name}: {first_line(error)}") from None
     return model.to(torch_device).eval()

@@ -199,3 +199,65 @@ def test_readme_names_only_keys_the_dry_run_json_has(capsys, monkeypatch):
     named = set(re.findall(r"`([a-z_.]+)`", paragraph)) - {"conversion.json"}
     assert named and named <= keys, named - keys
     assert "provenance" not in paragraph or "provenance" in plan
+
+
+# ---------------------------------------------------------------------- inspect, diagnose
+
+
+def save_run_model(directory: Path, model) -> Path:
+    model.save_pretrained(directory)
+    word_tokenizer(adds_bos=False).save_pretrained(directory)
+    return directory
+
+
+def test_inspect_names_its_default_folder_after_the_run(tmp_path, monkeypatch, tiny_mesh_model, capsys):
+    """`train` writes every run's model to <run>/model: two runs must not inspect into one folder."""
+    for run in ("run-a", "run-b"):
+        save_run_model(tmp_path / run / "model", tiny_mesh_model)
+    save_run_model(tmp_path / "run-a" / "checkpoints" / "step-4", tiny_mesh_model)
+    monkeypatch.chdir(tmp_path)
+    for model, folder in (("run-a/model", "inspect-run-a-model"), ("run-b/model", "inspect-run-b-model"),
+                          ("run-a/checkpoints/step-4", "inspect-run-a-step-4")):
+        assert cli.main(["inspect", model, "--samples", "1", "--seq-len", "4"]) == 0
+        assert (tmp_path / folder / "inspect.json").is_file(), folder
+
+
+def test_inspect_lists_the_provenance_once_with_whole_keys(tmp_path, monkeypatch, capsys):
+    output = converted_with_tokenizer(tmp_path, "gpt_neox")
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    assert cli.main(["inspect", str(output), "--output", str(tmp_path / "inspected"), "--samples", "1"]) == 0
+    text = capsys.readouterr().out
+    table = text[text.index("Provenance") : text.index("Parameters")]
+    keys = [line.split("│")[1].strip() for line in table.splitlines() if line.count("│") == 3]
+    keys = [key for key in keys if key]
+    assert "source.model" in keys and "layer_map.core" in keys
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert not any("…" in key for key in keys), keys
+
+
+def test_transformers_loading_bars_stay_out_of_diagnose_and_inspect(tmp_path, tiny_mesh_model, capfd):
+    from transformers.utils import logging as hf_logging
+
+    model = save_run_model(tmp_path / "model", tiny_mesh_model)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world mesh loops " * 40)
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    for command in (
+        ["inspect", str(model), "--output", str(tmp_path / "i"), "--samples", "1", "--seq-len", "4"],
+        ["diagnose", str(model), "--data", str(text), "--samples", "2", "--seq-len", "8", "--output", str(tmp_path / "d")],
+    ):
+        capfd.readouterr()
+        assert cli.main(command) == 0
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err, command[0]
+        assert hf_logging.is_progress_bar_enabled()  # and it is restored afterwards
+
+
+def test_git_ignores_the_default_output_folders(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["inspect-run-a-model/inspect.json", "diagnostics-pythia-160m/cka.png"]
+    done = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *paths], capture_output=True, text=True)
+    assert sorted(done.stdout.split()) == sorted(paths), done.stderr
