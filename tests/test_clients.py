@@ -261,3 +261,20 @@ def test_git_ignores_the_default_output_folders(tmp_path):
     paths = ["inspect-run-a-model/inspect.json", "diagnostics-pythia-160m/cka.png"]
     done = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *paths], capture_output=True, text=True)
     assert sorted(done.stdout.split()) == sorted(paths), done.stderr
+
+
+def test_transformers_bars_stay_out_of_merge(tmp_path, capfd):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    base_dir = tmp_path / "base"
+    make_tiny_pythia(base_dir, num_layers=2)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(tmp_path / "adapter")
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    capfd.readouterr()
+    assert cli.main(["merge", str(tmp_path / "adapter"), "-o", str(tmp_path / "merged")]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert (tmp_path / "merged" / "config.json").is_file()
