@@ -1,4 +1,4 @@
-"""mesh-convert: pretrained GPT-NeoX checkpoints -> MeSH recursive transformers.
+"""mesh-convert: pretrained GPT-NeoX and Llama-family checkpoints -> MeSH recursive transformers.
 
 Importing the package registers `MeshConfig` / `MeshForCausalLM` with transformers' Auto
 classes, and marks them for remote code, so `save_pretrained` writes `auto_map` and copies the

@@ -367,6 +367,9 @@ def _eval_section(info: dict) -> str:
 
 
 def _usage_section(model_ref: str, tokenizer_ref: str) -> str:
+    # transformers 5 reads the model's config.json before choosing a tokenizer class, and this
+    # config is remote code: without the flag AutoTokenizer asks on stdin (a batch job stalls).
+    tokenizer_flag = ", trust_remote_code=True" if tokenizer_ref == model_ref else ""
     return "\n".join(
         [
             "## Usage",
@@ -378,7 +381,7 @@ def _usage_section(model_ref: str, tokenizer_ref: str) -> str:
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
             f'model = AutoModelForCausalLM.from_pretrained("{model_ref}", trust_remote_code=True)',
-            f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_ref}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_ref}"{tokenizer_flag})',
             "",
             'inputs = tokenizer("The capital of France is", return_tensors="pt")',
             "output = model.generate(**inputs, max_new_tokens=20, do_sample=False)",

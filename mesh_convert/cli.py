@@ -13,7 +13,7 @@ import click
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import UserError
 
@@ -26,9 +26,37 @@ except ImportError:  # older typer raises click's own
 err_console = Console(stderr=True)
 
 
-class DefaultToConvert(TyperGroup):
+class PlainFlagsHelp:
+    """Help as users read it elsewhere: typer's rich help prints `<bool>` after an on/off flag
+    (as if it took a value) and `{model}` for a required argument; show `--debug` and `MODEL`."""
+
+    def get_params(self, ctx: click.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class PlainHelpCommand(PlainFlagsHelp, TyperCommand):
+    pass
+
+
+class DefaultToConvert(PlainFlagsHelp, TyperGroup):
     """Routes `mesh-convert MODEL ...` to the `convert` command, so that the common case needs
     no subcommand while `mesh-convert eval ...` etc. still work."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), self.subcommand_metavar]
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         root_options = [a for a in args[:1] if a == "--debug"]  # root options stay before the command
@@ -41,7 +69,8 @@ class DefaultToConvert(TyperGroup):
 
 app = typer.Typer(
     cls=DefaultToConvert,
-    help="Convert pretrained GPT-NeoX (Pythia) checkpoints into MeSH recursive transformers.",
+    help="Convert pretrained GPT-NeoX (Pythia) and Llama-family (Llama, Qwen2, SmolLM2) checkpoints into MeSH "
+    "recursive transformers, then train, evaluate, diagnose and push them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -73,6 +102,9 @@ def _register_commands():
 
     for module in (cli_convert, cli_train, cli_eval, cli_push, cli_diagnose):
         module.register(app)
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = PlainHelpCommand
 
 
 _invoked_with: list[str] = []

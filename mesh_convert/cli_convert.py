@@ -81,15 +81,15 @@ def _progress(enabled: bool) -> Progress:
 
 
 def convert_command(
-    model: str = typer.Argument(..., help="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
+    model: str = typer.Argument(..., help="GPT-NeoX or Llama-family checkpoint: local dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b)."),
     loops: int = typer.Option(..., "--loops", "-k", help="K: how many times the shared core runs."),
     prelude: int | None = typer.Option(None, "--prelude", help="P unshared bottom layers (default: the paper's layout)."),
     coda: int | None = typer.Option(None, "--coda", help="Q unshared top layers (default: the paper's layout)."),
     variant: str = typer.Option("mesh", "--variant", help="mesh | base | residual | anchor | anchor_emb"),
     tie: str = typer.Option("upper", "--tie", help="How a core layer is made from its K stand-ins: upper (default; best after healing, BENCHMARKS.md) | stepwise | lower | average"),
     slots: int | None = typer.Option(None, "--slots", help="B memory slots (default K+3)."),
-    router_gap: float | None = typer.Option(None, "--router-gap", help="Logit gap of the function-preserving router init."),
-    relax_rank: str = typer.Option("0", "--relax-rank", help="Per-loop delta rank: 0 (none), N, or full (exact)."),
+    router_gap: float | None = typer.Option(None, "--router-gap", help="Logit gap of the function-preserving router init (default 8; with --relax-rank full, 16 or more reproduces the logits within 1e-4)."),
+    relax_rank: str = typer.Option("0", "--relax-rank", help="Per-loop delta rank: 0 (none), N, or full (the original layers; exact logits need a large --router-gap)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (as the source) | float32 | float16 | bfloat16"),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision, e.g. step143000 for Pythia."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output directory (default ./<model>-mesh-<layout>)."),
@@ -99,7 +99,7 @@ def convert_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Then upload the result to this Hub repo."),
 ):
-    """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
+    """Convert a pretrained GPT-NeoX (Pythia) or Llama-family (Llama, Qwen2, SmolLM2) checkpoint into a MeSH recursive transformer."""
     from .cli import invocation
     from .convert import ConvertOptions, convert, make_plan
     from .plan import DEFAULT_ROUTER_GAP

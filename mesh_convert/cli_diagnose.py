@@ -21,9 +21,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+RUN_SUBFOLDERS = ("model", "adapter")  # what `train` writes into every run's output folder
+
+
 def _default_output(prefix: str, model: str) -> Path:
-    # A hub id "org/name" becomes "org--name", like the hub cache does.
-    name = Path(model).name if Path(model).expanduser().exists() else model.replace("/", "--")
+    """`<prefix>-<model name>` in the working directory. A hub id "org/name" becomes
+    "org--name", like the hub cache does; a run's `model` / `adapter` folder and its
+    `checkpoints/step-N` carry the run's name too, so two runs do not share one folder."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return Path(f"{prefix}-{model.replace('/', '--')}")
+    path = path.resolve()
+    name = path.name
+    if path.parent.name == "checkpoints":
+        name = f"{path.parent.parent.name}-{name}"
+    elif name in RUN_SUBFOLDERS:
+        name = f"{path.parent.name}-{name}"
     return Path(f"{prefix}-{name or 'model'}")
 
 
@@ -177,7 +190,7 @@ def diagnose(
 
 def inspect_tables(report) -> list[Table]:
     """Model summary, provenance, parameters, and the routers' mean weights."""
-    from .inspect_model import flatten
+    from .inspect_model import provenance_rows
 
     summary = Table(title=f"{report.model_dir}", show_header=False)
     summary.add_column("field")
@@ -192,9 +205,9 @@ def inspect_tables(report) -> list[Table]:
     tables = [summary]
 
     provenance = Table(title="Provenance", show_header=False)
-    provenance.add_column("key")
+    provenance.add_column("key", overflow="fold")
     provenance.add_column("value", overflow="fold")
-    for key, value in flatten(report.provenance) if report.provenance else [("(none)", "no provenance recorded")]:
+    for key, value in provenance_rows(report.provenance) or [("(none)", "no provenance recorded")]:
         provenance.add_row(key, value)
     tables.append(provenance)
 

@@ -26,10 +26,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from transformers.utils import logging as hf_logging
 
 from . import evaluate as ev
 from .errors import UserError
+from .hf_bars import transformers_bars_hidden
 
 TASK_CHOICES = ("auto", "perplexity", "lambada")
 
@@ -244,12 +244,11 @@ def run_eval(options: EvalOptions) -> dict:
     task_manager = ev.lm_eval_task_manager(options.tasks, options.include_path) if options.tasks else None
     # Tokenizers are cheap to load: a missing one fails now rather than after the first model.
     tokenizers = [ev.load_tokenizer(options.tokenizer or name) for name in options.models]
-    hf_logging.disable_progress_bar()  # one progress display (ours) is enough
     results = []
     # Under --json, stdout is reserved for the JSON document: anything else a library prints
     # (lm-eval does) goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext()
-    with redirect, _progress(options.json) as progress:
+    with transformers_bars_hidden(), redirect, _progress(options.json) as progress:  # one progress display: ours
         for model_name, tokenizer in zip(options.models, tokenizers):
             results.append(evaluate_model(model_name, tokenizer, options, dataset, task_manager, progress))
     report = build_report(options, dataset, results)

@@ -41,6 +41,7 @@ import torch
 
 from .data import read_documents, tokenize_stream
 from .errors import UserError
+from .hf_bars import transformers_bars_hidden
 from .plan import Layout, default_layout
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +298,10 @@ def load_model(name: str, device: str | torch.device = "cpu"):
         if not (path / "config.json").is_file():
             raise UserError(f"{name} has no config.json; is it a saved model directory?")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path) if _looks_local(name) else name, trust_remote_code=True, dtype=torch.float32
-        )
+        with transformers_bars_hidden():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path) if _looks_local(name) else name, trust_remote_code=True, dtype=torch.float32
+            )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load model {name}: {str(error).splitlines()[0]}")
     return model.to(device).eval()

@@ -122,6 +122,18 @@ def flatten(record, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def provenance_rows(provenance: dict) -> list[tuple[str, str]]:
+    """One row per dotted key over `config.provenance` and `conversion.json`, which repeat
+    most of each other; a key whose two values differ gets a row per source."""
+    rows: dict[str, str] = {}
+    for origin, record in provenance.items():
+        for key, value in flatten(record) if isinstance(record, dict) else [(origin, str(record))]:
+            if rows.get(key, value) != value:
+                key = f"{key} ({origin})"
+            rows.setdefault(key, value)
+    return list(rows.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Routers on sample text.
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class OptimSection(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps")
+    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps; when > 0, at least min(10, steps // 10) steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
     grad_clip: float | None = Field(1.0, gt=0)
     router_lr_mult: float = Field(1.0, gt=0)
@@ -265,9 +265,11 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def lr_schedule(step: int, total: int, warmup: float, min_ratio: float) -> float:
-    """LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` of the steps
-    (at least one), then cosine from 1 to `min_ratio` at the last step."""
-    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    """LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` of the steps,
+    then cosine from 1 to `min_ratio` at the last step. A warm-up is at least one step, and at
+    least min(10, total // 10): 1% of a short run's 200 steps would be 2, too few to warm Adam's
+    moment estimates up."""
+    warm = max(1, math.ceil(warmup * total), min(10, total // 10)) if warmup > 0 else 0
     if step < warm:
         return (step + 1) / warm
     span = max(1, total - warm - 1)

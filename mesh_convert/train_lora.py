@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import UserError
+from .hf_bars import transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -105,7 +106,8 @@ def merge_adapter(
     model = load_model(base_path, torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with staged_directory(output, overwrite, (adapter_dir, base_path)) as staging:
-        merged.save_pretrained(staging)
+        with transformers_bars_hidden():
+            merged.save_pretrained(staging)
         for source in (adapter_dir, base_path):
             if (source / "tokenizer_config.json").is_file():
                 AutoTokenizer.from_pretrained(str(source)).save_pretrained(staging)
@@ -131,7 +133,8 @@ def load_model(path: str | Path, dtype):
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a model checkpoint (no config.json)")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        with transformers_bars_hidden():
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
         raise UserError(f"cannot load the model in {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
 
