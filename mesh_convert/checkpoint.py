@@ -135,6 +135,22 @@ def load_source_config(directory: Path) -> PreTrainedConfig:
         raise UserError(f"cannot read {config_file}: {str(error).splitlines()[0]}") from None
 
 
+def open_safetensors(file: Path):
+    """A safetensors file opened lazily (memory-mapped); a damaged or truncated one is a UserError."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every safetensors file in `directory`, so that a damaged one is named in one line
+    before a library that loads the model fails on it with its own error."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with open_safetensors(file):
+            pass
+
+
 class CheckpointReader:
     """Lazy access to a checkpoint's tensors by name, across shards and formats."""
 
@@ -173,10 +189,7 @@ class CheckpointReader:
         raise UserError(f"no weights found in {directory} (expected *.safetensors or pytorch_model*.bin)")
 
     def _open_safetensors(self, file: Path):
-        try:
-            handle = safe_open(file, framework="pt")
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
+        handle = open_safetensors(file)
         for name in handle.keys():
             self._where[name] = handle
             self._files[name] = file

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError, check_output_directory
 
 console = Console(stderr=True)
 
@@ -97,16 +97,19 @@ def register(app: typer.Typer) -> None:
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         import json
 
-        from .recipe import InitSpec
+        from pydantic import ValidationError
+
         from .plan import mesh_parameter_counts
+        from .recipe import InitSpec, explain
         from .train_init import init_scratch_model, scratch_config
 
+        check_output_directory(output)
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
                             hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
                             max_position_embeddings=context)
-        except Exception as error:
-            raise UserError(f"init: {str(error).splitlines()[-1]}") from None
+        except ValidationError as error:
+            raise explain(error, "init") from None
         config = scratch_config(spec)
         model = init_scratch_model(config, seed)
         output.mkdir(parents=True, exist_ok=True)

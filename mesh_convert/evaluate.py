@@ -298,6 +298,9 @@ def check_model_source(name: str) -> None:
         raise UserError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    from .checkpoint import check_safetensors
+
+    check_safetensors(path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -368,14 +371,14 @@ def _vocab_size(model) -> int | None:
         return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def check_token_ids(model, ids: Sequence[int]) -> None:
+def check_token_ids(model, ids: Sequence[int], option: str = "--tokenizer") -> None:
     """A tokenizer that does not belong to the model shows up as ids past its vocabulary; say
-    so instead of failing deep inside an embedding lookup."""
+    so instead of failing deep inside an embedding lookup (`option` chooses the tokenizer)."""
     vocab = _vocab_size(model)
     if vocab is not None and ids and max(ids) >= vocab:
         raise UserError(
             f"the tokenizer produced token id {max(ids)} but the model has {vocab} embeddings: "
-            "tokenizer and model do not match (see --tokenizer)"
+            f"tokenizer and model do not match (see {option})"
         )
 
 

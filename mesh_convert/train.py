@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, check_output_directory
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .train_checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .train_optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -144,6 +144,18 @@ def load_tokenizer(recipe: Recipe):
         raise UserError(f"cannot load the tokenizer in {path}: {error}") from None
 
 
+def check_output_and_trackers(recipe: Recipe) -> None:
+    """What the run writes to and logs with, checked before any work."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    check_output_directory(recipe.output_dir, "output_dir")
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for tracker in recipe.trackers:
+        if not available[tracker]():
+            raise UserError(f"trackers: {tracker} is not installed: pip install 'mesh-convert[{tracker}]' "
+                            "or remove it from trackers")
+
+
 def check_data_files(recipe: Recipe) -> None:
     from .data import file_format
 
@@ -160,6 +172,7 @@ def check_data_files(recipe: Recipe) -> None:
 
 def describe(recipe: Recipe, processes: int = 1) -> dict:
     """The plan of a recipe without training or loading weights (the model is built on meta)."""
+    check_output_and_trackers(recipe)
     check_data_files(recipe)
     model = load_base_model(recipe, meta=True)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -229,11 +242,13 @@ def train(recipe: Recipe, console=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import build_data
+    from .data import PackedBlocks, build_data
+    from .evaluate import check_token_ids
 
     from accelerate import PartialState
 
     output = Path(recipe.output_dir)
+    check_output_and_trackers(recipe)
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     make_plan(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
@@ -255,6 +270,10 @@ def train(recipe: Recipe, console=None) -> dict:
     tokenizer = load_tokenizer(recipe)
     data = build_data(recipe.data, tokenizer, recipe.seed, context)
     model = load_base_model(recipe)
+    # The training blocks held in memory, and the held-out ones (for streamed data, the stream's head).
+    for blocks in (getattr(data.train, "blocks", None), data.eval):
+        if isinstance(blocks, PackedBlocks) and len(blocks.tokens):
+            check_token_ids(model, [int(blocks.tokens.max())], option="the recipe's `tokenizer`")
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_trainable(model, recipe)
@@ -333,6 +352,9 @@ def train(recipe: Recipe, console=None) -> dict:
             annealer.after_step(state.step)
 
         last_loss = accelerator.reduce(step_loss, "mean").item()
+        if not math.isfinite(last_loss):
+            progress.close()
+            raise _diverged(f"the loss is {last_loss} at step {state.step}", checkpoints)
         window_tokens += plan.tokens_per_step
         record = {"step": state.step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens}
         if grad_norm is not None:
@@ -350,6 +372,9 @@ def train(recipe: Recipe, console=None) -> dict:
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
         progress.update(state.step, record)
         if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
+            if not _weights_finite(model, accelerator):  # keep the checkpoints on disk usable
+                progress.close()
+                raise _diverged(f"the weights hold NaN or inf after step {state.step}", checkpoints)
             save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
         if stall_at and state.step == stall_at:
             while True:  # a test kills the process here (SIGKILL), after the checkpoint above
@@ -361,6 +386,19 @@ def train(recipe: Recipe, console=None) -> dict:
     if recipe.trackers:
         accelerator.end_training()
     return summary
+
+
+def _weights_finite(model, accelerator) -> bool:
+    bad = any(not torch.isfinite(p).all() for p in model.parameters())
+    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+
+
+def _diverged(what: str, checkpoints: Path) -> UserError:
+    """Training that has run into NaN or inf stops: nothing is exported from broken weights."""
+    last = resume_dir(checkpoints, "auto")
+    kept = f"the last checkpoint, {last}, is kept" if last is not None else "no checkpoint was saved"
+    return UserError(f"training diverged: {what}; stopped without exporting a model ({kept}); "
+                     "lower optim.lr")
 
 
 def _cpu_requested() -> bool:
