@@ -57,42 +57,18 @@ def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     return SourceRef(name, name, revision, None)
 
 
-def _hub_errors():
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    return {
-        RevisionNotFoundError: "revision {revision} not found in {repo}",
-        GatedRepoError: "{repo} is gated: accept its terms on the Hub and log in (hf auth login)",
-        RepositoryNotFoundError: "no model {repo} on the Hub (or it is private and you are not logged in)",
-        EntryNotFoundError: "{repo} has no such file",
-        OfflineModeIsEnabled: "cannot fetch {repo}: offline mode is on (HF_HUB_OFFLINE)",
-        LocalEntryNotFoundError: "cannot reach the Hub to fetch {repo} (no network, and not in the local cache)",
-        HfHubHTTPError: "the Hub refused {repo}: {error}",
-    }
-
-
 def _from_hub(ref: SourceRef, action):
     """Run a huggingface_hub call, turning its errors into one line."""
-    try:
-        return action()
-    except tuple(_hub_errors()) as error:
-        for kind, message in _hub_errors().items():
-            if isinstance(error, kind):
-                from .hub import error_line
+    from .hub import hub_timeout, resolve_endpoint, to_user_error
 
-                short = error_line(error)
-                raise UserError(message.format(repo=ref.repo_id, revision=ref.revision, error=short)) from None
-        raise
-    except (OSError, ConnectionError) as error:
-        raise UserError(f"cannot reach the Hub to fetch {ref.repo_id}: {error}") from None
+    try:
+        with hub_timeout():
+            return action()
+    except Exception as error:
+        user_error = to_user_error(error, ref.repo_id, resolve_endpoint(), fetching=True, revision=ref.revision)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def fetch_config(ref: SourceRef) -> Path:

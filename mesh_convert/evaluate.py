@@ -371,13 +371,18 @@ def _vocab_size(model) -> int | None:
         return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def check_token_ids(model, ids: Sequence[int], option: str = "--tokenizer") -> None:
+def check_token_ids(model, ids: Sequence[int]) -> None:
     """A tokenizer that does not belong to the model shows up as ids past its vocabulary; say
-    so instead of failing deep inside an embedding lookup (`option` chooses the tokenizer)."""
-    vocab = _vocab_size(model)
-    if vocab is not None and ids and max(ids) >= vocab:
+    so instead of failing deep inside an embedding lookup."""
+    if ids:
+        check_largest_id(max(ids), _vocab_size(model), "--tokenizer")
+
+
+def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
+    """The check of `check_token_ids`, on the largest id; `option` is what chooses the tokenizer."""
+    if vocab is not None and largest >= vocab:
         raise UserError(
-            f"the tokenizer produced token id {max(ids)} but the model has {vocab} embeddings: "
+            f"the tokenizer produced token id {largest} but the model has {vocab} embeddings: "
             f"tokenizer and model do not match (see {option})"
         )
 

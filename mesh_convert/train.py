@@ -243,7 +243,7 @@ def train(recipe: Recipe, console=None) -> dict:
     from accelerate.utils import DistributedType, set_seed
 
     from .data import PackedBlocks, build_data
-    from .evaluate import check_token_ids
+    from .evaluate import check_largest_id
 
     from accelerate import PartialState
 
@@ -266,14 +266,14 @@ def train(recipe: Recipe, console=None) -> dict:
 
     # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
     check_data_files(recipe)
-    context = getattr(model_config(recipe), "max_position_embeddings", None)
+    config = model_config(recipe)
     tokenizer = load_tokenizer(recipe)
-    data = build_data(recipe.data, tokenizer, recipe.seed, context)
-    model = load_base_model(recipe)
+    data = build_data(recipe.data, tokenizer, recipe.seed, getattr(config, "max_position_embeddings", None))
     # The training blocks held in memory, and the held-out ones (for streamed data, the stream's head).
     for blocks in (getattr(data.train, "blocks", None), data.eval):
         if isinstance(blocks, PackedBlocks) and len(blocks.tokens):
-            check_token_ids(model, [int(blocks.tokens.max())], option="the recipe's `tokenizer`")
+            check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
+    model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_trainable(model, recipe)
