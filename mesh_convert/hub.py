@@ -1,4 +1,5 @@
-"""Publishing a converted model to the Hugging Face Hub.
+"""Publishing a converted model to the Hugging Face Hub, and the one-line messages for what can
+go wrong talking to the Hub (also when a source checkpoint is downloaded, see `checkpoint.py`).
 
 `push_to_hub` uploads a converted model's directory as it is (weights, config, the remote-code
 `.py` files, tokenizer, README.md, conversion.json) in one commit. Whatever goes wrong, the user
@@ -195,7 +196,7 @@ def _fetch_message(error: BaseException, repo_id: str, endpoint: str, revision: 
     # EntryNotFoundError, and a gated repo's error is a RepositoryNotFoundError).
     if isinstance(error, LocalEntryNotFoundError):
         cause = error.__cause__
-        why = cause is not None and _message(cause, repo_id, endpoint, None, fetching=True)
+        why = _message(cause, repo_id, endpoint, None, fetching=True) if cause is not None else None
         return f"{why or f'cannot reach the Hub at {endpoint} to fetch {repo_id}'} (and it is not in the local cache)"
     if isinstance(error, RevisionNotFoundError):
         return f"revision {revision} not found in {repo_id}"

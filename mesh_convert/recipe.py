@@ -85,15 +85,16 @@ class DataSection(Strict):
 
 
 class OptimSection(Strict):
-    lr: float | None = Field(None, gt=0, description="peak LR; default: the Pythia LR of the source size")
+    # Upper bounds far above any useful value, below what float32 optimizer arithmetic can hold.
+    lr: float | None = Field(None, gt=0, le=1e6, description="peak LR; default: the Pythia LR of the source size")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
     grad_clip: float | None = Field(1.0, gt=0)
-    router_lr_mult: float = Field(1.0, gt=0)
-    delta_lr_mult: float = Field(1.0, gt=0)
+    router_lr_mult: float = Field(1.0, gt=0, le=1e3)
+    delta_lr_mult: float = Field(1.0, gt=0, le=1e3)
 
 
 class TrainSection(Strict):
