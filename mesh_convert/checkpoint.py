@@ -75,42 +75,18 @@ def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     return SourceRef(name, name, revision, None)
 
 
-def _hub_errors():
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    return {
-        RevisionNotFoundError: "revision {revision} not found in {repo}",
-        GatedRepoError: "{repo} is gated: accept its terms on the Hub and log in (hf auth login)",
-        RepositoryNotFoundError: "no model {repo} on the Hub (or it is private and you are not logged in)",
-        EntryNotFoundError: "{repo} has no such file",
-        OfflineModeIsEnabled: "cannot fetch {repo}: offline mode is on (HF_HUB_OFFLINE)",
-        LocalEntryNotFoundError: "cannot reach the Hub to fetch {repo} (no network, and not in the local cache)",
-        HfHubHTTPError: "the Hub refused {repo}: {error}",
-    }
-
-
 def _from_hub(ref: SourceRef, action):
     """Run a huggingface_hub call, turning its errors into one line."""
-    try:
-        return action()
-    except tuple(_hub_errors()) as error:
-        for kind, message in _hub_errors().items():
-            if isinstance(error, kind):
-                from .hub import error_line
+    from .hub import hub_timeout, resolve_endpoint, to_user_error
 
-                short = error_line(error)
-                raise UserError(message.format(repo=ref.repo_id, revision=ref.revision, error=short)) from None
-        raise
-    except (OSError, ConnectionError) as error:
-        raise UserError(f"cannot reach the Hub to fetch {ref.repo_id}: {error}") from None
+    try:
+        with hub_timeout():
+            return action()
+    except Exception as error:
+        user_error = to_user_error(error, ref.repo_id, resolve_endpoint(), fetching=True, revision=ref.revision)
+        if user_error is None:
+            raise
+        raise user_error from None
 
 
 def fetch_config(ref: SourceRef) -> Path:
@@ -219,6 +195,22 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def open_safetensors(file: Path):
+    """A safetensors file opened lazily (memory-mapped); a damaged or truncated one is a UserError."""
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every safetensors file in `directory`, so that a damaged one is named in one line
+    before a library that loads the model fails on it with its own error."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with open_safetensors(file):
+            pass
+
+
 class CheckpointReader:
     """Lazy access to a checkpoint's tensors by name, across shards and formats."""
 
@@ -262,10 +254,7 @@ class CheckpointReader:
         raise UserError(f"no weights found in {directory} (expected model*.safetensors or pytorch_model*.bin)")
 
     def _open_safetensors(self, file: Path):
-        try:
-            handle = safe_open(file, framework="pt")
-        except (SafetensorError, OSError) as error:
-            raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
+        handle = open_safetensors(file)
         for name in handle.keys():
             self._where[name] = handle
             self._files[name] = file

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import UserError
+from .errors import UserError, check_output_directory
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -121,7 +121,7 @@ def diagnose(
         None, "--tokenizer", help="Tokenizer directory or hub id (default: the model's)."
     ),
     threshold: float = typer.Option(
-        1.0, "--threshold", help="CKA bandwidth: sigma^2 = threshold^2 * median squared distance."
+        1.0, "--threshold", help="CKA bandwidth, 0.01 to 100: sigma^2 = threshold^2 * median squared distance."
     ),
     top: int = typer.Option(50, "--top", help="Singular values kept per state."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples per forward pass."),
@@ -130,16 +130,25 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from .diagnostics import load_model, load_samples, load_tokenizer, resolve_layout, run_diagnostics, write_outputs
+    from .diagnostics import (
+        check_threshold,
+        load_model,
+        load_samples,
+        load_tokenizer,
+        resolve_layout,
+        run_diagnostics,
+        write_outputs,
+    )
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(
         samples=(samples, 1), seq_len=(seq_len, 2), loops=(loops, 1), top=(top, 1), batch_size=(batch_size, 1)
     )
-    if threshold <= 0:
-        raise UserError("--threshold must be positive")
+    check_threshold(threshold)
     if not data.is_file():
         raise UserError(f"data file {data} does not exist")
+    output = output or _default_output("diagnostics", model)
+    check_output_directory(output)
     lm = load_model(model, _default_device(device))
     chosen = resolve_layout(lm, layout, loops)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, lm.config.max_position_embeddings)
@@ -169,7 +178,7 @@ def diagnose(
             data=str(data),
             on_sample=lambda done, _total: progress.update(task, completed=done),
         )
-    paths = write_outputs(result, output or _default_output("diagnostics", model))
+    paths = write_outputs(result, output)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -256,8 +265,10 @@ def inspect(
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
     if data is not None and not data.is_file():
         raise UserError(f"data file {data} does not exist")
+    output = output or _default_output("inspect", str(model_dir))
+    check_output_directory(output)
     report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
-    paths = write_inspect_outputs(report, output or _default_output("inspect", str(model_dir)))
+    paths = write_inspect_outputs(report, output)
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError, first_line
+from .errors import UserError, check_output_directory, first_line
 
 console = Console(stderr=True)
 OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
@@ -101,17 +101,20 @@ def register(app: typer.Typer) -> None:
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         import json
 
+        from pydantic import ValidationError
+
         from .convert import check_target, staged_directory
-        from .recipe import InitSpec
         from .plan import mesh_parameter_counts
+        from .recipe import InitSpec, explain
         from .train_init import init_scratch_model, scratch_config
 
+        check_output_directory(output)
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
                             hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
                             max_position_embeddings=context)
-        except Exception as error:
-            raise UserError(f"init: {str(error).splitlines()[-1]}") from None
+        except ValidationError as error:
+            raise explain(error, "init") from None
         sources = (tokenizer,) if tokenizer is not None else ()
         check_target(output, overwrite, sources)  # before building a model that may be large
         config = scratch_config(spec)

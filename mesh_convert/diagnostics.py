@@ -124,6 +124,17 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return (sq_norms[:, None] + sq_norms[None, :] - 2 * x @ x.T).clamp_min(0)
 
 
+# Outside it the RBF kernel is, in float64, the identity (too narrow) or a constant (too wide):
+# CKA is then meaningless or NaN.
+THRESHOLD_RANGE = (0.01, 100.0)
+
+
+def check_threshold(threshold: float) -> None:
+    low, high = THRESHOLD_RANGE
+    if not low <= threshold <= high:  # NaN fails both comparisons
+        raise UserError(f"the CKA threshold (--threshold) must be between {low:g} and {high:g}, not {threshold:g}")
+
+
 def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     """RBF Gram matrix with sigma^2 = threshold^2 * median squared distance of distinct rows."""
     d2 = squared_distances(x)
@@ -291,12 +302,15 @@ def load_model(name: str, device: str | torch.device = "cpu"):
 
     import mesh_convert  # noqa: F401  (registers MeSH with the Auto classes)
 
+    from .checkpoint import check_safetensors
+
     path = Path(name).expanduser()
     if _looks_local(name):
         if not path.is_dir():
             raise UserError(f"model directory {name} does not exist")
         if not (path / "config.json").is_file():
             raise UserError(f"{name} has no config.json; is it a saved model directory?")
+        check_safetensors(path)
     try:
         with transformers_bars_hidden():
             model = AutoModelForCausalLM.from_pretrained(
@@ -438,8 +452,7 @@ def run_diagnostics(
 ) -> DiagnosticsResult:
     """The three probes on every row of `input_ids` (samples x L)."""
     layout = layout or model_layout(model)
-    if threshold <= 0:
-        raise UserError("the CKA threshold must be positive")
+    check_threshold(threshold)
     if top < 1:
         raise UserError("the number of singular values must be at least 1")
     per_sample = []

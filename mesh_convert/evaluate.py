@@ -299,6 +299,9 @@ def check_model_source(name: str) -> None:
         raise UserError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    from .checkpoint import check_safetensors
+
+    check_safetensors(path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -373,11 +376,16 @@ def _vocab_size(model) -> int | None:
 def check_token_ids(model, ids: Sequence[int]) -> None:
     """A tokenizer that does not belong to the model shows up as ids past its vocabulary; say
     so instead of failing deep inside an embedding lookup."""
-    vocab = _vocab_size(model)
-    if vocab is not None and ids and max(ids) >= vocab:
+    if ids:
+        check_largest_id(max(ids), _vocab_size(model), "--tokenizer")
+
+
+def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
+    """The check of `check_token_ids`, on the largest id; `option` is what chooses the tokenizer."""
+    if vocab is not None and largest >= vocab:
         raise UserError(
-            f"the tokenizer produced token id {max(ids)} but the model has {vocab} embeddings: "
-            "tokenizer and model do not match (see --tokenizer)"
+            f"the tokenizer produced token id {largest} but the model has {vocab} embeddings: "
+            f"tokenizer and model do not match (see {option})"
         )
 
 

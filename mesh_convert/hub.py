@@ -1,4 +1,5 @@
-"""Publishing a converted model to the Hugging Face Hub.
+"""Publishing a converted model to the Hugging Face Hub, and the one-line messages for what can
+go wrong talking to the Hub (also when a source checkpoint is downloaded, see `checkpoint.py`).
 
 `push_to_hub` uploads a converted model's directory as it is (weights, config, the remote-code
 `.py` files, tokenizer, README.md, conversion.json) in one commit. Whatever goes wrong, the user
@@ -18,8 +19,18 @@ from pathlib import Path
 
 import huggingface_hub
 from huggingface_hub import HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils._http import default_client_factory, set_client_factory  # not re-exported
 
 from .card import write_model_card
 from .errors import UserError, first_line
@@ -140,9 +151,16 @@ def http_error_message(error: HfHubHTTPError, repo_id: str, endpoint: str, token
         )
     if status == 404:
         return f"repository {repo_id} or its branch was not found on {endpoint} (404 Not Found){suffix}"
+    return _answered(error, endpoint, token, f"pushing to {repo_id}")
+
+
+def _answered(error: HfHubHTTPError, endpoint: str, token: str | None, doing: str) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
     reason = getattr(response, "reason_phrase", "") or "error"
     shown = f"{status} {reason}" if status else "HTTP error"
-    return f"the Hub at {endpoint} answered {shown} while pushing to {repo_id}{suffix}"
+    detail = _server_detail(error, token)
+    return f"the Hub at {endpoint} answered {shown} while {doing}" + (f" ({detail})" if detail else "")
 
 
 def error_line(error: BaseException, token: str | None = None) -> str:
@@ -150,20 +168,93 @@ def error_line(error: BaseException, token: str | None = None) -> str:
     return scrub(first_line(error), token)
 
 
-def to_user_error(error: BaseException, repo_id: str, endpoint: str, token: str) -> UserError | None:
-    """A `UserError` for the failures a user can cause or fix, None for anything else (a bug)."""
+def to_user_error(
+    error: BaseException,
+    repo_id: str,
+    endpoint: str,
+    token: str | None = None,
+    *,
+    fetching: bool = False,
+    revision: str | None = None,
+) -> UserError | None:
+    """A `UserError` for a Hub failure a user can cause or fix while pushing (or, with `fetching`,
+    downloading) `repo_id`; None for anything else (a bug). huggingface_hub wraps some failures
+    (an LFS upload's in a RuntimeError), so the chain of causes is searched too."""
+    seen = error
+    while seen is not None:
+        message = _fetch_message(seen, repo_id, endpoint, revision) if fetching else None
+        message = message or _message(seen, repo_id, endpoint, token, fetching)
+        if message is not None:
+            return UserError(scrub(message, token))
+        seen = seen.__cause__
+    return None
+
+
+def _fetch_message(error: BaseException, repo_id: str, endpoint: str, revision: str | None) -> str | None:
+    # The most specific classes first: huggingface_hub derives them from each other (a missing
+    # file found neither online nor in the cache is a LocalEntryNotFoundError, which is also an
+    # EntryNotFoundError, and a gated repo's error is a RepositoryNotFoundError).
+    if isinstance(error, LocalEntryNotFoundError):
+        cause = error.__cause__
+        why = _message(cause, repo_id, endpoint, None, fetching=True) if cause is not None else None
+        return f"{why or f'cannot reach the Hub at {endpoint} to fetch {repo_id}'} (and it is not in the local cache)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"revision {revision} not found in {repo_id}"
+    if isinstance(error, GatedRepoError):
+        return f"{repo_id} is gated: accept its terms on the Hub and log in (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"no model {repo_id} on the Hub (or it is private and you are not logged in)"
+    if isinstance(error, EntryNotFoundError):
+        return f"{repo_id} has no such file"
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"cannot fetch {repo_id}: offline mode is on (HF_HUB_OFFLINE)"
+    return None
+
+
+def _message(error: BaseException, repo_id: str, endpoint: str, token: str | None, fetching: bool) -> str | None:
+    doing = f"fetching {repo_id}" if fetching else f"pushing to {repo_id}"
+    if isinstance(error, UnicodeEncodeError):  # HTTP headers are Latin-1 at most; tokens are ASCII
+        return "the Hugging Face token has characters that are not ASCII: check HF_TOKEN or run `hf auth login`"
     if isinstance(error, HfHubHTTPError):
-        message = http_error_message(error, repo_id, endpoint, token)
-    elif isinstance(error, OfflineModeIsEnabled):
-        message = "HF_HUB_OFFLINE is set: unset it to push to the Hub"
-    elif isinstance(error, (_httpx.RequestError, ConnectionError)):
-        message = f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
-    elif isinstance(error, ValueError):
+        return _answered(error, endpoint, token, doing) if fetching else http_error_message(error, repo_id, endpoint, token)
+    if isinstance(error, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set: unset it to push to the Hub"
+    if isinstance(error, _httpx.TimeoutException):
+        return (
+            f"the Hub at {endpoint} did not answer in time while {doing} (HF_HUB_DOWNLOAD_TIMEOUT="
+            f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s, HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s): "
+            "check the network, or raise them for a slow connection"
+        )
+    if isinstance(error, (_httpx.RequestError, ConnectionError)):
+        return f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
+    if fetching and isinstance(error, OSError):
+        return f"cannot fetch {repo_id}: {first_line(error)}"
+    if not fetching and isinstance(error, ValueError):
         # huggingface_hub raises ValueError for content the Hub rejects (README metadata, LFS batch).
-        message = f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
-    else:
-        return None
-    return UserError(scrub(message, token))
+        return f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
+    return None
+
+
+@contextmanager
+def hub_timeout() -> Iterator[None]:
+    """Requests to the Hub time out after HF_HUB_DOWNLOAD_TIMEOUT seconds without an answer.
+
+    huggingface_hub's shared HTTP client has no timeout of its own, and only downloads pass one:
+    API calls (creating a repo, listing files, committing) would wait forever on a server that
+    accepts the connection and never answers. For the duration, the client is huggingface_hub's
+    default one with a timeout; the default comes back afterwards.
+    """
+    set_client_factory(lambda: _client_with_timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT))
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
+
+
+def _client_with_timeout(seconds: float):
+    client = default_client_factory()
+    client.timeout = _httpx.Timeout(seconds)
+    return client
 
 
 # ----------------------------------------------------------------------------- pushing
@@ -244,7 +335,7 @@ def push_folder(
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        with hub_endpoint(endpoint):
+        with hub_endpoint(endpoint), hub_timeout():
             full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, info)
     except Exception as error:
         user_error = to_user_error(error, repo_id, endpoint, token)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, check_output_directory
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .train_checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .train_optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -144,6 +144,18 @@ def load_tokenizer(recipe: Recipe):
         raise UserError(f"cannot load the tokenizer in {path}: {error}") from None
 
 
+def check_output_and_trackers(recipe: Recipe) -> None:
+    """What the run writes to and logs with, checked before any work."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    check_output_directory(recipe.output_dir, "output_dir")
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for tracker in recipe.trackers:
+        if not available[tracker]():
+            raise UserError(f"trackers: {tracker} is not installed: pip install 'mesh-convert[{tracker}]' "
+                            "or remove it from trackers")
+
+
 def check_data_files(recipe: Recipe) -> None:
     from .data import file_format
 
@@ -160,6 +172,7 @@ def check_data_files(recipe: Recipe) -> None:
 
 def describe(recipe: Recipe, processes: int = 1) -> dict:
     """The plan of a recipe without training or loading weights (the model is built on meta)."""
+    check_output_and_trackers(recipe)
     check_data_files(recipe)
     model = load_base_model(recipe, meta=True)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -231,11 +244,13 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import build_data
+    from .data import PackedBlocks, build_data
+    from .evaluate import check_largest_id
 
     from accelerate import PartialState
 
     output = Path(recipe.output_dir)
+    check_output_and_trackers(recipe)
     checkpoints = output / "checkpoints"
     resume = resume_dir(checkpoints, recipe.checkpoint.resume)
     if resume is None and not overwrite and output.is_dir() and any(output.iterdir()):
@@ -260,9 +275,13 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
 
     # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
     check_data_files(recipe)
-    context = getattr(model_config(recipe), "max_position_embeddings", None)
+    config = model_config(recipe)
     tokenizer = load_tokenizer(recipe)
-    data = build_data(recipe.data, tokenizer, recipe.seed, context)
+    data = build_data(recipe.data, tokenizer, recipe.seed, getattr(config, "max_position_embeddings", None))
+    # The training blocks held in memory, and the held-out ones (for streamed data, the stream's head).
+    for blocks in (getattr(data.train, "blocks", None), data.eval):
+        if isinstance(blocks, PackedBlocks) and len(blocks.tokens):
+            check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -340,6 +359,9 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
             annealer.after_step(state.step)
 
         last_loss = accelerator.reduce(step_loss, "mean").item()
+        if not math.isfinite(last_loss):
+            progress.close()
+            raise _diverged(f"the loss is {last_loss} at step {state.step}", checkpoints)
         window_tokens += plan.tokens_per_step
         record = {"step": state.step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens}
         if grad_norm is not None:
@@ -357,6 +379,9 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
         progress.update(state.step, record)
         if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
+            if not _weights_finite(model, accelerator):  # keep the checkpoints on disk usable
+                progress.close()
+                raise _diverged(f"the weights hold NaN or inf after step {state.step}", checkpoints)
             save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
         if stall_at and state.step == stall_at:
             while True:  # a test kills the process here (SIGKILL), after the checkpoint above
@@ -368,6 +393,19 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
     if recipe.trackers:
         accelerator.end_training()
     return summary
+
+
+def _weights_finite(model, accelerator) -> bool:
+    bad = any(not torch.isfinite(p).all() for p in model.parameters())
+    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+
+
+def _diverged(what: str, checkpoints: Path) -> UserError:
+    """Training that has run into NaN or inf stops: nothing is exported from broken weights."""
+    last = resume_dir(checkpoints, "auto")
+    kept = f"the last checkpoint, {last}, is kept" if last is not None else "no checkpoint was saved"
+    return UserError(f"training diverged: {what}; stopped without exporting a model ({kept}); "
+                     "lower optim.lr")
 
 
 def _cpu_requested() -> bool:
