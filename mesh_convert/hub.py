@@ -29,8 +29,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils._http import default_client_factory, set_client_factory  # not re-exported
+from huggingface_hub.utils import get_session, validate_repo_id
 
 from .card import write_model_card
 from .errors import UserError, first_line
@@ -241,20 +240,16 @@ def hub_timeout() -> Iterator[None]:
 
     huggingface_hub's shared HTTP client has no timeout of its own, and only downloads pass one:
     API calls (creating a repo, listing files, committing) would wait forever on a server that
-    accepts the connection and never answers. For the duration, the client is huggingface_hub's
-    default one with a timeout; the default comes back afterwards.
+    accepts the connection and never answers. For the duration, the shared client (whatever
+    factory made it, so a user's proxy settings stay) gets a timeout; its own comes back afterwards.
     """
-    set_client_factory(lambda: _client_with_timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT))
+    client = get_session()
+    previous = client.timeout
+    client.timeout = _httpx.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT)
     try:
         yield
     finally:
-        set_client_factory(default_client_factory)
-
-
-def _client_with_timeout(seconds: float):
-    client = default_client_factory()
-    client.timeout = _httpx.Timeout(seconds)
-    return client
+        client.timeout = previous
 
 
 # ----------------------------------------------------------------------------- pushing
