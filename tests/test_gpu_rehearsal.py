@@ -76,3 +76,109 @@ def test_a_packed_batch_gives_each_document_its_logits_alone(mesh, attention):
         together = model(packed, position_ids=positions, use_cache=False).logits
         alone = torch.cat([model(d, use_cache=False).logits for d in documents], 1)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training paths a GPU user takes, on a CPU.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rehearsal")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    return {"root": root, "text": write_text(root / "train.txt"), "model": tiny_converted(root / "mesh", tokenizer)}
+
+
+def loads_whole(model_dir):
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    return model.eval()
+
+
+def with_data(data: dict, **changes) -> dict:
+    return {**data, "data": {**data["data"], **changes}}
+
+
+def train_as_launched(data: dict, path) -> None:
+    """`python -m mesh_convert.train RECIPE`, what launchers run (a fresh Accelerate state)."""
+    path.write_text(json.dumps(data))
+    result = subprocess.run([sys.executable, "-m", "mesh_convert.train", str(path)], capture_output=True, text=True,
+                            env={**os.environ, **SUBPROCESS_ENV}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bf16_mixed_precision_trains_with_float32_master_weights(work, tmp_path):
+    fp32 = recipe(work["model"], work["text"], tmp_path / "fp32", train={"max_steps": 4})
+    train(Recipe.model_validate(fp32))
+    bf16 = recipe(work["model"], work["text"], tmp_path / "bf16", train={"max_steps": 4, "mixed_precision": "bf16"})
+    train_as_launched(bf16, tmp_path / "bf16.yaml")
+    exact, mixed = [r["loss"] for r in metrics(tmp_path / "fp32")], [r["loss"] for r in metrics(tmp_path / "bf16")]
+    assert mixed != exact and mixed == pytest.approx(exact, rel=0.05)  # autocast ran, and stayed close
+    model = loads_whole(tmp_path / "bf16" / "model")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compiled_training_saves_a_model_that_loads_whole_with_the_trained_weights(work, tmp_path):
+    """`train.compile=true`, run as a launcher runs it; its output equals an eager run's."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        data = with_data(recipe(work["model"], work["text"], out, train={"max_steps": 2, "compile": compiled}),
+                         eval_blocks=0)  # no evaluation: one compiled graph less to build
+        train_as_launched(data, tmp_path / f"compile-{compiled}.yaml")
+        runs[compiled] = loads_whole(out / "model")
+    ids = torch.randint(0, 98, (2, 24), generator=torch.Generator().manual_seed(0))
+    original = loads_whole(work["model"])
+    with torch.no_grad():
+        eager, compiled, before = (m(ids, use_cache=False).logits for m in (runs[False], runs[True], original))
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(compiled, before, atol=1e-3)  # the trained weights, not the starting ones
+
+
+def test_tensorboard_tracker_writes_the_logged_metrics(work, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(Recipe.model_validate(recipe(work["model"], work["text"], out, trackers=["tensorboard"],
+                                       train={"max_steps": 3})))
+    event_files = list(out.rglob("events.out.tfevents.*"))
+    assert event_files
+    events = EventAccumulator(str(event_files[0].parent))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics(out)]
+
+
+@pytest.fixture(scope="module")
+def dataset_folder(work):
+    """A dataset folder as `datasets` reads it (a Hub dataset repository, downloaded)."""
+    folder = work["root"] / "local-dataset"
+    (folder / "data").mkdir(parents=True)
+    lines = [json.dumps({"text": text, "meta": i}) for i, text in enumerate(corpus(3, 300))]
+    (folder / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_hub_dataset_through_datasets_equals_the_same_file_given_directly(work, dataset_folder, tmp_path):
+    hub = with_data(recipe(work["model"], work["text"], tmp_path / "hub", train={"max_steps": 3, "eval_every": 3}),
+                    train=[], hub={"path": str(dataset_folder)})
+    train(Recipe.model_validate(hub))
+    local = with_data(recipe(work["model"], work["text"], tmp_path / "file", train={"max_steps": 3, "eval_every": 3}),
+                      train=[str(dataset_folder / "data" / "train.jsonl")])
+    train(Recipe.model_validate(local))
+    def losses(out):
+        return [(r["loss"], r.get("eval_loss")) for r in metrics(out)]
+
+    assert losses(tmp_path / "hub") == losses(tmp_path / "file")  # the same documents, in the same order
+
+
+def test_streamed_hub_dataset_trains_and_holds_out_its_first_blocks(work, dataset_folder, tmp_path):
+    out = tmp_path / "streamed"
+    data = with_data(recipe(work["model"], work["text"], out, train={"max_steps": 3, "eval_every": 3}),
+                     train=[], hub={"path": str(dataset_folder), "streaming": True}, shuffle_buffer=16)
+    summary = train(Recipe.model_validate(data))
+    log = metrics(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]
+    assert summary["tokens"] == 3 * 4 * 32
+    loads_whole(out / "model")
