@@ -182,3 +182,33 @@ def test_streamed_hub_dataset_trains_and_holds_out_its_first_blocks(work, datase
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]
     assert summary["tokens"] == 3 * 4 * 32
     loads_whole(out / "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/gpu_check, rehearsed: the script a GPU machine will run once, known to work before.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_on_cpu_writes_every_stage(tmp_path):
+    """The whole script on CPU with tiny shapes, less the compiled speed stage (its compilation
+    alone takes minutes on two cores; `bash scripts/gpu_check --device cpu` runs it too)."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check"), "--device", "cpu", "--no-compile"],
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, **SUBPROCESS_ENV, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = report["stages"]
+    assert list(stages) == ["environment", "gpu_tests", "convert", "train_fsdp2", "train_ddp", "generate",
+                            "train_speed", "train_speed_compiled", "train_deepspeed"]
+    assert stages["gpu_tests"]["counts"]["passed"] == 8 and not stages["gpu_tests"]["counts"]["failure"]
+    assert set(stages["convert"]["models"]) == {"tiny-a", "tiny-b"}
+    for launch in ("train_fsdp2", "train_ddp"):
+        assert stages[launch]["status"] == "ok" and stages[launch]["resume_matches"], stages[launch]
+        assert stages[launch]["processes"] == 1
+    assert set(stages["train_speed"]["models"]) == {"mesh", "base", "original"}
+    assert all(m["tokens_per_s"] > 0 for m in stages["train_speed"]["models"].values())
+    assert stages["generate"]["mesh_vs_original"] > 0
+    assert stages["train_speed_compiled"]["status"] == "skipped"
+    assert stages["train_deepspeed"]["status"] == "unavailable" and stages["train_deepspeed"]["reason"]
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
