@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,7 @@ class Check:
             print(f"   {result['status']} in {result['seconds']} s", flush=True)
         self.results["seconds"] = round(time.monotonic() - started, 2)
         self.write()
+        shutil.rmtree(self.work, ignore_errors=True)
         failed = [name for name, r in self.results["stages"].items() if r["status"] == "failed"]
         print(f"results: {self.results_dir / 'gpu_check.json'}; failed: {', '.join(failed) or 'none'}")
         return 1 if failed else 0
@@ -146,6 +148,8 @@ class Check:
                                 env={**os.environ, "GPU_CHECK_DEVICE": self.device})
         with self.log.open("a") as log:
             log.write(f"\n$ {' '.join(argv)}\n{result.stdout}{result.stderr}")
+        if not report.is_file():
+            raise RuntimeError(f"pytest wrote no report: {(result.stdout + result.stderr)[-2000:]}")
         cases = []
         for case in ElementTree.parse(report).getroot().iter("testcase"):
             outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
@@ -237,9 +241,12 @@ class Check:
         self.command([*launch, "checkpoint.resume=auto"], timeout=600)
         resumed_s = time.monotonic() - started
         second = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        # GPU kernels with atomics make the step after the resume differ in the last digits; a
+        # resume that lost the optimizer state or the data position differs by far more.
         later = [r["loss"] for r in first if r["step"] > steps // 2]
         again = [r["loss"] for r in second if r["step"] > steps // 2]
-        resumed_equal = len(later) == len(again) > 0 and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(later, again))
+        resumed_equal = len(later) == len(again) > 0 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(later, again))
+        shutil.rmtree(output)  # at 1.4b a run's checkpoint and model are ~16 GB: the next launch needs the disk
         return {
             "status": "ok" if resumed_equal else "failed",
             "config": config, "distributed": info["distributed"], "processes": info["processes"],
