@@ -199,8 +199,8 @@ def test_gpu_check_rehearsal_on_cpu_writes_every_stage(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["environment", "gpu_tests", "convert", "train_fsdp2", "train_ddp", "generate",
-                            "train_speed", "train_speed_compiled", "train_deepspeed"]
+    assert list(stages) == ["environment", "gpu_tests", "convert", "train_fsdp2", "train_ddp", "train_speed",
+                            "generate", "train_speed_compiled", "train_deepspeed"]
     assert stages["gpu_tests"]["counts"]["passed"] == 8 and not stages["gpu_tests"]["counts"]["failure"]
     assert set(stages["convert"]["models"]) == {"tiny-a", "tiny-b"}
     for launch in ("train_fsdp2", "train_ddp"):
