@@ -1,8 +1,10 @@
 """Two CPU processes (gloo) reproduce the single-process losses for the same global batch:
-DDP through the real `train()` under torchrun, and FSDP2 (`fully_shard` with the shared core
+DDP through the real `train()` launched as a user would on CPUs (`accelerate launch --multi_gpu
+--num_processes 2`), and FSDP2 (`fully_shard` with the shared core
 layer as the wrap unit, as in recipes/accelerate/fsdp2.yaml) on the same model, data and batch
 split. Accelerate 1.15 does not enable its FSDP plugin on CPU processes (MULTI_CPU), so the FSDP2
-check applies `fully_shard` itself; on GPUs the accelerate config does the same wrapping."""
+check applies `fully_shard` itself; on GPUs the accelerate config does the same wrapping. Also:
+the launches that would silently train alone are refused, and a recipe error prints once."""
 
 import json
 import os
