@@ -260,6 +260,7 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
         )
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
+    _check_all_processes_started(world)
     make_plan(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
@@ -302,7 +303,9 @@ def train(recipe: Recipe, console=None, overwrite: bool = False) -> dict:
     accelerator.register_for_checkpointing(state)
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.train.compile:
-        model = torch.compile(model)
+        # In place: the module keeps its class and parameter names, so checkpoints and the saved
+        # model have no `_orig_mod.` prefix (torch.compile(model) would wrap it).
+        model.compile()
 
     distiller = None
     if recipe.distill.teacher:
@@ -414,6 +417,18 @@ def _cpu_requested() -> bool:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _check_all_processes_started(world: int) -> None:
+    """Refuse a run that a launcher asked to be several processes but that is one: Accelerate's
+    single-process launcher (`accelerate launch --cpu --num_processes N`, or `--num_processes N`
+    on a machine without GPUs) exports MASTER_ADDR for the N processes, then starts only one."""
+    single_process_launcher = "ACCELERATE_USE_CPU" in os.environ  # set by that launcher alone
+    if world == 1 and single_process_launcher and "MASTER_ADDR" in os.environ:
+        raise UserError(
+            "accelerate launch was asked for several processes but started one (its --cpu launcher runs a single "
+            "process); on CPUs launch with `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`"
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -537,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_recipe(args[0], args[1:]), console=Console(stderr=True), overwrite=overwrite)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
+            print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     return 0
 
