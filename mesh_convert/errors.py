@@ -1,6 +1,8 @@
 """The one exception type that reaches users as a one-line message (see `cli.main`), the cut of
 other errors to one line for such messages, and the one table that turns the Hugging Face Hub's
-errors (downloads and uploads) into such lines, without ever showing a token."""
+errors (downloads and uploads) into such lines, without ever showing a token.
+
+Light to import: huggingface_hub's error classes load when a Hub error is being explained."""
 
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ class UserError(Exception):
 
     Anything else escaping a command is a bug and is reported as such (with --debug, in full).
     """
+
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """A stop signal that came too late to stop the work: the message says what was done."""
+
+    exit_code = 130
 
 
 def first_line(error: BaseException) -> str:
@@ -34,6 +44,11 @@ def scrub(text: str, token: str | None) -> str:
     return _HF_TOKEN_LIKE.sub("***", text)
 
 
+def error_line(error: BaseException, token: str | None = None) -> str:
+    """An error's first line, safe to show: a server may echo the request's token back in it."""
+    return scrub(first_line(error), token)
+
+
 def _server_detail(error, token: str | None) -> str:
     """The server's own explanation, first line only, kept short (scrubbed before it is cut, so
     that no fragment of a token survives the cut)."""
@@ -42,7 +57,7 @@ def _server_detail(error, token: str | None) -> str:
 
 
 def http_error_message(error, repo_id: str, endpoint: str, token: str | None = None) -> str:
-    """One line for an HTTP error from the Hub, by status code."""
+    """One line for an HTTP error from the Hub during an upload, by status code."""
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     detail = _server_detail(error, token)
@@ -59,76 +74,97 @@ def http_error_message(error, repo_id: str, endpoint: str, token: str | None = N
         )
     if status == 404:
         return f"repository {repo_id} or its branch was not found on {endpoint} (404 Not Found){suffix}"
+    return _answered(error, endpoint, token, f"pushing to {repo_id}")
+
+
+def _answered(error, endpoint: str, token: str | None, doing: str) -> str:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
     reason = getattr(response, "reason_phrase", "") or "error"
     shown = f"{status} {reason}" if status else "HTTP error"
-    return f"the Hub at {endpoint} answered {shown} while pushing to {repo_id}{suffix}"
+    detail = _server_detail(error, token)
+    return f"the Hub at {endpoint} answered {shown} while {doing}" + (f" ({detail})" if detail else "")
 
 
-def error_line(error: BaseException, token: str | None = None) -> str:
-    """An error's first line, safe to show: a server may echo the request's token back in it."""
-    return scrub(first_line(error), token)
+def hub_error(
+    error: BaseException,
+    repo_id: str,
+    endpoint: str,
+    token: str | None = None,
+    *,
+    fetching: bool = False,
+    revision: str | None = None,
+) -> UserError | None:
+    """A `UserError` for a Hub failure a user can cause or fix while pushing (or, with `fetching`,
+    downloading) `repo_id`; None for anything else (a bug). huggingface_hub wraps some failures
+    (an LFS upload's in a RuntimeError), so the chain of causes is searched too."""
+    seen = error
+    while seen is not None:
+        message = _fetch_message(seen, repo_id, endpoint, revision) if fetching else None
+        message = message or _message(seen, repo_id, endpoint, token, fetching)
+        if message is not None:
+            return UserError(scrub(message, token))
+        seen = seen.__cause__
+    return None
 
 
-def _download_messages() -> dict:
-    """What went wrong fetching `{repo}`, by huggingface_hub's exception type (most specific first)."""
+def _fetch_message(error: BaseException, repo_id: str, endpoint: str, revision: str | None) -> str | None:
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    return {
-        RevisionNotFoundError: "revision {revision} not found in {repo}",
-        GatedRepoError: "{repo} is gated: accept its terms on the Hub and log in (hf auth login)",
-        RepositoryNotFoundError: "no model {repo} on the Hub (or it is private and you are not logged in)",
-        EntryNotFoundError: "{repo} has no such file",
-        OfflineModeIsEnabled: "cannot fetch {repo}: offline mode is on (HF_HUB_OFFLINE)",
-        LocalEntryNotFoundError: "cannot reach the Hub to fetch {repo} (no network, and not in the local cache)",
-        HfHubHTTPError: "the Hub refused {repo}: {error}",
-        ConnectionError: "cannot reach the Hub to fetch {repo}: {error}",
-        OSError: "cannot reach the Hub to fetch {repo}: {error}",
-    }
+    # The most specific classes first: huggingface_hub derives them from each other (a missing
+    # file found neither online nor in the cache is a LocalEntryNotFoundError, which is also an
+    # EntryNotFoundError, and a gated repo's error is a RepositoryNotFoundError).
+    if isinstance(error, LocalEntryNotFoundError):
+        cause = error.__cause__
+        why = _message(cause, repo_id, endpoint, None, fetching=True) if cause is not None else None
+        return f"{why or f'cannot reach the Hub at {endpoint} to fetch {repo_id}'} (and it is not in the local cache)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"revision {revision} not found in {repo_id}"
+    if isinstance(error, GatedRepoError):
+        return f"{repo_id} is gated: accept its terms on the Hub and log in (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"no model {repo_id} on the Hub (or it is private and you are not logged in)"
+    if isinstance(error, EntryNotFoundError):
+        return f"{repo_id} has no such file"
+    if isinstance(error, OfflineModeIsEnabled):
+        return f"cannot fetch {repo_id}: offline mode is on (HF_HUB_OFFLINE)"
+    return None
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def _message(error: BaseException, repo_id: str, endpoint: str, token: str | None, fetching: bool) -> str | None:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
         import httpx2 as httpx
     except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
         import httpx
-    return (httpx.RequestError, ConnectionError)
 
-
-def hub_error(
-    error: BaseException,
-    repo: str,
-    *,
-    revision: str | None = None,
-    endpoint: str | None = None,
-    token: str | None = None,
-    uploading: bool = False,
-) -> UserError | None:
-    """A `UserError` for a failed Hub call about `repo` that the user can cause or fix, None for
-    anything else (a bug). Downloads are told apart by exception type, uploads by HTTP status."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    if not uploading:
-        for kind, message in _download_messages().items():
-            if isinstance(error, kind):
-                return UserError(scrub(message.format(repo=repo, revision=revision, error=error_line(error, token)), token))
-        return None
+    doing = f"fetching {repo_id}" if fetching else f"pushing to {repo_id}"
+    if isinstance(error, UnicodeEncodeError):  # HTTP headers are Latin-1 at most; tokens are ASCII
+        return "the Hugging Face token has characters that are not ASCII: check HF_TOKEN or run `hf auth login`"
     if isinstance(error, HfHubHTTPError):
-        message = http_error_message(error, repo, endpoint, token)
-    elif isinstance(error, OfflineModeIsEnabled):
-        message = "HF_HUB_OFFLINE is set: unset it to push to the Hub"
-    elif isinstance(error, _network_errors()):
-        message = f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
-    elif isinstance(error, ValueError):
+        return _answered(error, endpoint, token, doing) if fetching else http_error_message(error, repo_id, endpoint, token)
+    if isinstance(error, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set: unset it to push to the Hub"
+    if isinstance(error, httpx.TimeoutException):
+        return (
+            f"the Hub at {endpoint} did not answer in time while {doing} (HF_HUB_DOWNLOAD_TIMEOUT="
+            f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s, HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s): "
+            "check the network, or raise them for a slow connection"
+        )
+    if isinstance(error, (httpx.RequestError, ConnectionError)):
+        return f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
+    if fetching and isinstance(error, OSError):
+        return f"cannot fetch {repo_id}: {first_line(error)}"
+    if not fetching and isinstance(error, ValueError):
         # huggingface_hub raises ValueError for content the Hub rejects (README metadata, LFS batch).
-        message = f"the Hub rejected the upload to {repo}: {first_line(error)}"
-    else:
-        return None
-    return UserError(scrub(message, token))
+        return f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ def check_model_dir(name: str | Path) -> Path:
         raise UserError(f"model directory {name} does not exist" if not path.exists() else f"{name} is not a directory")
     if not (path / "config.json").is_file():
         raise UserError(f"{name} is not a model checkpoint (no config.json)")
+    check_safetensors(path)
     return path
 
 
@@ -87,6 +89,61 @@ def has_tokenizer(name: str | Path) -> bool:
     return any((path / file).is_file() for file in _TOKENIZER_CORE)
 
 
+@contextmanager
+def hub_timeout() -> Iterator[None]:
+    """Requests to the Hub time out after HF_HUB_DOWNLOAD_TIMEOUT seconds without an answer.
+
+    huggingface_hub's shared HTTP client has no timeout of its own, and only downloads pass one:
+    API calls (creating a repo, listing files, committing) would wait forever on a server that
+    accepts the connection and never answers. For the duration, the shared client (whatever
+    factory made it, so a user's proxy settings stay) gets a timeout; its own comes back afterwards.
+    """
+    from huggingface_hub import constants, get_session
+
+    try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
+        import httpx2 as httpx
+    except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+        import httpx
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = httpx.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    try:
+        yield
+    finally:
+        session.timeout = previous
+
+
+def check_output_directory(path: str | Path, what: str = "--output") -> None:
+    """Refuse an output directory that cannot be one (it, or a folder above it, is a file),
+    before any work whose results would then have nowhere to go."""
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                named = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
+                raise UserError(f"{what} {path} {named}: give a directory")
+            return
+
+
+def open_safetensors(file: Path):
+    """A safetensors file opened lazily (memory-mapped); a damaged or truncated one is a UserError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"corrupt or truncated safetensors file {file}: {error}") from None
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open every safetensors file in `directory`, so that a damaged one is named in one line
+    before a library that loads the model fails on it with its own error."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with open_safetensors(file):
+            pass
+
+
 def resolve_endpoint() -> str:
     """HF_ENDPOINT as it is now: huggingface_hub reads it only once, at import time."""
     from huggingface_hub import constants
@@ -95,6 +152,23 @@ def resolve_endpoint() -> str:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+@contextmanager
+def transformers_bars_hidden() -> Iterator[None]:
+    """Hide transformers' own tqdm bars ("Loading weights", "Writing model shards"), which it draws
+    on stderr between the commands' tables and their own progress display, inside the block, and
+    restore them after it (when the user turned them off, they stay off)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
@@ -109,9 +183,10 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
 
     source = model_source(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype
-        )
+        with transformers_bars_hidden():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype
+            )
     except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
         raise UserError(f"cannot load the model in {name}: {type(error).__name__}: {first_line(error)}") from None
     return model.to(device).eval()
@@ -135,6 +210,17 @@ def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer at {name} encodes text to nothing; {remedy}")
     return tokenizer
+
+
+def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
+    """A tokenizer that does not belong to the model shows up as ids past its vocabulary: say so
+    (on the largest id) instead of failing deep inside an embedding lookup; `option` is what
+    chooses the tokenizer."""
+    if vocab is not None and largest >= vocab:
+        raise UserError(
+            f"the tokenizer produced token id {largest} but the model has {vocab} embeddings: "
+            f"tokenizer and model do not match (see {option})"
+        )
 
 
 # ----------------------------------------------------------------------------- files

@@ -9,6 +9,7 @@ the GGUF's de-quantised values, so they are a 4-bit-rounded SmolLM2, which is wh
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -43,17 +44,36 @@ def fetch_gguf(work: Path) -> Path:
     return gguf
 
 
+def save_float_checkpoint(loaded, tokenizer, directory: Path) -> None:
+    """Save the de-quantised model as a plain float checkpoint, through a fresh config: the
+    loaded one still says `quantization_config: gguf`, and loaders that honour it (lm-eval's
+    HFLM) then refuse the folder, which holds no GGUF file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dropped = ("model_type", "quantization_config")
+    fields = {k: v for k, v in loaded.config.to_diff_dict().items() if k not in dropped}
+    config = AutoConfig.for_model(loaded.config.model_type, **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def main() -> None:
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        print(target)
-        return
+    config_file = target / "config.json"
+    # A checkpoint written by an earlier version of this script kept the GGUF quantization_config: redo it.
+    if config_file.is_file() and (target / "model.safetensors").is_file():
+        if "quantization_config" not in json.loads(config_file.read_text()):
+            print(target)
+            return
     try:
         import gguf  # noqa: F401
     except ImportError:
         pip("install", "gguf")
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -61,14 +81,8 @@ def main() -> None:
         gguf_file = fetch_gguf(work)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        # Re-save through a fresh config, so that nothing GGUF-specific stays in the checkpoint.
-        fields = {k: v for k, v in loaded.config.to_diff_dict().items() if k != "model_type"}
-        config = AutoConfig.for_model(loaded.config.model_type, **fields)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
         staging = work / "checkpoint"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_float_checkpoint(loaded, tokenizer, staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from conftest import make_tiny_pythia
+from conftest import make_tiny_llama, make_tiny_pythia
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
 
@@ -42,13 +42,16 @@ def write_text(path: Path, seed: int = 0, lines: int = 400) -> Path:
     return path
 
 
-def tiny_converted(path: Path, tokenizer_dir: Path, relax_rank=0, seed: int = 0, loops: int = 2) -> Path:
-    """A tiny Pythia converted in memory and saved like the converter's output (with conversion.json)."""
-    source = make_tiny_pythia(path.parent / f"{path.name}-source", seed=seed)
+def tiny_converted(path: Path, tokenizer_dir: Path, relax_rank=0, seed: int = 0, loops: int = 2,
+                   family: str = "gpt_neox") -> Path:
+    """A tiny Pythia (or, with family="llama", a tiny Llama) converted in memory and saved like the
+    converter's output (with conversion.json)."""
+    name, make_source = ("tiny-llama", make_tiny_llama) if family == "llama" else ("tiny-pythia", make_tiny_pythia)
+    source = make_source(path.parent / f"{path.name}-source", seed=seed)
     model = convert_model(source, loops=loops, relax_rank=relax_rank, dtype="float32")
     model.save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(path)
-    (path / "conversion.json").write_text(json.dumps({"source": {"name": "tiny-pythia"}}) + "\n")
+    (path / "conversion.json").write_text(json.dumps({"source": {"name": name}}) + "\n")
     return path
 
 

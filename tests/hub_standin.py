@@ -14,6 +14,10 @@ Uploads of LFS files follow the legacy LFS protocol, so huggingface_hub must not
 the uploading process: set `huggingface_hub.constants.HF_HUB_DISABLE_XET = True` (or the
 `HF_HUB_DISABLE_XET=1` environment variable before import).
 
+Failures can be injected with `fail(method, path_pattern, status)`: matching requests are
+answered with `status` (and `Retry-After: 0`, so that clients retry at once), or, with
+status None, never answered: such a request is held until `stop()` or `HANG_LIMIT` seconds.
+
 Deliberately hostile in one respect: a request with an unknown token gets a 401 whose error
 message echoes the Authorization header back, as a careless server might, so that tests can
 check that clients never show such messages verbatim.
@@ -37,6 +41,7 @@ import yaml
 
 MAX_BODY = 256 * 1024 * 1024
 IDLE_TIMEOUT = 10.0
+HANG_LIMIT = 60.0
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 GITATTRIBUTES = b"".join(
@@ -112,6 +117,8 @@ class HubStandin:
         self.unhandled: list[str] = []  # requests no route matched, for debugging tests
         self._tickets: dict[str, str] = {}  # upload ticket -> oid, for the unauthenticated LFS PUT
         self._lock = threading.RLock()
+        self.faults: list[tuple[str, str, int | None]] = []  # (method, path regex, status or None)
+        self._released = threading.Event()  # lets requests held by a "never answer" fault go
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -129,6 +136,7 @@ class HubStandin:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -145,6 +153,10 @@ class HubStandin:
     def endpoint(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def fail(self, method: str, path_pattern: str, status: int | None) -> None:
+        """Answer `method` requests whose path matches `path_pattern` with `status`, or never (None)."""
+        self.faults.append((method, path_pattern, status))
 
     # ------------------------------------------------------------------ inspection helpers for tests
 
@@ -490,6 +502,14 @@ class _Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             body = self._read_body()
+            for fault_method, pattern, fault_status in self.hub.faults:
+                if fault_method == method and re.fullmatch(pattern, url.path):
+                    if fault_status is None:
+                        self.hub._released.wait(HANG_LIMIT)
+                        self.close_connection = True
+                        status = 0  # never answered
+                        return
+                    raise HttpError(fault_status, "stand-in: injected failure", {"Retry-After": "0"})
             for route_method, pattern, name in self.ROUTES:
                 match = re.fullmatch(pattern, path)
                 if route_method == method and match:

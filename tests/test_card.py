@@ -84,7 +84,7 @@ def test_body_sections():
 def test_usage_snippet():
     text = build_model_card(INFO, repo_id="alice/pythia-160m-mesh").text
     assert 'AutoModelForCausalLM.from_pretrained("alice/pythia-160m-mesh", trust_remote_code=True)' in text
-    assert 'AutoTokenizer.from_pretrained("alice/pythia-160m-mesh")' in text
+    assert 'AutoTokenizer.from_pretrained("alice/pythia-160m-mesh", trust_remote_code=True)' in text
     assert "model.generate(" in text
     # Without a tokenizer next to the weights, the snippet borrows the source model's.
     text = build_model_card(INFO, repo_id="alice/pythia-160m-mesh", has_tokenizer=False).text
@@ -96,7 +96,9 @@ def test_write_model_card_notices_the_tokenizer(tmp_path):
     assert 'AutoTokenizer.from_pretrained("EleutherAI/pythia-160m")' in (tmp_path / "README.md").read_text()
     (tmp_path / "tokenizer.json").write_text("{}")
     write_model_card(tmp_path, INFO)
-    assert 'AutoTokenizer.from_pretrained("path/to/converted-model")' in (tmp_path / "README.md").read_text()
+    assert 'AutoTokenizer.from_pretrained("path/to/converted-model", trust_remote_code=True)' in (
+        tmp_path / "README.md"
+    ).read_text()
 
 
 @pytest.mark.parametrize(

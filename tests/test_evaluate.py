@@ -4,14 +4,13 @@ Models are tiny random checkpoints (conftest) with a character-level tokenizer b
 every number can be recomputed naively in the test.
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 from types import SimpleNamespace
@@ -39,6 +38,17 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
+
+
+BOS = len(CHARS)  # an id the tiny models know, outside the character vocabulary
+
+
+def bos_char_tokenizer() -> PreTrainedTokenizerFast:
+    """The character tokenizer, adding a BOS token before every text as Llama's tokenizers do."""
+    tok = char_tokenizer().backend_tokenizer
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>")
 
 
 def ids_of(text: str) -> list[int]:
@@ -87,6 +97,21 @@ def test_perplexity_with_one_window_equals_one_plain_forward(loaded):
     assert result.tokens == 59
     assert result.nats == pytest.approx(mean_nll * 59, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(mean_nll), rel=1e-5)
+
+
+def test_perplexity_starts_from_bos_when_the_tokenizer_adds_one(loaded):
+    """As lm-eval's HFLM, which encodes with the tokenizer's defaults: the BOS token comes first,
+    so the text's first token is scored too."""
+    model, _ = loaded
+    tokenizer = bos_char_tokenizer()
+    text = TEXT[:60]
+    assert tokenizer(text)["input_ids"] == [BOS, *ids_of(text)]
+    result = ev.perplexity(model, tokenizer, text)
+    ids = torch.tensor([[BOS, *ids_of(text)]])
+    with torch.no_grad():
+        mean_nll = model(input_ids=ids, labels=ids).loss.item()
+    assert result.tokens == 60
+    assert result.nats == pytest.approx(mean_nll * 60, rel=1e-5)
 
 
 def naive_sliding_nats(model, ids: list[int], context: int, stride: int) -> float:
@@ -169,6 +194,9 @@ def test_encode_pair_moves_trailing_spaces_into_the_target():
     tokenizer = char_tokenizer()
     assert ev.encode_pair(tokenizer, "ab  ", "c") == (ids_of("ab"), ids_of("  c"))
     assert ev.encode_pair(tokenizer, "", " c") == ([ID["<|endoftext|>"]], ids_of(" c"))
+    bos_tokenizer = bos_char_tokenizer()
+    assert ev.encode_pair(bos_tokenizer, "ab  ", "c") == ([BOS, *ids_of("ab")], ids_of("  c"))
+    assert ev.encode_pair(bos_tokenizer, "", " c") == ([BOS], ids_of(" c"))
 
 
 class SuccessorLM(nn.Module):
@@ -430,13 +458,16 @@ metric_list:
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (optional extra)")
-def test_lm_eval_local_task_agrees_with_our_lambada(tmp_path, loaded, monkeypatch):
+@pytest.mark.parametrize("adds_bos", [False, True], ids=["no-bos", "bos"])
+def test_lm_eval_local_task_agrees_with_our_lambada(tmp_path, loaded, monkeypatch, adds_bos):
     """lm-eval's own lambada_openai recipe over a local jsonl (offline) must give the numbers
-    `lambada()` gives. The model is nudged to always predict a space, so that the lines ending
-    in spaces are answered right and accuracy is not trivially 0."""
+    `lambada()` gives, with a tokenizer that adds a BOS token too. The model is nudged to
+    always predict a space, so that the lines ending in spaces are answered right and accuracy
+    is not trivially 0."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     model, tokenizer = loaded
+    if adds_bos:
+        tokenizer = bos_char_tokenizer()
     with torch.no_grad():
         bias = model.gpt_neox.final_layer_norm.bias
         bias.copy_(torch.randn_like(bias))

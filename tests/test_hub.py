@@ -7,6 +7,7 @@ and agent-registry requests are disabled, and the login cache is hidden.
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -307,7 +308,7 @@ def test_http_errors_become_one_line(status, expected):
 
 def test_tokens_are_scrubbed_from_server_messages():
     error = _http_error(500, {"error": f"boom, Authorization: Bearer {WRITE_TOKEN}"})
-    user_error = hub_error(error, "alice/x", endpoint="http://hub.test", token=WRITE_TOKEN, uploading=True)
+    user_error = hub_error(error, "alice/x", "http://hub.test", WRITE_TOKEN)
     assert isinstance(user_error, UserError)
     assert WRITE_TOKEN not in str(user_error) and "500" in str(user_error)
     # Token-shaped strings are hidden even when they are not the token in use.
@@ -316,7 +317,7 @@ def test_tokens_are_scrubbed_from_server_messages():
 
 
 def test_unknown_errors_are_not_disguised():
-    assert hub_error(KeyError("x"), "alice/x", endpoint="http://hub.test", token=WRITE_TOKEN, uploading=True) is None
+    assert hub_error(KeyError("x"), "alice/x", "http://hub.test", WRITE_TOKEN) is None
 
 
 # ----------------------------------------------------------------------------- convert --push-to-hub
@@ -430,3 +431,68 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
     message = str(info.value)
     assert "Salesforce/wikitext" in message and ev.DATA_ENV in message and "\n" not in message
     assert not path.exists() and not list(path.parent.glob("*.partial"))
+
+
+# ----------------------------------------------------------------------------- a failing or silent Hub
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    """Exit 1, no traceback, and one `error:` message ending the output; huggingface_hub's own
+    retry warnings and upload progress bar (left open on failure) may precede it."""
+    assert code == 1, err
+    assert "Traceback" not in err
+    errors = re.findall(r"error: [^\r\n]*", err)
+    assert err.rstrip().endswith(errors[-1] if errors else "error:"), err
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    for token in (WRITE_TOKEN, READ_TOKEN, WRONG_TOKEN):
+        assert token not in err
+
+
+def test_an_lfs_upload_failing_after_its_retries_is_one_line(hub, model_dir, monkeypatch, capfd):
+    hub.fail("PUT", r"/__lfs__/.*", 500)  # huggingface_hub retries this five times, then wraps the error
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    before = snapshot(model_dir)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_error_line(code, err, "500", "alice/tiny-mesh", hub.endpoint)
+    assert snapshot(model_dir) == before
+    assert [status for method, _, status in hub.log if method == "PUT"] == [500] * 6
+
+
+def test_a_hub_that_never_answers_times_out_and_says_so(hub, model_dir, monkeypatch, capfd):
+    hub.fail("POST", r"/api/repos/create", None)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    before = snapshot(model_dir)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
+    assert snapshot(model_dir) == before
+
+
+@pytest.mark.parametrize("command", ["push", "convert"])
+def test_a_token_that_is_not_ascii_is_named_as_the_problem(hub, model_dir, monkeypatch, capfd, command):
+    monkeypatch.setenv("HF_TOKEN", "hf_tökenWithAccents0123456789")
+    argv = ["push", str(model_dir), "alice/tiny-mesh"] if command == "push" else ["alice/tiny-mesh", "--loops", "2", "--dry-run"]
+    code, _, err = run_cli(argv, capfd)
+    assert_one_error_line(code, err, "token", "not ASCII", "HF_TOKEN")
+    assert "tökenWithAccents" not in err
+
+
+def test_a_hub_that_fails_while_fetching_is_not_reported_as_a_missing_file(hub, tmp_path, monkeypatch, capfd):
+    """huggingface_hub reports a failed lookup with nothing cached as LocalEntryNotFoundError, a
+    subclass of EntryNotFoundError: the failure must be named, not "no such file"."""
+    HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN).create_repo("alice/tiny")
+    hub.fail("HEAD", r"/alice/tiny/resolve/.*", 503)
+    # Download URLs come from constants set at import; point them at the stand-in too.
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    code, _, err = run_cli(["alice/tiny", "--loops", "2", "--dry-run"], capfd)
+    assert_one_error_line(code, err, "503", "alice/tiny", "not in the local cache")
+    assert "no such file" not in err
+    assert list(workdir.iterdir()) == []
+    assert {status for method, _, status in hub.log if method == "HEAD"} == {503}

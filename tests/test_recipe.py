@@ -88,6 +88,15 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
+@pytest.mark.parametrize(("total", "warm"), [(200, 10), (50, 5), (20, 2), (5, 1), (3000, 30)])
+def test_short_runs_get_a_warm_up_floor(total, warm):
+    """1% of the steps, but at least min(10, total // 10) of them (and one)."""
+    values = [lr_schedule(step, total, 0.01, 0.1) for step in range(total)]
+    assert values[warm - 1] == pytest.approx(1.0)
+    assert values[: warm - 1] == pytest.approx([(step + 1) / warm for step in range(warm - 1)])
+    assert lr_schedule(0, total, 0.0, 0.1) == pytest.approx(1.0)  # no warm-up asked for: none
+
+
 def test_no_weight_decay_on_biases_norms_and_their_deltas(tiny_mesh_model):
     assert no_weight_decay("model.core.0.attention.dense.bias", torch.nn.Parameter(torch.zeros(3)))
     assert no_weight_decay("model.core.0.attention.dense.bias_delta", torch.nn.Parameter(torch.zeros(2, 3)))

@@ -146,7 +146,7 @@ def test_jsonl_and_parquet_text_fields(work, tmp_path):
         ("typo", r"unknown key 'train.max_stpes' \(did you mean 'train.max_steps'\?\)"),
         ("no text column", "has no 'text' field"),
         ("block too long", "block_size=4096 is above the model's context of 64"),
-        ("broken checkpoint", "cannot load the model in"),
+        ("broken checkpoint", "corrupt or truncated safetensors file .*broken"),
         ("missing model", "model directory .* does not exist"),
     ],
 )

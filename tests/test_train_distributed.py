@@ -1,8 +1,10 @@
 """Two CPU processes (gloo) reproduce the single-process losses for the same global batch:
-DDP through the real `train()` under torchrun, and FSDP2 (`fully_shard` with the shared core
+DDP through the real `train()` launched as a user would on CPUs (`accelerate launch --multi_gpu
+--num_processes 2`), and FSDP2 (`fully_shard` with the shared core
 layer as the wrap unit, as in recipes/accelerate/fsdp2.yaml) on the same model, data and batch
 split. Accelerate 1.15 does not enable its FSDP plugin on CPU processes (MULTI_CPU), so the FSDP2
-check applies `fully_shard` itself; on GPUs the accelerate config does the same wrapping."""
+check applies `fully_shard` itself; on GPUs the accelerate config does the same wrapping. Also:
+the launches that would silently train alone are refused, and a recipe error prints once."""
 
 import json
 import os
@@ -73,9 +75,8 @@ def single(tmp_path_factory):
     return {"root": root, "recipe": data, "losses": [r["loss"] for r in metrics(root / "single")]}
 
 
-def torchrun(args: list[str], cwd) -> None:
-    """Two local processes; on a hang, the whole process group is killed (no stray workers)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def launch(command: list[str], cwd, expect_rc: int = 0) -> str:
+    """Run a launcher; on a hang, the whole process group is killed (no stray workers)."""
     env = {**os.environ, **SUBPROCESS_ENV}
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -84,14 +85,29 @@ def torchrun(args: list[str], cwd) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"two-process run timed out:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
+        pytest.fail(f"launched run timed out:\n{output[-3000:]}")
+    assert process.returncode == expect_rc, output[-3000:]
+    return output
+
+
+def torchrun(args: list[str], cwd, expect_rc: int = 0) -> str:
+    """Two local processes."""
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args], cwd,
+                  expect_rc)
+
+
+def accelerate_launch(flags: list[str], recipe_path, cwd, expect_rc: int = 0) -> str:
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch`
+    return launch([*accelerate, *flags, "-m", "mesh_convert.train", str(recipe_path)], cwd, expect_rc)
 
 
 def test_ddp_two_cpu_processes_match_one(single, tmp_path):
+    """The launch a user types on a CPU machine (README): Accelerate's multi-process launcher."""
     out = tmp_path / "ddp"
     path = write_recipe(tmp_path / "r.yaml", {**single["recipe"], "output_dir": str(out)})
-    torchrun(["-m", "mesh_convert.train", str(path)], tmp_path)  # 2 processes x micro-batch 2, no accumulation
+    # 2 processes x micro-batch 2, no accumulation
+    accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                       "--dynamo_backend", "no", "--main_process_port", "0"], path, tmp_path)
     info = json.loads((out / "model" / "conversion.json").read_text())["training"]
     assert info["processes"] == 2 and info["distributed"] == "MULTI_CPU"
     losses = [r["loss"] for r in metrics(out)]
@@ -107,3 +123,22 @@ def test_fsdp2_two_cpu_processes_match_one(single, tmp_path):
     torchrun([str(script), str(path), str(tmp_path / "losses.json")], tmp_path)
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert losses == pytest.approx(single["losses"], rel=1e-4)
+
+
+def test_accelerate_cpu_launch_of_several_processes_that_starts_one_is_refused(single, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the run says so instead of
+    training alone."""
+    out = tmp_path / "one"
+    path = write_recipe(tmp_path / "r.yaml", {**single["recipe"], "output_dir": str(out)})
+    output = accelerate_launch(["-q", "--cpu", "--num_processes", "2"], path, tmp_path, expect_rc=1)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--multi_gpu --num_processes N" in errors[0], output[-3000:]
+    assert not out.exists()
+
+
+def test_torchrun_recipe_error_is_printed_once(single, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", {**single["recipe"], "output_dir": str(tmp_path / "out")})
+    output = torchrun(["-m", "mesh_convert.train", str(path), "train.global_batch_size=6"], tmp_path, expect_rc=1)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.global_batch_size=6 is not a multiple of micro_batch_size (2) x processes (2)"], \
+        output[-3000:]

@@ -4,22 +4,25 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import assert_loads_as_remote_code
+from mesh_convert.train.data import build_data
 from mesh_convert.train.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train.loop import train
-from mesh_convert.train.anneal import Annealer, export_at_rank, scheduled_rank
+from mesh_convert.train.anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank
 from mesh_convert.train.distill import Distiller
-from helpers import char_tokenizer, metrics, recipe, tiny_converted, write_text
+from helpers import char_tokenizer, metrics, recipe, run_cli, tiny_converted, write_recipe, write_text
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heal")
+@pytest.fixture(scope="module", params=["gpt_neox", "llama"])
+def work(request, tmp_path_factory):
+    """Both decoder families: their relaxed norms differ (LayerNorm weight+bias vs RMSNorm weight)."""
+    root = tmp_path_factory.mktemp(f"heal-{request.param}")
     tokenizer = char_tokenizer(root / "tokenizer")
-    full = tiny_converted(root / "mesh-full", tokenizer, relax_rank="full")
+    full = tiny_converted(root / "mesh-full", tokenizer, relax_rank="full", family=request.param)
     return {"root": root, "text": write_text(root / "train.txt"), "full": full,
-            "teacher": root / "mesh-full-source", "plain": tiny_converted(root / "mesh", tokenizer)}
+            "teacher": root / "mesh-full-source", "plain": tiny_converted(root / "mesh", tokenizer, family=request.param)}
 
 
 def test_distillation_term_is_zero_for_the_teacher_itself_and_has_no_teacher_grads(work):
@@ -64,11 +67,20 @@ def test_rank_schedule_ends_at_the_target():
 
 @pytest.mark.parametrize("target", [0, 3])
 def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, tmp_path, target):
+    """The held-out loss of the exported model equals the one the run measured on its trained model."""
     out = tmp_path / "run"
     data = recipe(work["full"], work["text"], out, train={"max_steps": 6},
                   anneal={"target_rank": target, "steps": 4, "every": 2, "penalty": 1e-3})
-    train(Recipe.model_validate(data))
+    data["data"]["eval_files"] = [str(write_text(tmp_path / "eval.txt", seed=1, lines=40))]
+    parsed = Recipe.model_validate(data)
+    train(parsed)
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    blocks = build_data(parsed.data, AutoTokenizer.from_pretrained(out / "model"), parsed.seed, None).eval
+    ids = blocks.stack(range(len(blocks)))
+    with torch.no_grad():
+        logits = exported(ids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert loss == pytest.approx(metrics(out)[-1]["eval_loss"], abs=1e-5)
     assert exported.config.relax_rank == target
     names = [n for n, _ in exported.named_parameters()]
     if target == 0:
@@ -80,21 +92,60 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     assert len(metrics(out)) == 6
 
 
-def test_export_preserves_the_annealed_function(work):
+def test_a_run_shorter_than_its_annealing_is_refused(work, tmp_path, monkeypatch, capsys):
+    """Stopped mid-schedule, the deltas still have more than the target rank: the export would
+    silently differ from the trained model."""
+    data = recipe(work["full"], work["text"], tmp_path / "run", train={"max_steps": 3},
+                  anneal={"target_rank": 0, "steps": 4, "every": 2})
+    assert run_cli(["train", str(write_recipe(tmp_path / "r.yaml", data))]) == 1
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("error: anneal.steps=4") and "3 steps" in error
+    assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_export_preserves_the_annealed_function(work, target):
     """After the last truncation the deltas have the target rank, so exporting changes nothing;
-    the recentring step moves the loop-mean of the deltas into the shared weights exactly."""
+    the recentring step moves the loop-mean of the deltas (norms included) into the shared weights exactly."""
     model = AutoModelForCausalLM.from_pretrained(work["full"]).eval()
     ids = torch.randint(3, 100, (2, 10))
     with torch.no_grad():
         original = model(ids).logits
-    annealer = Annealer(model, AnnealSection(target_rank=2, steps=2, every=1))
-    annealer._recentre(model.model.core[0].attention.dense)
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=2, every=1), total_steps=2)
+    for module in relaxed_modules(model):
+        annealer._recentre(module)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, original, atol=1e-5)
     annealer.after_step(1)
     annealer.after_step(2)
     with torch.no_grad():
         annealed = model(ids).logits
-        exported = export_at_rank(model, 2)(ids).logits
+        exported = export_at_rank(model, target)(ids).logits
     assert torch.allclose(exported, annealed, atol=1e-4)
     assert not torch.allclose(annealed, original, atol=1e-3)  # truncation did change the model
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_exported_annealed_model_loads_with_the_trained_logits(work, tmp_path, target):
+    """Anneal while really training (optimizer steps, penalty), then write the export as training
+    does: plain transformers, in a fresh process without mesh_convert, gives the trained logits."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(work["full"])
+    annealer = Annealer(model, AnnealSection(target_rank=target, steps=4, every=2, penalty=1e-3), total_steps=6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for step in range(6):
+        ids = torch.randint(3, 100, (2, 16))
+        loss = model(input_ids=ids, labels=ids).loss
+        if (penalty := annealer.penalty(step)) is not None:
+            loss = loss + penalty
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        annealer.after_step(step + 1)
+    model.eval()
+    x = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        trained = model(x).logits
+    export_at_rank(model, target).save_pretrained(tmp_path / "exported")
+    assert_loads_as_remote_code(tmp_path / "exported", x, trained, tmp_path)

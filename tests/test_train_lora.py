@@ -2,31 +2,37 @@
 change, merged == unmerged, the adapter loads with PeftModel, and `merge` writes a checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+import yaml
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mesh_convert.modeling.modeling_mesh import LoopLinear
 from mesh_convert.train.recipe import LoraSection, Recipe
 from mesh_convert.train.loop import train
-from mesh_convert.train.lora import wrap_lora
-from helpers import char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
+from mesh_convert.train.lora import DEFAULT_TARGETS, wrap_lora
+from helpers import ROOT, char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """One LoRA (+ routers) run on a relaxed tiny model, shared by the checks below."""
+    """One LoRA (+ routers) run on a relaxed tiny model, shared by the checks below. Its recipe
+    names the model and data relative to the training folder, as a user in that folder would."""
     root = tmp_path_factory.mktemp("lora")
     tokenizer = char_tokenizer(root / "tokenizer")
     model = tiny_converted(root / "mesh", tokenizer, relax_rank=4)
-    out = root / "run"
-    data = recipe(model, write_text(root / "train.txt"), out, method="lora",
+    write_text(root / "train.txt")
+    data = recipe(Path("mesh"), Path("train.txt"), Path("run"), method="lora",
                   lora={"r": 4, "alpha": 8, "merge": True}, train={"max_steps": 6})
-    train(Recipe.model_validate(data))
-    return {"model": model, "out": out}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        train(Recipe.model_validate(data))
+    return {"model": model, "out": root / "run"}
 
 
 def test_lora_wrapper_passes_the_loop_index_to_relaxed_layers(tiny_mesh_model):
@@ -89,6 +95,27 @@ def test_merged_and_unmerged_give_the_same_logits(lora_run, monkeypatch, tmp_pat
     assert json.loads((target / "conversion.json").read_text())["training"]["method"] == "lora"
 
 
+def test_merge_and_peft_find_the_base_model_from_any_folder(lora_run, monkeypatch, tmp_path):
+    """The adapter records where its base model is in a form that resolves from anywhere; the
+    merged model comes with a model card like every other model this tool writes."""
+    adapter = lora_run["out"] / "adapter"
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(recorded).is_absolute() and Path(recorded) == lora_run["model"].resolve()
+
+    monkeypatch.chdir(tmp_path)
+    ids = torch.tensor([[5, 9, 14, 3, 60, 61, 62, 7]])
+    unmerged = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()(ids).logits
+    assert run_cli(["merge", str(adapter), "-o", "merged-here"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-here").eval()
+    assert torch.allclose(merged(ids).logits, unmerged, atol=1e-5)
+
+    card = ModelCard.load(tmp_path / "merged-here" / "README.md")
+    assert card.data.library_name == "transformers" and "mesh" in card.data.tags
+    assert "## Training" in card.text and "- method: lora" in card.text
+    assert "{" not in card.text.split("## Training")[1].split("##")[0]  # the recipe is not dumped as a dict
+    assert (lora_run["out"] / "merged" / "README.md").is_file()  # `lora.merge: true` writes one too
+
+
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert run_cli(["merge", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
     assert "is not a LoRA adapter directory" in capsys.readouterr().err
@@ -106,3 +133,32 @@ def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_pat
     lora = sum(2 * (i + o) for i, o in [(32, 96), (32, 32), (32, 128), (128, 32)]) * 5  # r=2, 1+3R2+1: 5 unique layers
     assert f"{routers:,} / " in printed
     assert f"/ {lora:,}" in printed
+
+
+LORA_RECIPES = [p for p in sorted((ROOT / "recipes").glob("*.yaml")) if yaml.safe_load(p.read_text()).get("method") == "lora"]
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("path", LORA_RECIPES, ids=lambda p: p.name)
+def test_lora_recipes_fit_every_family(path, family, tmp_path, monkeypatch):
+    """A shipped LoRA recipe, its lora section untouched, fine-tunes a conversion of either family:
+    LoRA lands on every attention and MLP projection of that family."""
+    model = tiny_converted(tmp_path / "mesh", char_tokenizer(tmp_path / "tokenizer"), family=family)
+    overrides = [f"model={model}", f"data.train=[{write_text(tmp_path / 'train.txt')}]", f"output_dir={tmp_path / 'run'}",
+                 "data.block_size=32", "data.eval_blocks=2", "train.max_steps=2", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "train.eval_every=0", "checkpoint.every=0",
+                 "train.mixed_precision='no'"]  # one process cannot switch Accelerate's precision
+    assert run_cli(["finetune", str(path), *overrides]) == 0
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {k.split(".")[-3] for k in saved if ".lora_A." in k} == set(DEFAULT_TARGETS[family])
+
+
+def test_unknown_lora_target_lists_the_models_linear_layers_by_name(lora_run, tmp_path, monkeypatch, capsys):
+    data = recipe(lora_run["model"], write_text(tmp_path / "t.txt"), tmp_path / "run", method="lora")
+    path = write_recipe(tmp_path / "r.yaml", data)
+    assert run_cli(["finetune", str(path), "lora.target_modules=[q_proj]", "--dry-run"]) == 1
+    error = capsys.readouterr().err
+    assert "['q_proj'] match no Linear layer" in error
+    for name in ("'query_key_value'", "'dense'", "'dense_4h_to_h'", "'write_routers.0'", "'read_routers.2'"):
+        assert name in error
+    assert "'0'" not in error

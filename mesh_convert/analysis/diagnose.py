@@ -69,7 +69,7 @@ def model_layout(model) -> Layout:
 def resolve_layout(model, layout: str | None = None, loops: int | None = None) -> Layout:
     """The layout to read the model with: a MeSH model's own, or the one given for a plain model.
 
-    For a plain model, `loops` alone picks the converter's default split (`plan.default_layout`).
+    For a plain model, `loops` alone picks the converter's default split (`convert.plan.default_layout`).
     """
     depth = model.config.num_hidden_layers
     if is_mesh(model):
@@ -121,6 +121,17 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     x = x - x.mean(0, keepdim=True)
     sq_norms = (x * x).sum(1)
     return (sq_norms[:, None] + sq_norms[None, :] - 2 * x @ x.T).clamp_min(0)
+
+
+# Outside it the RBF kernel is, in float64, the identity (too narrow) or a constant (too wide):
+# CKA is then meaningless or NaN.
+THRESHOLD_RANGE = (0.01, 100.0)
+
+
+def check_threshold(threshold: float) -> None:
+    low, high = THRESHOLD_RANGE
+    if not low <= threshold <= high:  # NaN fails both comparisons
+        raise UserError(f"the CKA threshold (--threshold) must be between {low:g} and {high:g}, not {threshold:g}")
 
 
 def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
@@ -386,8 +397,7 @@ def run_diagnostics(
 ) -> DiagnosticsResult:
     """The three probes on every row of `input_ids` (samples x L)."""
     layout = layout or model_layout(model)
-    if threshold <= 0:
-        raise UserError("the CKA threshold must be positive")
+    check_threshold(threshold)
     if top < 1:
         raise UserError("the number of singular values must be at least 1")
     per_sample = []

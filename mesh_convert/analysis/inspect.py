@@ -122,6 +122,18 @@ def flatten(record, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def provenance_rows(provenance: dict) -> list[tuple[str, str]]:
+    """One row per dotted key over `config.provenance` and `conversion.json`, which repeat
+    most of each other; a key whose two values differ gets a row per source."""
+    rows: dict[str, str] = {}
+    for origin, record in provenance.items():
+        for key, value in flatten(record) if isinstance(record, dict) else [(origin, str(record))]:
+            if rows.get(key, value) != value:
+                key = f"{key} ({origin})"
+            rows.setdefault(key, value)
+    return list(rows.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Routers on sample text.
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +210,16 @@ def sample_sequences(
     tokenizer_name = tokenizer or str(model_dir)
     if data is None and tokenizer is None and not has_tokenizer(tokenizer_name):
         generator = torch.Generator().manual_seed(0)
-        sequences = list(torch.randint(0, vocab_size, (RANDOM_SAMPLES, RANDOM_LENGTH), generator=generator))
+        length = min(RANDOM_LENGTH, seq_len)
+        sequences = list(torch.randint(0, vocab_size, (RANDOM_SAMPLES, length), generator=generator))
         return (
             sequences,
-            f"{RANDOM_SAMPLES} x {RANDOM_LENGTH} random token ids (no tokenizer in {model_dir}; pass --tokenizer for real text)",
+            f"{RANDOM_SAMPLES} x {length} random token ids (no tokenizer in {model_dir}; pass --tokenizer for real text)",
         )
     tokenizer = load_tokenizer(tokenizer_name)
     if data is None:
         sequences = [
-            torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len], dtype=torch.long)
             for text in SAMPLE_SENTENCES[:samples]
         ]
         source = f"{len(sequences)} built-in sample sentences"
@@ -315,6 +328,10 @@ def inspect_model(
         parameters=parameter_counts(model),
     )
     if mesh and config.variant == "mesh":
+        context = config.max_position_embeddings
+        if seq_len > context:
+            report.notes.append(f"--seq-len {seq_len} is above the model's context: probed at most {context} tokens per sequence")
+            seq_len = context
         sequences, source = sample_sequences(model_dir, model, data, samples, seq_len, tokenizer)
         report.routers = router_statistics(model, sequences, source)
     else:

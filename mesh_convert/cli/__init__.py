@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from ..errors import UserError
 from . import convert as convert_commands
@@ -23,9 +23,37 @@ from . import train as train_commands
 err_console = Console(stderr=True)
 
 
-class DefaultToConvert(TyperGroup):
+class PlainFlagsHelp:
+    """Help as users read it elsewhere: typer's rich help prints `<bool>` after an on/off flag
+    (as if it took a value) and `{model}` for a required argument; show `--debug` and `MODEL`."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class PlainHelpCommand(PlainFlagsHelp, TyperCommand):
+    pass
+
+
+class DefaultToConvert(PlainFlagsHelp, TyperGroup):
     """Routes `mesh-convert MODEL ...` to the `convert` command, so that the common case needs
     no subcommand while `mesh-convert eval ...` etc. still work."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), self.subcommand_metavar]
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         root_options = [a for a in args[:1] if a == "--debug"]  # root options stay before the command
@@ -38,7 +66,8 @@ class DefaultToConvert(TyperGroup):
 
 app = typer.Typer(
     cls=DefaultToConvert,
-    help="Convert pretrained GPT-NeoX (Pythia) checkpoints into MeSH recursive transformers.",
+    help="Convert pretrained GPT-NeoX (Pythia) and Llama-family (Llama, Qwen2, SmolLM2) checkpoints into MeSH "
+    "recursive transformers, then train, evaluate, diagnose and push them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -63,6 +92,9 @@ def root(
 
 for commands in (convert_commands, train_commands, eval_commands, push_commands, diagnose_commands):
     commands.register(app)
+for command in app.registered_commands:
+    if command.cls in (None, TyperCommand):
+        command.cls = PlainHelpCommand
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        return 1
+        return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
     except typer.TyperException as error:  # usage errors (a bad flag, value or choice): as typer shows them, exit 2

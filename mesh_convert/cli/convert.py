@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -89,7 +90,7 @@ def _progress(enabled: bool) -> Progress:
     flag("as_json", "--json", help="Print one JSON object instead of tables."),
 )
 def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = False, **values):
-    """Convert a pretrained GPT-NeoX (Pythia) checkpoint into a MeSH recursive transformer."""
+    """Convert a pretrained GPT-NeoX (Pythia) or Llama-family (Llama, Qwen2, SmolLM2) checkpoint into a MeSH recursive transformer."""
     from ..convert.plan import make_plan
 
     try:
@@ -97,6 +98,8 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
     except ValidationError as error:
         raise _options_error(error) from None
     push_to_hub = options.push_to_hub
+    if push_to_hub:
+        _check_push_target(push_to_hub)
 
     command = shlex.join(["mesh-convert", *ctx.obj["argv"]])  # as typed, for conversion.json and the card
     plan = make_plan(options, command=command, builtin_facts=dry_run)
@@ -112,6 +115,12 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
 
     with _progress(enabled=not as_json) as progress:
         result = convert(plan, progress)
+    if result.non_finite:
+        err_console.print(
+            f"[bold yellow]warning:[/] NaN or inf in source tensors {escape(', '.join(result.non_finite))} (converted as they are)",
+            highlight=False,
+            soft_wrap=True,
+        )
     url = _push(result.output_dir, push_to_hub) if push_to_hub else None
     if as_json:
         info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
@@ -124,6 +133,16 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
     console.print(f"[green]done:[/] {result.output_dir}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
     if url:
         console.print(f"[green]pushed:[/] {url}")
+
+
+def _check_push_target(repo_id: str) -> None:
+    """A bad repo id is known before the conversion, not after it."""
+    from ..hub.push import check_repo_id
+
+    try:
+        check_repo_id(repo_id)
+    except UserError as error:
+        raise UserError(f"--push-to-hub: {error}") from None
 
 
 def _push(output_dir: Path, repo_id: str) -> str:

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UserError
+from ..io import check_output_directory
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -21,9 +22,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+RUN_SUBFOLDERS = ("model", "adapter")  # what `train` writes into every run's output folder
+
+
 def _default_output(prefix: str, model: str) -> Path:
-    # A hub id "org/name" becomes "org--name", like the hub cache does.
-    name = Path(model).name if Path(model).expanduser().exists() else model.replace("/", "--")
+    """`<prefix>-<model name>` in the working directory. A hub id "org/name" becomes
+    "org--name", like the hub cache does; a run's `model` / `adapter` folder and its
+    `checkpoints/step-N` carry the run's name too, so two runs do not share one folder."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return Path(f"{prefix}-{model.replace('/', '--')}")
+    path = path.resolve()
+    name = path.name
+    if path.parent.name == "checkpoints":
+        name = f"{path.parent.parent.name}-{name}"
+    elif name in RUN_SUBFOLDERS:
+        name = f"{path.parent.name}-{name}"
     return Path(f"{prefix}-{name or 'model'}")
 
 
@@ -108,7 +122,7 @@ def diagnose(
         None, "--tokenizer", help="Tokenizer directory or hub id (default: the model's)."
     ),
     threshold: float = typer.Option(
-        1.0, "--threshold", help="CKA bandwidth: sigma^2 = threshold^2 * median squared distance."
+        1.0, "--threshold", help="CKA bandwidth, 0.01 to 100: sigma^2 = threshold^2 * median squared distance."
     ),
     top: int = typer.Option(50, "--top", help="Singular values kept per state."),
     batch_size: int = typer.Option(1, "--batch-size", help="Samples per forward pass."),
@@ -117,17 +131,18 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from ..analysis.diagnose import load_samples, resolve_layout, run_diagnostics, write_outputs
+    from ..analysis.diagnose import check_threshold, load_samples, resolve_layout, run_diagnostics, write_outputs
     from ..io import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(
         samples=(samples, 1), seq_len=(seq_len, 2), loops=(loops, 1), top=(top, 1), batch_size=(batch_size, 1)
     )
-    if threshold <= 0:
-        raise UserError("--threshold must be positive")
+    check_threshold(threshold)
     if not data.is_file():
         raise UserError(f"data file {data} does not exist")
+    output = output or _default_output("diagnostics", model)
+    check_output_directory(output)
     lm = load_model(model, device=_default_device(device))
     chosen = resolve_layout(lm, layout, loops)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, lm.config.max_position_embeddings)
@@ -157,7 +172,7 @@ def diagnose(
             data=str(data),
             on_sample=lambda done, _total: progress.update(task, completed=done),
         )
-    paths = write_outputs(result, output or _default_output("diagnostics", model))
+    paths = write_outputs(result, output)
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -178,7 +193,7 @@ def diagnose(
 
 def inspect_tables(report) -> list[Table]:
     """Model summary, provenance, parameters, and the routers' mean weights."""
-    from ..analysis.inspect import flatten
+    from ..analysis.inspect import provenance_rows
 
     summary = Table(title=f"{report.model_dir}", show_header=False)
     summary.add_column("field")
@@ -193,9 +208,9 @@ def inspect_tables(report) -> list[Table]:
     tables = [summary]
 
     provenance = Table(title="Provenance", show_header=False)
-    provenance.add_column("key")
+    provenance.add_column("key", overflow="fold")
     provenance.add_column("value", overflow="fold")
-    for key, value in flatten(report.provenance) if report.provenance else [("(none)", "no provenance recorded")]:
+    for key, value in provenance_rows(report.provenance) or [("(none)", "no provenance recorded")]:
         provenance.add_row(key, value)
     tables.append(provenance)
 
@@ -244,8 +259,10 @@ def inspect(
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
     if data is not None and not data.is_file():
         raise UserError(f"data file {data} does not exist")
+    output = output or _default_output("inspect", str(model_dir))
+    check_output_directory(output)
     report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
-    paths = write_inspect_outputs(report, output or _default_output("inspect", str(model_dir)))
+    paths = write_inspect_outputs(report, output)
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -8,9 +8,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.options import Variant
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..io import check_output_directory
 
 console = Console(stderr=True)
+OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
 
 
 def _recipe(path: Path, overrides: list[str], method: str | None = None):
@@ -23,7 +25,7 @@ def _recipe(path: Path, overrides: list[str], method: str | None = None):
     return recipe
 
 
-def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | None = None) -> None:
+def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | None = None, overwrite: bool = False) -> None:
     from ..train.recipe import recipe_yaml
 
     recipe = _recipe(recipe_path, overrides, method)
@@ -45,7 +47,7 @@ def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | N
         return
     from ..train.loop import train
 
-    summary = train(recipe, console=console)
+    summary = train(recipe, console=console, overwrite=overwrite)
     if summary.get("model") or summary.get("adapter"):
         where = summary.get("model") or summary.get("adapter")
         console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
@@ -64,20 +66,22 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
         overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; do not train."),
+        overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_RUN_HELP),
     ):
         """Continue pretraining a converted model (or LoRA, with `method: lora`), from a recipe.
 
         Multi-GPU: `accelerate launch --config_file recipes/accelerate/ddp.yaml -m mesh_convert.cli train RECIPE`."""
-        _run(recipe, overrides, dry_run)
+        _run(recipe, overrides, dry_run, overwrite=overwrite)
 
     @app.command("finetune")
     def finetune_command(
         recipe: Path = typer.Argument(..., help="Recipe YAML (method defaults to lora)."),
         overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. lora.r=8."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; do not train."),
+        overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_RUN_HELP),
     ):
         """LoRA fine-tuning via peft: only the adapter (and router copies) train."""
-        _run(recipe, overrides, dry_run, method="lora")
+        _run(recipe, overrides, dry_run, method="lora", overwrite=overwrite)
 
     @app.command("init")
     def init_command(
@@ -96,34 +100,41 @@ def register(app: typer.Typer) -> None:
         context: int = typer.Option(None, "--context", help="Context length (default 2048)."),
         tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to copy next to the model."),
         seed: int = typer.Option(0, "--seed"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ):
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
-        from ..convert.plan import mesh_parameter_counts
+        from pydantic import ValidationError
+
         from ..convert.card import write_model_card
-        from ..train.recipe import InitSpec
+        from ..convert.output import check_target, staged_directory
+        from ..convert.plan import mesh_parameter_counts
+        from ..train.recipe import InitSpec, explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
+        check_output_directory(output)
         try:
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
                             hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
                             max_position_embeddings=context)
-        except Exception as error:
-            raise UserError(f"init: {str(error).splitlines()[-1]}") from None
+        except ValidationError as error:
+            raise explain(error, "init") from None
+        sources = (tokenizer,) if tokenizer is not None else ()
+        check_target(output, overwrite, sources)  # before building a model that may be large
         config = scratch_config(spec)
         model = init_scratch_model(config, seed)
-        output.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output)
-        if tokenizer is not None:
-            from transformers import AutoTokenizer
-
-            try:
-                AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(output)
-            except Exception as error:
-                raise UserError(f"cannot load the tokenizer in {tokenizer}: {error}") from None
         counts = mesh_parameter_counts(config)
-        record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
-        record.write(output)
-        write_model_card(output, record)
+        with staged_directory(output, overwrite, sources) as staging:
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                from transformers import AutoTokenizer
+
+                try:
+                    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(staging)
+                except Exception as error:
+                    raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
+            record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
+            record.write(staging)
+            write_model_card(staging, record)
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {output}", highlight=False)
 
@@ -132,9 +143,10 @@ def register(app: typer.Typer) -> None:
         adapter: Path = typer.Argument(..., help="LoRA adapter directory (from a `method: lora` run)."),
         output: Path = typer.Option(..., "--output", "-o", help="Output directory for the merged model."),
         base: Path = typer.Option(None, "--base", help="Base model (default: the one recorded in the adapter)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ):
         """Merge a LoRA adapter (and its routers) into a standalone checkpoint."""
         from ..train.lora import merge_adapter
 
-        path = merge_adapter(adapter, output, base)
+        path = merge_adapter(adapter, output, base, overwrite=overwrite)
         console.print(f"merged {adapter} -> {path}", highlight=False)

@@ -160,7 +160,9 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
     training = []
     if r.training is not None:
         t = r.training
-        training = [("recipe", t.recipe), ("method", t.method),
+        # Training records the whole resolved recipe (a dict); only a recipe's name reads well here.
+        training = [("recipe", t.recipe if isinstance(t.recipe, str) else None), ("method", t.method),
+                    ("trainable", t.trainable),
                     ("tokens", _count(t.tokens) if t.tokens is not None else None),
                     ("steps", _count(t.steps) if t.steps is not None else None),
                     ("final loss", _metric(t.final_loss) if t.final_loss is not None else None)]
@@ -185,6 +187,9 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         "training_facts": [(name, value) for name, value in training if value is not None],
         "eval_rows": [(e.task, e.metric, _metric(e.value)) for e in r.eval_results or []],
         "model_ref": model_ref,
+        # transformers 5 reads the model's config.json before choosing a tokenizer class, and this
+        # config is remote code: without trust_remote_code AutoTokenizer asks on stdin (the
+        # template adds it when the tokenizer comes from the converted model).
         "tokenizer_ref": tokenizer_ref,
     }
 

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +21,17 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import GenerationConfig
 
 from ..errors import UserError
+from ..io import torch_dtype
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
 from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
 from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
+from .output import check_target, staged_directory
+from .reader import CheckpointReader, one_thread
 from .shards import ShardWriter, TensorSpan
-from .reader import CheckpointReader
-from ..io import TOKENIZER_FILES, torch_dtype
-from .source import fetch_checkpoint
+from .source import fetch_checkpoint, tokenizer_files
 
 REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
 AUTO_MAP = {
@@ -70,18 +70,13 @@ def _average(tensors: list[torch.Tensor], dtype: torch.dtype, chunk: int = 1 << 
     little: 1.7x faster than 128 KiB chunks on a pythia-1b layer."""
     out = torch.empty(tensors[0].shape, dtype=dtype)
     flat_out, flats = out.view(-1), [t.reshape(-1) for t in tensors]
-    # One thread: the loop is memory-bound, and each small op's parallel region waits for every
-    # thread, so a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # One thread: a single busy core made SmolLM2's conversion 7x slower (bench_convert.py).
+    with one_thread():
         for start in range(0, flat_out.numel(), chunk):
             acc = flats[0][start : start + chunk].to(torch.float32, copy=True)
             for flat in flats[1:]:
                 acc += flat[start : start + chunk]
             flat_out[start : start + chunk] = acc.div_(len(tensors))
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -172,7 +167,8 @@ def expected_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.
 
 
 def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None:
-    """Every tensor the conversion needs exists with the shape its config implies; checked before any output."""
+    """Every tensor the conversion needs exists, is floating point and has the shape its config
+    implies, and no layer lies beyond the config's count; checked before any output."""
     family, config = plan.family, plan.mesh_config
     layer_shapes = layer_tensor_shapes(config)
     embedding = (config.vocab_size, config.hidden_size)
@@ -186,10 +182,18 @@ def check_source_tensors(reader: CheckpointReader, plan: ConversionPlan) -> None
     for name, shape in wanted.items():
         if name not in reader:
             raise UserError(f"the checkpoint lacks tensor {name} (truncated, or not a {family.model_type} model?)")
+        reader.dtype(name)  # refuses integer and complex tensors
         if reader.shape(name) != shape:
             raise UserError(
                 f"tensor {name} has shape {list(reader.shape(name))}, but config.json implies {list(shape)}"
             )
+    beyond = family.layer(plan.layout.unrolled_layers)
+    extra = next((name for name in reader.names() if name.startswith(beyond)), None)
+    if extra is not None:
+        raise UserError(
+            f"the checkpoint has tensors of layer {plan.layout.unrolled_layers} ({extra}), but config.json says "
+            f"num_hidden_layers is {plan.layout.unrolled_layers}: converting would drop layers"
+        )
 
 
 def convert_state_dict(reader: CheckpointReader, plan: ConversionPlan) -> dict[str, torch.Tensor]:
@@ -228,38 +232,7 @@ class ConversionResult:
     shards: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise UserError(f"output {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"output directory {target} exists and is not empty (use --overwrite to replace it)")
-
-
-@contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
-    """A hidden directory beside `target` that replaces it on success and vanishes on any failure."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    except OSError as error:
-        raise UserError(f"cannot write to {target.parent}: {error.strerror or error}") from None
-    try:
-        yield staging
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-            target.rename(old)
-        staging.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"writing {target} failed: {error.strerror or error}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    non_finite: list[str] = field(default_factory=list)  # source tensors read with NaN or inf in them
 
 
 def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan, progress) -> tuple[list[str], int]:
@@ -288,7 +261,7 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
     return list(split.filename_to_tensors), total
 
 
-def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> None:
+def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokenizers: list[Path]) -> None:
     """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card."""
     config = plan.mesh_config
     config.dtype = torch_dtype(plan.dtype_name)
@@ -302,9 +275,8 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan) -> Non
     else:
         generation = GenerationConfig.from_model_config(config)
     generation.save_pretrained(staging)
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, staging / name)
+    for path in tokenizers:
+        shutil.copyfile(path, staging / path.name)
     record = plan.record()
     record.write(staging)
     write_model_card(staging, record, repo_id=plan.options.push_to_hub)
@@ -314,11 +286,13 @@ def convert(plan: ConversionPlan, progress) -> ConversionResult:
     """Run a planned conversion; `progress` is a rich Progress (or anything with its task methods)."""
     started = time.perf_counter()
     target = plan.output_dir
-    check_target(target, plan.options.overwrite)
+    sources = (plan.source.local_dir,) if plan.source.local_dir is not None else ()
+    check_target(target, plan.options.overwrite, sources)
     source_dir = fetch_checkpoint(plan.source)
     reader = CheckpointReader(source_dir)
     check_source_tensors(reader, plan)
-    with staged_directory(target) as staging:
+    tokenizers = tokenizer_files(source_dir, local=plan.source.local_dir is not None)
+    with staged_directory(target, plan.options.overwrite, sources) as staging:
         shards, total = write_weights(staging, reader, plan, progress)
-        write_metadata(staging, source_dir, plan)
-    return ConversionResult(target, plan, shards, total, time.perf_counter() - started)
+        write_metadata(staging, source_dir, plan, tokenizers)
+    return ConversionResult(target, plan, shards, total, time.perf_counter() - started, reader.non_finite)

@@ -15,6 +15,14 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 DEFAULT_ROUTER_GAP = 8.0
 
 
+# Each slot is one more hidden state per token in the memory buffer, and one more output of every
+# router; the paper uses K+3 and found K+1 .. K+4 alike. Far beyond that is a typo, not a design.
+MAX_SLOTS = 1024
+# The largest finite value of each output dtype (torch.finfo(dtype).max), known here without torch:
+# the router init stores the gap as a bias in that dtype.
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+
+
 def default_slots(loops: int) -> int:
     """The paper's memory size B = K + 3 (one slot per step, the embedding's, and one spare);
     `configuration_mesh.MeshConfig`, which travels as remote code, keeps its own copy of this rule."""
@@ -43,7 +51,7 @@ class ConvertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)  # validators are built on first use, not for --help
 
     model: str = Field(
-        description="Local checkpoint dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b).",
+        description="GPT-NeoX or Llama-family checkpoint: local dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b).",
         json_schema_extra=cli_argument(),
     )
     loops: int = Field(ge=1, description="K: how many times the shared core runs.",
@@ -61,11 +69,11 @@ class ConvertOptions(BaseModel):
     )
     slots: int | None = Field(default=None, ge=2, description="B memory slots (default K+3).",
                               json_schema_extra=cli_option("--slots"))
-    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0,
-                              description="Logit gap of the function-preserving router init.",
+    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0, allow_inf_nan=False,
+                              description="Logit gap of the function-preserving router init (with --relax-rank full, 16 or more reproduces the logits within 1e-4).",
                               json_schema_extra=cli_option("--router-gap"))
     relax_rank: int | Literal["full"] = Field(
-        default=0, description="Per-loop delta rank: 0 (none), N, or full (exact).",
+        default=0, description="Per-loop delta rank: 0 (none), N, or full (the original layers; exact logits need a large --router-gap).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
     )
     dtype: Dtype = Field(default="auto", description="Output dtype; auto keeps the source's.",

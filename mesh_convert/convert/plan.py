@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from .. import __version__
 from ..errors import UserError
 from .families import SourceFamily, source_family
-from .options import DEFAULT_ROUTER_GAP, ConvertOptions, Dtype, Tie, default_slots
+from .options import DEFAULT_ROUTER_GAP, DTYPE_MAX, MAX_SLOTS, ConvertOptions, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
 from .record import ConversionRecord
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
@@ -92,7 +92,12 @@ def default_layout(num_layers: int, loops: int) -> Layout:
     """
     if loops < 1:
         raise ValueError("--loops must be at least 1")
-    balanced = [layout for layout in _layouts(num_layers, loops) if 0 <= layout.coda - layout.prelude <= 1]
+    # Per core size, the one split of the rest with coda - prelude in {0, 1}, both at least 1.
+    balanced = [
+        Layout(rest // 2, core, loops, rest - rest // 2)
+        for core in range(1, num_layers // loops + 1)
+        if (rest := num_layers - core * loops) >= 2
+    ]
     if not balanced:
         raise ValueError(
             f"{num_layers} layers are too few for {loops} loops with at least one prelude and one coda layer"
@@ -318,7 +323,9 @@ class ConversionPlan:
     def output_dir(self) -> Path:
         if self.options.output is not None:
             return self.options.output
-        base = Path(self.source.name.rstrip("/")).name
+        # The folder's own name, also for `.` or `..`; a Hub id's last part.
+        local = self.source.local_dir
+        base = local.name if local is not None else self.source.name.rstrip("/").rsplit("/", 1)[-1]
         return Path(f"{base}-mesh-{self.layout.text}")
 
     def record(self) -> ConversionRecord:
@@ -353,11 +360,30 @@ class ConversionPlan:
 
     @property
     def dtype_name(self) -> str:
-        if self.options.dtype != "auto":
-            return self.options.dtype
-        dtype = getattr(self.source_config, "dtype", None) or "float32"
-        name = str(dtype).removeprefix("torch.")
-        return name if name in get_args(Dtype) else "float32"
+        return output_dtype_name(self.options, self.source_config)
+
+
+def output_dtype_name(options: ConvertOptions, source_config) -> str:
+    if options.dtype != "auto":
+        return options.dtype
+    dtype = getattr(source_config, "dtype", None) or "float32"
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPE_MAX else "float32"
+
+
+def check_router_options(options: ConvertOptions, slots: int, dtype_name: str) -> None:
+    """The router init stores the gap as a bias in the output dtype: it must be a number that dtype holds."""
+    largest = DTYPE_MAX[dtype_name]
+    if options.router_gap > largest:
+        raise UserError(
+            f"--router-gap {options.router_gap:g} does not fit {dtype_name}, the dtype the router biases are "
+            f"stored in: use a gap in (0, {largest:g}] (the default is {DEFAULT_ROUTER_GAP:g})"
+        )
+    if options.variant == "mesh" and slots > MAX_SLOTS:
+        raise UserError(
+            f"--slots {slots} is more than {MAX_SLOTS}: every slot adds a hidden state per token to the memory "
+            f"buffer and an output to each router; the paper uses K+3 (here {default_slots(options.loops)})"
+        )
 
 
 def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = False) -> ConversionPlan:
@@ -382,6 +408,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
             f"--slots {slots} is too few for {layout.loops} loops: the function-preserving router init needs "
             f"K+2 = {layout.loops + 2} slots (one per step plus the embedding); the paper's default is K+3"
         )
+    check_router_options(options, slots, output_dtype_name(options, source_config))
     provenance = {
         "source": {
             "model": ref.repo_id or str(ref.local_dir),

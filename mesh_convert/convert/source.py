@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UserError, hub_error
-from ..io import TOKENIZER_FILES, is_hub_id
+from ..io import TOKENIZER_FILES, hub_timeout, is_hub_id, resolve_endpoint
 from .pythia import parse_alias
 
 if TYPE_CHECKING:
@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 CONFIG_FILES = ["config.json", "generation_config.json"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# Without an index, only these are weights: a Trainer checkpoint also holds training_args.bin,
+# optimizer.pt and the like, which are pickles of other things.
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+# Config fields that every supported family needs; a missing one would silently take the
+# defaults of some other model size from transformers.
+REQUIRED_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Far above any published checkpoint (the deepest Llama, Qwen2 and GPT-NeoX models have ~126
+# layers), low enough that planning and checking a layout stays instant.
+MAX_LAYERS = 1024
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,15 @@ class SourceRef:
 
 def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:
+        raise UserError(f"cannot read {name}: {error.strerror or error}") from None
+    if exists:
         if not path.is_dir():
             raise UserError(f"{name} is a file; give the checkpoint's directory")
+        if revision is not None:
+            raise UserError(f"--revision applies to Hub models; {name} is a local directory")
         return SourceRef(name, None, revision, path.resolve())
     try:
         alias = parse_alias(name)
@@ -51,9 +66,10 @@ def resolve_source(name: str, revision: str | None = None) -> SourceRef:
 def _from_hub(ref: SourceRef, action):
     """Run a huggingface_hub call, turning its errors into one line."""
     try:
-        return action()
+        with hub_timeout():
+            return action()
     except Exception as error:
-        user_error = hub_error(error, ref.repo_id, revision=ref.revision)
+        user_error = hub_error(error, ref.repo_id, resolve_endpoint(), fetching=True, revision=ref.revision)
         if user_error is None:
             raise
         raise user_error from None
@@ -84,18 +100,71 @@ def fetch_checkpoint(ref: SourceRef) -> Path:
 
 def load_source_config(directory: Path) -> PreTrainedConfig:
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
     try:
+        if not config_file.is_file():
+            raise UserError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
         raw = json.loads(config_file.read_text())
+    except OSError as error:
+        raise UserError(f"cannot read {config_file}: {error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file} does not hold a JSON object (it holds a {type(raw).__name__})")
+    from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassError
+    from transformers import AutoConfig
+
     from .families import source_family
 
     source_family(raw.get("model_type"))  # a clear error for architectures we do not convert
-    from transformers import AutoConfig
-
+    missing = [field for field in REQUIRED_CONFIG_FIELDS if field not in raw]
+    if missing:
+        raise UserError(f"{config_file} lacks {', '.join(missing)}")
     try:
-        return AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory)
+    except StrictDataclassError as error:  # transformers checks field types and the architecture
+        reason = str(error).splitlines()[-1].strip().split(": ", 1)[-1]
+        if isinstance(error, StrictDataclassClassValidationError):  # names no values: add the sizes
+            sizes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+            reason += " (" + ", ".join(f"{name} {raw[name]!r}" for name in sizes if name in raw) + ")"
+        raise UserError(f"{config_file}: {reason}") from None
     except (ValueError, OSError, TypeError) as error:
         raise UserError(f"cannot read {config_file}: {str(error).splitlines()[0]}") from None
+    check_sizes(config, str(config_file))
+    return config
+
+
+def check_sizes(config: PreTrainedConfig, where: str) -> None:
+    """Sizes that transformers accepts but no model can have (zero or negative), and layer counts
+    beyond MAX_LAYERS."""
+    for field in REQUIRED_CONFIG_FIELDS:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {field} must be a positive integer, not {value!r}")
+    if config.num_hidden_layers > MAX_LAYERS:
+        raise UserError(
+            f"{where}: num_hidden_layers {config.num_hidden_layers} is more than mesh-convert plans for "
+            f"(at most {MAX_LAYERS}; the deepest published checkpoints of these families have about 126)"
+        )
+
+
+def tokenizer_files(directory: Path, local: bool) -> list[Path]:
+    """The tokenizer files to copy into the output. In a local directory, a link to a file outside
+    it is refused: the copy would carry that file into the output, and --push-to-hub onto the Hub.
+    A Hub cache snapshot's files are links into the cache's blob store by design, whether we
+    downloaded it (not `local`) or the user names the snapshot's folder."""
+    directory = directory.resolve()
+    allowed = [directory]
+    if directory.parent.name == "snapshots":
+        allowed.append(directory.parent.parent / "blobs")
+    found = []
+    for name in TOKENIZER_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if local and not any(path.resolve().is_relative_to(root) for root in allowed):
+            raise UserError(
+                f"{path} is a link to {path.resolve()}, outside the checkpoint; mesh-convert copies tokenizer "
+                "files into the output, so copy that file into the checkpoint instead"
+            )
+        found.append(path)
+    return found

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, error_line
-from ..io import read_jsonl, resolve_endpoint
+from ..io import check_largest_id, read_jsonl, resolve_endpoint
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -289,12 +289,8 @@ def _vocab_size(model) -> int | None:
 def check_token_ids(model, ids: Sequence[int]) -> None:
     """A tokenizer that does not belong to the model shows up as ids past its vocabulary; say
     so instead of failing deep inside an embedding lookup."""
-    vocab = _vocab_size(model)
-    if vocab is not None and ids and max(ids) >= vocab:
-        raise UserError(
-            f"the tokenizer produced token id {max(ids)} but the model has {vocab} embeddings: "
-            "tokenizer and model do not match (see --tokenizer)"
-        )
+    if ids:
+        check_largest_id(max(ids), _vocab_size(model), "--tokenizer")
 
 
 # ------------------------------------------------------------------------------ perplexity
@@ -435,6 +431,7 @@ def perplexity(
     if max_tokens is not None and max_tokens < 2:
         raise UserError("the token limit must be at least 2")
     ids, n_bytes = encode_text(tokenizer, text, max_tokens)
+    ids = leading_special_ids(tokenizer) + ids
     check_token_ids(model, ids)
     nats, tokens = sliding_window_nats(
         model, ids, context=context, stride=stride, batch_size=batch_size, on_progress=on_progress
@@ -457,24 +454,43 @@ def lambada_split(text: str) -> tuple[str, str]:
     return context, " " + word
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text by default: the BOS token of a Llama-style
+    tokenizer, nothing for GPT-NeoX's. lm-eval's HFLM encodes with the tokenizer's defaults, so
+    `eval` starts its texts the same way."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    default = tokenizer("a")["input_ids"]
+    for start in range(len(default) - len(plain) + 1):
+        if default[start : start + len(plain)] == plain:
+            return list(default[:start])
+    return []
+
+
 def encode_pair(
     tokenizer, context: str, target: str, prefix_token_id: int | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of (context, target) as lm-eval's HFLM makes them: trailing spaces of the
     context move to the target; the target's ids are those of the whole string past the
-    context's, so tokenization across the boundary is the natural one. An empty context becomes
-    the end-of-text token (lm-eval's prefix token)."""
+    context's, so tokenization across the boundary is the natural one; the context starts with
+    the tokenizer's BOS token where it adds one. An empty context becomes lm-eval's prefix
+    token (BOS, or end-of-text without one) unless the target already starts with it."""
     if not context:
-        token = prefix_token_id if prefix_token_id is not None else tokenizer.eos_token_id
+        token = prefix_token_id
+        if token is None:
+            token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if token is None:
             raise UserError("an example has an empty context and the tokenizer has no end-of-text token")
-        return [token], tokenizer(target, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if target_ids and target_ids[0] == token:
+            return target_ids[:1], target_ids[1:]
+        return [token], target_ids
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, target = context[:-n_spaces], context[-n_spaces:] + target
+    prefix = leading_special_ids(tokenizer)
     whole = tokenizer(context + target, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return list(context_ids), list(whole[len(context_ids) :])
+    return prefix + list(context_ids), list(whole[len(context_ids) :])
 
 
 def _lambada_inputs(pairs, max_length: int) -> list[tuple[list[int], list[int]]]:

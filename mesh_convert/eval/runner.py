@@ -8,10 +8,9 @@ import gc
 import sys
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from ..errors import UserError
-from ..io import load_model, load_tokenizer, model_source
+from ..io import load_model, load_tokenizer, model_source, transformers_bars_hidden
 from . import harness as ev
 from .options import EvalOptions
 
@@ -125,12 +124,11 @@ def evaluate_all(options: EvalOptions, progress) -> dict:
     task_manager = ev.lm_eval_task_manager(options.tasks, options.include_path) if options.tasks else None
     # Tokenizers are cheap to load: a missing one fails now rather than after the first model.
     tokenizers = [load_tokenizer(options.tokenizer or name) for name in options.models]
-    hf_logging.disable_progress_bar()  # one progress display (ours) is enough
     results = []
     # Under --json, stdout is reserved for the JSON document: anything else a library prints
     # (lm-eval does) goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if options.as_json else contextlib.nullcontext()
-    with redirect, progress:
+    with transformers_bars_hidden(), redirect, progress:  # one progress display: ours
         for model_name, tokenizer in zip(options.models, tokenizers):
             results.append(evaluate_model(model_name, tokenizer, options, dataset, task_manager, progress))
     return build_report(options, dataset, results)

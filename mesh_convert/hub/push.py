@@ -1,4 +1,5 @@
-"""Publishing a converted model to the Hugging Face Hub.
+"""Publishing a converted model to the Hugging Face Hub (the one-line messages for what can go
+wrong talking to the Hub, here and when a source checkpoint is downloaded, are `errors.hub_error`).
 
 `push_to_hub` uploads a converted model's directory as it is (weights, config, the remote-code
 `.py` files, tokenizer, README.md, conversion.json) in one commit. Whatever goes wrong, the user
@@ -17,11 +18,12 @@ import huggingface_hub
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils._http import default_client_factory, set_client_factory  # not re-exported
 
 from ..convert.record import ConversionRecord
 from ..convert.card import write_model_card
 from ..errors import UserError, hub_error, scrub
-from ..io import resolve_endpoint
+from ..io import hub_timeout, resolve_endpoint
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
 DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
@@ -156,10 +158,10 @@ def push_folder(
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        with hub_endpoint(endpoint):
+        with hub_endpoint(endpoint), hub_timeout():
             full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record)
     except Exception as error:
-        user_error = hub_error(error, repo_id, endpoint=endpoint, token=token, uploading=True)
+        user_error = hub_error(error, repo_id, endpoint, token)
         if user_error is not None:
             raise user_error from None
         if token in str(error):  # a bug, reported as such, but still without the token

@@ -477,6 +477,9 @@ class MeshModel(MeshPreTrainedModel):
                 h,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                # As in transformers' models: flash attention finds packed (padding-free) documents
+                # from the restarting positions, since it gets no mask.
+                position_ids=position_ids,
                 cache=cache,
                 cache_index=cache_index,
                 loop=loop,

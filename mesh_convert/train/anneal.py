@@ -17,13 +17,16 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..modeling.modeling_mesh import LoopLayerNorm, LoopLinear, MeshForCausalLM, relax_is_dense
+from ..modeling.modeling_mesh import LoopLayerNorm, LoopLinear, LoopRMSNorm, MeshForCausalLM, relax_is_dense
 from .recipe import AnnealSection
 from .optim import is_delta
 
+# The per-loop norms of every decoder family: their weight delta is O(D), like a bias delta.
+LOOP_NORMS = (LoopLayerNorm, LoopRMSNorm)
+
 
 def relaxed_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (LoopLinear, LoopLayerNorm)) and m.relaxed]
+    return [m for m in model.modules() if isinstance(m, (LoopLinear, *LOOP_NORMS)) and m.relaxed]
 
 
 def weight_delta(module: LoopLinear) -> torch.Tensor:
@@ -62,9 +65,13 @@ def scheduled_rank(full: int, target: int, progress: float) -> int:
 
 
 class Annealer:
-    def __init__(self, model: nn.Module, section: AnnealSection):
+    def __init__(self, model: nn.Module, section: AnnealSection, total_steps: int):
         self.section = section
         self.target = section.target_rank
+        if total_steps < section.steps:
+            # Stopped mid-schedule, the deltas still hold more than the target rank keeps.
+            raise UserError(f"anneal.steps={section.steps} is more than the run's {total_steps} steps, so the export "
+                            f"at rank {self.target} would differ from the trained model: lower anneal.steps or train longer")
         self.modules = relaxed_modules(model)
         if not self.modules:
             raise UserError("anneal needs a model converted with relaxation (relax_rank > 0 or full)")
@@ -110,7 +117,7 @@ class Annealer:
             new_scale = 1.0 - progress
             factor = new_scale / self.bias_scale if self.bias_scale > 0 else 0.0
             for module in self.modules:
-                for name in ("bias_delta",) + (("weight_delta",) if isinstance(module, LoopLayerNorm) else ()):
+                for name in ("bias_delta",) + (("weight_delta",) if isinstance(module, LOOP_NORMS) else ()):
                     if hasattr(module, name):
                         getattr(module, name).mul_(factor)
             self.bias_scale = new_scale
@@ -119,7 +126,7 @@ class Annealer:
     @torch.no_grad()
     def _recentre(module: nn.Module) -> None:
         """Move the loop-mean of every delta into the shared parameter: the function is unchanged."""
-        if isinstance(module, LoopLayerNorm) or hasattr(module, "weight_delta"):
+        if isinstance(module, LOOP_NORMS) or hasattr(module, "weight_delta"):
             mean = module.weight_delta.mean(0)
             module.weight.add_(mean)
             module.weight_delta.sub_(mean)
@@ -150,7 +157,7 @@ def export_at_rank(model: MeshForCausalLM, rank: int) -> MeshForCausalLM:
         prefix = names[id(module)] + "."
         if rank == 0:
             continue
-        for name in ("bias_delta",) + (("weight_delta",) if isinstance(module, LoopLayerNorm) else ()):
+        for name in ("bias_delta",) + (("weight_delta",) if isinstance(module, LOOP_NORMS) else ()):
             if hasattr(module, name):
                 state[prefix + name] = getattr(module, name).detach().clone()
         if isinstance(module, LoopLinear):

@@ -80,10 +80,14 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                 raise UserError(
                     f"{path} line {number} has no {text_field!r} field (it has: {fields}); set data.text_field"
                 )
-            yield str(record[text_field])
+            if not isinstance(record[text_field], str):
+                kind = "null" if record[text_field] is None else type(record[text_field]).__name__
+                raise UserError(f"{path} line {number}: {text_field!r} is {kind}, not a string of text")
+            yield record[text_field]
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -93,10 +97,13 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise UserError(f"{path} has no {text_field!r} column (it has: {', '.join(columns)}); set data.text_field")
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}: column {text_field!r} holds {kind}, not strings of text")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             if value is not None:
-                yield str(value)
+                yield value
 
 
 def hub_documents(section: DataSection) -> Iterable[str]:

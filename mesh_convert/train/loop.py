@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import check_model_dir, load_model, load_tokenizer
+from ..io import check_largest_id, check_model_dir, check_output_directory, load_model, load_tokenizer
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -130,6 +130,18 @@ def apply_trainable(model, recipe: Recipe):
     return model
 
 
+def check_output_and_trackers(recipe: Recipe) -> None:
+    """What the run writes to and logs with, checked before any work."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    check_output_directory(recipe.output_dir, "output_dir")
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for tracker in recipe.trackers:
+        if not available[tracker]():
+            raise UserError(f"trackers: {tracker} is not installed: pip install 'mesh-convert[{tracker}]' "
+                            "or remove it from trackers")
+
+
 def check_data_files(recipe: Recipe) -> None:
     from .data import file_format
 
@@ -146,6 +158,7 @@ def check_data_files(recipe: Recipe) -> None:
 
 def describe(recipe: Recipe, processes: int = 1) -> dict:
     """The plan of a recipe without training or loading weights (the model is built on meta)."""
+    check_output_and_trackers(recipe)
     check_data_files(recipe)
     model = load_base_model(recipe, meta=True)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -210,19 +223,32 @@ def validation_loss(model, accelerator, blocks, micro_batch_size: int, max_batch
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run the recipe; returns a summary (steps, tokens, final loss, output paths). `on_step(step,
-    record)` runs after each optimizer step, once its metrics are logged and its checkpoint saved."""
+def train(
+    recipe: Recipe, console=None, overwrite: bool = False, on_step: Callable[[int, dict], None] | None = None
+) -> dict:
+    """Run the recipe; returns a summary (steps, tokens, final loss, output paths). An output_dir
+    that already holds something is continued from its newest checkpoint (`checkpoint.resume`),
+    or, with `overwrite`, replaced; otherwise it is refused. `on_step(step, record)` runs after
+    each optimizer step, once its metrics are logged and its checkpoint saved."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import build_data
+    from .data import PackedBlocks, build_data
 
     from accelerate import PartialState
 
     output = Path(recipe.output_dir)
+    check_output_and_trackers(recipe)
+    checkpoints = output / "checkpoints"
+    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
+    if resume is None and not overwrite and output.is_dir() and any(output.iterdir()):
+        raise UserError(
+            f"output_dir {output} already holds a run and there is no checkpoint to resume from "
+            "(use --overwrite to replace it, or another output_dir)"
+        )
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
+    _check_all_processes_started(world)
     plan_run(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
@@ -238,9 +264,13 @@ def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | N
 
     # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
     check_data_files(recipe)
-    context = getattr(model_config(recipe), "max_position_embeddings", None)
+    config = model_config(recipe)
     tokenizer = load_tokenizer(recipe.tokenizer_path, remedy="set `tokenizer` to a tokenizer directory")
-    data = build_data(recipe.data, tokenizer, recipe.seed, context)
+    data = build_data(recipe.data, tokenizer, recipe.seed, getattr(config, "max_position_embeddings", None))
+    # The training blocks held in memory, and the held-out ones (for streamed data, the stream's head).
+    for blocks in (getattr(data.train, "blocks", None), data.eval):
+        if isinstance(blocks, PackedBlocks) and len(blocks.tokens):
+            check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -254,14 +284,16 @@ def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | N
             raise UserError("anneal needs whole (unsharded) parameters: run it on one process or with DDP")
         from .anneal import Annealer
 
-        annealer = Annealer(model, recipe.anneal)
+        annealer = Annealer(model, recipe.anneal, plan.steps)
     groups = param_groups(model, recipe.optim)
     optimizer = make_optimizer(groups, recipe.optim, plan.peak_lr)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.train.compile:
-        model = torch.compile(model)
+        # In place: the module keeps its class and parameter names, so checkpoints and the saved
+        # model have no `_orig_mod.` prefix (torch.compile(model) would wrap it).
+        model.compile()
 
     distiller = None
     if recipe.distill.teacher:
@@ -270,8 +302,6 @@ def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | N
         vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
         distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
 
-    checkpoints = output / "checkpoints"
-    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
     if resume is not None:
         try:
             accelerator.load_state(str(resume))
@@ -319,6 +349,9 @@ def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | N
             annealer.after_step(state.step)
 
         last_loss = accelerator.reduce(step_loss, "mean").item()
+        if not math.isfinite(last_loss):
+            progress.close()
+            raise _diverged(f"the loss is {last_loss} at step {state.step}", checkpoints)
         window_tokens += plan.tokens_per_step
         record = {"step": state.step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens}
         if grad_norm is not None:
@@ -336,16 +369,32 @@ def train(recipe: Recipe, console=None, on_step: Callable[[int, dict], None] | N
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
         progress.update(state.step, record)
         if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
+            if not _weights_finite(model, accelerator):  # keep the checkpoints on disk usable
+                progress.close()
+                raise _diverged(f"the weights hold NaN or inf after step {state.step}", checkpoints)
             save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
         if on_step is not None:
             on_step(state.step, record)
     progress.close()
 
-    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss)
+    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss, replace=overwrite or resume is not None)
     summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=counts)
     if recipe.trackers:
         accelerator.end_training()
     return summary
+
+
+def _weights_finite(model, accelerator) -> bool:
+    bad = any(not torch.isfinite(p).all() for p in model.parameters())
+    return accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item() == 0
+
+
+def _diverged(what: str, checkpoints: Path) -> UserError:
+    """Training that has run into NaN or inf stops: nothing is exported from broken weights."""
+    last = resume_dir(checkpoints, "auto")
+    kept = f"the last checkpoint, {last}, is kept" if last is not None else "no checkpoint was saved"
+    return UserError(f"training diverged: {what}; stopped without exporting a model ({kept}); "
+                     "lower optim.lr")
 
 
 def _cpu_requested() -> bool:
@@ -354,6 +403,18 @@ def _cpu_requested() -> bool:
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         return True
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _check_all_processes_started(world: int) -> None:
+    """Refuse a run that a launcher asked to be several processes but that is one: Accelerate's
+    single-process launcher (`accelerate launch --cpu --num_processes N`, or `--num_processes N`
+    on a machine without GPUs) exports MASTER_ADDR for the N processes, then starts only one."""
+    single_process_launcher = "ACCELERATE_USE_CPU" in os.environ  # set by that launcher alone
+    if world == 1 and single_process_launcher and "MASTER_ADDR" in os.environ:
+        raise UserError(
+            "accelerate launch was asked for several processes but started one (its --cpu launcher runs a single "
+            "process); on CPUs launch with `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`"
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -368,8 +429,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float) -> dict:
-    """Write the trained model (or adapter), the tokenizer and conversion.json with a training section."""
+def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float, replace: bool) -> dict:
+    """Write the trained model (or adapter), the tokenizer and conversion.json with a training
+    section, each staged and published whole; `replace` allows replacing an earlier export."""
+    from ..convert.output import staged_directory
     from .lora import copy_side_files
 
     output = Path(recipe.output_dir)
@@ -390,27 +453,29 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
     if accelerator.is_main_process:
         if recipe.method == "lora":
             adapter = output / "adapter"
-            unwrapped.save_pretrained(adapter, state_dict=state_dict)
-            tokenizer.save_pretrained(adapter)
-            copy_side_files(source, adapter, training)
+            with staged_directory(adapter, replace) as staging:
+                unwrapped.save_pretrained(staging, state_dict=state_dict)
+                tokenizer.save_pretrained(staging)
+                copy_side_files(source, staging, training)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
                 from .lora import merge_adapter
 
-                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source))
+                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace))
         else:
             target = output / "model"
-            if recipe.anneal.target_rank is not None:
-                from .anneal import export_at_rank
-
-                unwrapped.load_state_dict(state_dict)
-                export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(target)
-            else:
-                unwrapped.save_pretrained(target, state_dict=state_dict)
-            tokenizer.save_pretrained(target)
             if recipe.init is not None:
                 training["init"] = recipe.init.model_dump()
-            copy_side_files(source, target, training)
+            with staged_directory(target, replace) as staging:
+                if recipe.anneal.target_rank is not None:
+                    from .anneal import export_at_rank
+
+                    unwrapped.load_state_dict(state_dict)
+                    export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(staging)
+                else:
+                    unwrapped.save_pretrained(staging, state_dict=state_dict)
+                tokenizer.save_pretrained(staging)
+                copy_side_files(source, staging, training)
             paths["model"] = str(target)
     accelerator.wait_for_everyone()
     return paths
@@ -465,14 +530,17 @@ def main(argv: list[str] | None = None) -> int:
     from .recipe import load_recipe
 
     args = sys.argv[1:] if argv is None else argv
+    overwrite = "--overwrite" in args
+    args = [arg for arg in args if arg != "--overwrite"]
     if not args:
-        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...]", file=sys.stderr)
+        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...] [--overwrite]", file=sys.stderr)
         return 2
     try:
-        train(load_recipe(args[0], args[1:]), console=Console(stderr=True))
+        train(load_recipe(args[0], args[1:]), console=Console(stderr=True), overwrite=overwrite)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
+            print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

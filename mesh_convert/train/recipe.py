@@ -7,7 +7,7 @@ Relative paths are taken from the current directory (run recipes from the reposi
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,9 +19,27 @@ TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
 
 
 class Strict(BaseModel):
-    """Every section forbids unknown keys (reported with a difflib suggestion by `load_recipe`)."""
+    """Every section forbids unknown keys (reported with a difflib suggestion by `load_recipe`)
+    and every number must be finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numeric_strings_as_numbers(cls, data):
+        """YAML reads `1e8` (no dot) as a string: take such strings as numbers for integer
+        fields, so `train.max_tokens=1e8` means 100000000 (a fraction is still refused)."""
+        if not isinstance(data, dict):
+            return data
+        converted = dict(data)
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, str) and int in getattr(field.annotation, "__args__", (field.annotation,)):
+                try:
+                    converted[name] = float(value)
+                except ValueError:
+                    pass  # not a number: pydantic's own message says so
+        return converted
 
 
 class InitSpec(Strict):
@@ -68,15 +86,16 @@ class DataSection(Strict):
 
 
 class OptimSection(Strict):
-    lr: float | None = Field(None, gt=0, description="peak LR; default: the Pythia LR of the source size")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    # Upper bounds far above any useful value, below what float32 optimizer arithmetic can hold.
+    lr: float | None = Field(None, gt=0, le=1e6, description="peak LR; default: the Pythia LR of the source size")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps")
+    warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps; when > 0, at least min(10, steps // 10) steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
     grad_clip: float | None = Field(1.0, gt=0)
-    router_lr_mult: float = Field(1.0, gt=0)
-    delta_lr_mult: float = Field(1.0, gt=0)
+    router_lr_mult: float = Field(1.0, gt=0, le=1e3)
+    delta_lr_mult: float = Field(1.0, gt=0, le=1e3)
 
 
 class TrainSection(Strict):
@@ -132,7 +151,7 @@ class Recipe(Strict):
     init: InitSpec | None = None
     tokenizer: str | None = Field(None, description="default: the model directory")
     output_dir: str = "runs/mesh"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, lt=2**32, description="numpy's seeds are 32-bit")
     method: Literal["full", "lora"] = "full"
     trainable: Literal[TRAINABLE] | None = Field(None, description="default: all (full) / lora+routers (lora)")
     data: DataSection
@@ -266,9 +285,11 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def lr_schedule(step: int, total: int, warmup: float, min_ratio: float) -> float:
-    """LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` of the steps
-    (at least one), then cosine from 1 to `min_ratio` at the last step."""
-    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+    """LR multiplier at optimizer step `step` (0-based): linear warm-up over `warmup` of the steps,
+    then cosine from 1 to `min_ratio` at the last step. A warm-up is at least one step, and at
+    least min(10, total // 10): 1% of a short run's 200 steps would be 2, too few to warm Adam's
+    moment estimates up."""
+    warm = max(1, math.ceil(warmup * total), min(10, total // 10)) if warmup > 0 else 0
     if step < warm:
         return (step + 1) / warm
     span = max(1, total - warm - 1)

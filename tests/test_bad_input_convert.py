@@ -1,0 +1,282 @@
+"""Bad input to `mesh-convert MODEL --loops K`: garbage weights, impossible configs, hostile paths and
+out-of-range options. Each must end with exit 1, one `error:` line naming the problem, no traceback
+and nothing written."""
+
+import ctypes
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_pythia
+from mesh_convert.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pythia(tmp_path_factory) -> Path:
+    """A tiny 8-layer GPT-NeoX checkpoint (fp32 safetensors), never modified: cases work on copies."""
+    path = tmp_path_factory.mktemp("src") / "tiny-pythia"
+    make_tiny_pythia(path)
+    return path
+
+
+def copy_of(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for item in source.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+def edit_config(directory: Path, **changes) -> None:
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(changes)
+    config_file.write_text(json.dumps(config))
+
+
+def relabel_dtype(file: Path, tensor: str, dtype: str) -> None:
+    """Rewrite one tensor's dtype in a safetensors header, keeping its bytes (a same-sized dtype)."""
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text))
+    assert len(text) == length
+    file.write_bytes(data[:8] + text + data[8 + length :])
+
+
+def as_bin(directory: Path, change=None) -> None:
+    """Replace the safetensors weights by a pickled `pytorch_model.bin`, after `change(state)`."""
+    state = load_file(directory / "model.safetensors")
+    if change is not None:
+        change(state)
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+
+
+def sharded(directory: Path, shard_name: str) -> None:
+    """Turn the weights into a one-shard index naming `shard_name` for every tensor."""
+    names = list(load_file(directory / "model.safetensors"))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard_name)}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+TENSOR = "gpt_neox.layers.3.attention.dense.weight"
+
+
+# --- how each bad checkpoint is made: (src, tmp) -> extra arguments ---------------------------
+
+
+def float_relabelled_as_int(src, tmp):
+    relabel_dtype(src / "model.safetensors", TENSOR, "I32")
+
+
+def int64_in_bin(src, tmp):
+    as_bin(src, lambda state: state.update({TENSOR: state[TENSOR].to(torch.int64)}))
+
+
+def complex_in_bin(src, tmp):
+    as_bin(src, lambda state: state.update({TENSOR: state[TENSOR].to(torch.complex64)}))
+
+
+def not_a_tensor_in_bin(src, tmp):
+    as_bin(src, lambda state: state.update({TENSOR: 3}))
+
+
+def fewer_layers_in_config(src, tmp):
+    edit_config(src, num_hidden_layers=6)
+
+
+def layers_as_string(src, tmp):
+    edit_config(src, num_hidden_layers="6")
+
+
+def config_is_a_list(src, tmp):
+    (src / "config.json").write_text("[1, 2]")
+
+
+def heads_do_not_divide_hidden(src, tmp):
+    edit_config(src, num_attention_heads=5)
+
+
+def hidden_size_missing(src, tmp):
+    config = json.loads((src / "config.json").read_text())
+    del config["hidden_size"], config["num_hidden_layers"]
+    (src / "config.json").write_text(json.dumps(config))
+
+
+def zero_layers(src, tmp):
+    edit_config(src, num_hidden_layers=0)
+
+
+def absurd_layer_count(src, tmp):
+    edit_config(src, num_hidden_layers=10000)
+    return ["--dry-run"]
+
+
+def index_points_up(src, tmp):
+    (tmp / "x.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    sharded(src, "../x.safetensors")
+
+
+def index_points_to_absolute_path(src, tmp):
+    (tmp / "x.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    sharded(src, str(tmp / "x.safetensors"))
+
+
+def tokenizer_links_out(src, tmp):
+    secret = tmp / "secret.txt"
+    secret.write_text("not for the Hub")
+    (src / "tokenizer.json").symlink_to(secret)
+
+
+def weights_are_a_fifo(src, tmp):
+    (src / "model.safetensors").unlink()
+    fifo = src / "model.safetensors"
+    os.mkfifo(fifo)
+    # Were the FIFO opened for reading, this writer lets that read end (at once, with no data)
+    # instead of hanging the test; the teardown below unblocks the writer if nothing ever read.
+    writer = threading.Thread(target=lambda: os.close(os.open(fifo, os.O_WRONLY)), daemon=True)
+    writer.start()
+    return [], lambda: (os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)), writer.join(5))
+
+
+def options(*args):
+    def add_arguments(src, tmp):
+        return list(args)
+
+    add_arguments.__name__ = " ".join(args)
+    return add_arguments
+
+
+CASES = [
+    (float_relabelled_as_int, f"tensor {TENSOR} is stored as I32"),
+    (int64_in_bin, f"tensor {TENSOR} is stored as int64"),
+    (complex_in_bin, f"tensor {TENSOR} is stored as complex64"),
+    (not_a_tensor_in_bin, f"{TENSOR} in the checkpoint is not a tensor"),
+    (fewer_layers_in_config, "tensors of layer 6 (gpt_neox.layers.6."),
+    (layers_as_string, "Field 'num_hidden_layers' expected int, got str"),
+    (config_is_a_list, "does not hold a JSON object"),
+    (heads_do_not_divide_hidden, "hidden size is not divisible by the number of attention heads! Make sure to update them! (hidden_size 32, num_attention_heads 5)"),
+    (hidden_size_missing, "lacks hidden_size, num_hidden_layers"),
+    (zero_layers, "num_hidden_layers must be a positive integer, not 0"),
+    (absurd_layer_count, "num_hidden_layers 10000 is more than"),
+    (index_points_up, "outside the checkpoint"),
+    (index_points_to_absolute_path, "outside the checkpoint"),
+    (tokenizer_links_out, "tokenizer.json is a link to"),
+    (weights_are_a_fifo, "is not a regular file"),
+    (options("--router-gap", "inf"), "--router-gap: Input should be a finite number"),
+    (options("--router-gap", "nan"), "--router-gap: Input should be a finite number"),
+    (options("--router-gap", "1e300"), "--router-gap 1e+300 does not fit float32"),
+    (options("--router-gap", "1e6", "--dtype", "float16"), "--router-gap 1e+06 does not fit float16"),
+    (options("--slots", "1000000"), "--slots 1000000 is more than"),
+    (options("--push-to-hub", "not a/valid//id"), "--push-to-hub: invalid repository id 'not a/valid//id'"),
+    (options("--revision", "main"), "--revision applies to Hub models"),
+]
+
+
+def assert_one_error_line(code: int, err: str, match: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert match.lower() in " ".join(err.split()).lower(), err
+
+
+@pytest.mark.parametrize("make,match", CASES, ids=[make.__name__ for make, _ in CASES])
+def test_bad_input_is_one_error_line_and_leaves_nothing(pythia, tmp_path, capsys, make, match):
+    src = copy_of(pythia, tmp_path / "src")
+    made = make(src, tmp_path) or []
+    extra, cleanup = made if isinstance(made, tuple) else (made, None)
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        code = main([str(src), "--loops", "2", "-o", str(work / "out"), *extra])
+    finally:
+        if cleanup is not None:
+            cleanup()
+    assert_one_error_line(code, capsys.readouterr().err, match)
+    assert not list(work.iterdir()), "a refused conversion must leave nothing behind"
+
+
+def _drop_file_permission_override():
+    """In the child: lose root's right to read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so
+    that mode 000 means unreadable even when the tests run as root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_CAPBSET_DROP = 24
+    for capability in (1, 2):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.parametrize("what,match", [("config.json", "cannot read"), (".", "cannot read")])
+def test_unreadable_checkpoint_is_one_error_line(pythia, tmp_path, what, match):
+    src = copy_of(pythia, tmp_path / "src")
+    work = tmp_path / "work"
+    work.mkdir()
+    (src / what).chmod(0)
+    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh_convert.cli", str(src), "--loops", "2", "-o", str(work / "out")],
+            capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=preexec,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    except subprocess.SubprocessError as error:
+        pytest.skip(f"cannot run the CLI without root's file-permission override here: {error}")
+    finally:
+        (src / what).chmod(0o755)
+    assert_one_error_line(result.returncode, result.stderr, match)
+    assert str(src) in result.stderr
+    assert not list(work.iterdir())
+
+
+def test_trainer_checkpoint_with_training_args_converts(pythia, tmp_path, capsys):
+    """A Trainer checkpoint folder holds pickled `training_args.bin` (not weights-only loadable) beside
+    the weights; only the weight files are read."""
+    src = copy_of(pythia, tmp_path / "src")
+    as_bin(src)
+    (src / "training_args.bin").write_bytes(b"\x80\x04\x95not a state dict")
+    code = main([str(src), "--loops", "2", "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_non_finite_source_weights_warn_and_convert(pythia, tmp_path, capsys):
+    src = copy_of(pythia, tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    state["gpt_neox.layers.5.mlp.dense_4h_to_h.weight"][0, 0] = float("nan")
+    state["gpt_neox.layers.7.attention.dense.weight"][1, 1] = float("inf")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    # The average tie passes core layers 3..6 through memory, and bfloat16 casts the coda layer 7.
+    code = main([str(src), "--loops", "2", "--tie", "average", "--dtype", "bfloat16", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "NaN or inf" in warnings[0]
+    assert "gpt_neox.layers.5.mlp.dense_4h_to_h.weight" in warnings[0]
+    assert "gpt_neox.layers.7.attention.dense.weight" in warnings[0]
+
+
+def test_a_hub_cache_snapshot_named_as_a_folder_converts(pythia, tmp_path, capsys):
+    """In the Hub cache, a snapshot's files are links into the repo's `blobs` folder: naming that
+    snapshot folder as a local checkpoint is not a link out of the checkpoint."""
+    repo = tmp_path / "models--someone--tiny"
+    (repo / "snapshots").mkdir(parents=True)
+    snapshot = copy_of(pythia, repo / "snapshots" / "0123abc")
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_text('{"model_max_length": 64}')
+    (snapshot / "tokenizer_config.json").symlink_to("../../blobs/f00d")
+    code = main([str(snapshot), "--loops", "2", "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'

@@ -1,0 +1,358 @@
+"""Output safety (issue 14): nothing of the user's is replaced without --overwrite, never the input;
+Ctrl-C, SIGTERM, SIGHUP or SIGKILL at any stage of publishing an output leave one of the two whole
+states (the previous one or the new one), the report says which, and what a killed run leaves
+behind is reclaimed by the next. Every command that writes a model directory is covered: convert,
+init, merge (through the training export) and train."""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_tiny_pythia
+from mesh_convert.convert import conversion as convert_module
+from mesh_convert.convert import output as output_module
+from mesh_convert.cli import main
+from mesh_convert.train.loop import main as train_main
+from helpers import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_text
+
+INIT = ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--context", "64"]
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root` (hidden ones too), with a digest of each file's bytes or link's target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[key] = "dir"
+    return found
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("source") / "tiny-pythia"
+    make_tiny_pythia(path, num_layers=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted_names(source, tmp_path_factory) -> list[str]:
+    """The files of one complete conversion, to tell a whole output from a partial one."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert main([str(source), "-k", "2", "-o", str(out)]) == 0
+    return sorted(p.name for p in out.iterdir())
+
+
+def previous_result(out: Path) -> dict[str, str]:
+    out.mkdir()
+    (out / "previous.txt").write_text("the user's earlier result")
+    return snapshot(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: the command ends with one `error:` line, exit 1, and the folder is as it was.
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_workdir(tmp: Path, monkeypatch) -> None:
+    (tmp / "work").mkdir()
+    (tmp / "work" / "notes.txt").write_text("the user's own files")
+    monkeypatch.chdir(tmp / "work")
+
+
+def _setup_full_folder(tmp: Path, monkeypatch) -> None:
+    (tmp / "full").mkdir()
+    (tmp / "full" / "keep.txt").write_text("mine")
+
+
+def _setup_adapter(tmp: Path, monkeypatch) -> None:
+    """An adapter's config naming its base: all that merge reads before it checks the output."""
+    (tmp / "adapter").mkdir()
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tmp / "tiny-pythia"),
+              "r": 4, "target_modules": ["query_key_value"]}
+    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    _setup_full_folder(tmp, monkeypatch)
+
+
+REFUSALS = [
+    ("output is the source", ["{src}", "-k", "2", "-o", "{src}", "--overwrite"], None, "input"),
+    ("output holds the source", ["{src}", "-k", "2", "-o", "{tmp}", "--overwrite"], None, "input"),
+    ("output inside the source, overwriting", ["{src}", "-k", "2", "-o", "{src}/sub", "--overwrite"], None, "input"),
+    ("output . is the working directory", ["{src}", "-k", "2", "-o", ".", "--overwrite"], _setup_workdir, "current directory"),
+    ("init into a non-empty folder", [*INIT, "-o", "{tmp}/full"], _setup_full_folder, "--overwrite"),
+    ("init whose tokenizer fails", [*INIT, "-o", "{tmp}/new", "--tokenizer", "{tmp}"], None, "tokenizer"),
+    ("init over its own tokenizer", [*INIT, "-o", "{src}", "--tokenizer", "{src}", "--overwrite"], None, "input"),
+    ("merge into a non-empty folder", ["merge", "{tmp}/adapter", "-o", "{tmp}/full"], _setup_adapter, "--overwrite"),
+    ("merge over its adapter", ["merge", "{tmp}/adapter", "-o", "{tmp}/adapter", "--overwrite"], _setup_adapter, "input"),
+    ("merge over its base", ["merge", "{tmp}/adapter", "-o", "{src}", "--overwrite"], _setup_adapter, "input"),
+]
+
+
+@pytest.mark.parametrize("case, args, setup, match", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refused_outputs_leave_everything_as_it_was(source, tmp_path, capsys, monkeypatch, case, args, setup, match):
+    src = tmp_path / "tiny-pythia"
+    shutil.copytree(source, src)
+    if setup is not None:
+        setup(tmp_path, monkeypatch)
+    before = snapshot(tmp_path)
+    code, err = run_cli(capsys, *[a.format(src=src, tmp=tmp_path) for a in args])
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error:") and match in last and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Races, names, modes and links.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_file_that_appears_in_the_target_meanwhile_is_kept(source, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    finish = convert_module.write_metadata
+
+    def someone_writes_into_the_target(*args, **kwargs):
+        finish(*args, **kwargs)
+        out.mkdir()
+        (out / "theirs.txt").write_text("written by another program meanwhile")
+
+    monkeypatch.setattr(convert_module, "write_metadata", someone_writes_into_the_target)
+    code, err = run_cli(capsys, source, "-k", "2", "-o", out)
+    assert code == 1 and "--overwrite" in err, err
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"] and not leftovers(tmp_path)
+
+
+def test_of_two_conversions_to_one_output_the_second_is_refused(source, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    finish = convert_module.write_metadata
+
+    def the_other_conversion_finishes_first(*args, **kwargs):
+        finish(*args, **kwargs)
+        monkeypatch.setattr(convert_module, "write_metadata", finish)
+        assert main([str(source), "-k", "2", "--variant", "base", "-o", str(out)]) == 0
+
+    monkeypatch.setattr(convert_module, "write_metadata", the_other_conversion_finishes_first)
+    code, err = run_cli(capsys, source, "-k", "2", "-o", out)
+    assert code == 1 and "--overwrite" in err, err
+    assert json.loads((out / "conversion.json").read_text())["variant"] == "base" and not leftovers(tmp_path)
+
+
+def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "tiny-pythia"
+    shutil.copytree(source, src)
+    monkeypatch.chdir(src)
+    code, err = run_cli(capsys, ".", "-k", "2")
+    assert code == 0, err
+    made = [p.name for p in src.iterdir() if p.is_dir()]
+    assert made == ["tiny-pythia-mesh-1+1R2+1"]
+
+
+def test_output_directories_follow_the_umask(source, tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        code, err = run_cli(capsys, source, "-k", "2", "-o", tmp_path / "out")
+        init_code, init_err = run_cli(capsys, *INIT, "-o", tmp_path / "init")
+    finally:
+        os.umask(previous)
+    assert code == 0 and init_code == 0, err + init_err
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "init").stat().st_mode & 0o777 == 0o755
+
+
+def test_overwriting_through_a_symlink_replaces_what_it_points_to(source, tmp_path, capsys, converted_names):
+    real = tmp_path / "real"
+    previous_result(real)
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    code, err = run_cli(capsys, source, "-k", "2", "-o", link, "--overwrite")
+    assert code == 0, err
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == converted_names
+    assert not leftovers(tmp_path)
+
+
+def test_init_replaces_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "model"
+    before = previous_result(out)
+    code, err = run_cli(capsys, *INIT, "-o", out)
+    assert code == 1 and "--overwrite" in err and snapshot(out) == before
+    code, err = run_cli(capsys, *INIT, "-o", out, "--overwrite")
+    assert code == 0, err
+    assert (out / "conversion.json").is_file() and not (out / "previous.txt").exists() and not leftovers(tmp_path)
+
+
+def test_a_failed_portable_swap_puts_the_previous_result_back(source, tmp_path, capsys, monkeypatch):
+    """Where there is no atomic exchange the swap is two renames; if the second fails (a full
+    or failing disk), the first is undone rather than leaving no target at all."""
+    out = tmp_path / "out"
+    before = previous_result(out)
+    monkeypatch.setattr(output_module, "_exchange", lambda first, second: False, raising=False)
+    rename = os.rename
+
+    def the_disk_fails_on_the_second_rename(source, destination, *args, **kwargs):
+        if Path(destination) == out and ".partial-" in Path(source).name:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return rename(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", the_disk_fails_on_the_second_rename)
+    code, err = run_cli(capsys, source, "-k", "2", "-o", out, "--overwrite")
+    assert code == 1 and "error:" in err, err
+    assert snapshot(out) == before and not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals at each stage of publishing, in a real subprocess that signals itself at that stage.
+# ---------------------------------------------------------------------------------------------
+
+SIGNAL_AT_STAGE = """
+import os, shutil, signal, sys
+from pathlib import Path
+from mesh_convert.cli import main
+from mesh_convert.convert import conversion as convert
+from mesh_convert.convert import output
+from mesh_convert.train.loop import main as train_main
+
+stage, name, *args = sys.argv[1:]
+number = getattr(signal, name)
+target = Path(args[args.index("-o") + 1]).resolve()
+if stage == "write":  # the new result is complete in its staging place, not yet published
+    finish = convert.write_metadata
+    def write_metadata(*a, **k):
+        finish(*a, **k)
+        os.kill(os.getpid(), number)
+    convert.write_metadata = write_metadata
+elif stage == "cleanup":  # removing what sits beside the target (the previous result, once replaced)
+    remove = shutil.rmtree
+    def rmtree(path, *a, **k):
+        if Path(path).resolve().parent == target.parent:
+            os.kill(os.getpid(), number)
+        return remove(path, *a, **k)
+    shutil.rmtree = rmtree
+else:  # "between-renames": a system without an atomic exchange swaps by two renames
+    output._exchange = lambda first, second: False
+    rename = os.rename
+    def os_rename(source, destination, *a, **k):
+        rename(source, destination, *a, **k)
+        if Path(source).resolve() == target:
+            os.kill(os.getpid(), number)
+    os.rename = os_rename
+sys.exit(main(args))
+"""
+
+# (stage, signal, what a reader of the target sees right after: the previous or the new result)
+SIGNALS = [
+    ("write", "SIGTERM", "previous"),
+    ("write", "SIGHUP", "previous"),
+    ("write", "SIGKILL", "previous"),
+    ("cleanup", "SIGINT", "new"),
+    ("cleanup", "SIGTERM", "new"),
+    ("cleanup", "SIGHUP", "new"),
+    ("cleanup", "SIGKILL", "new"),
+    ("between-renames", "SIGTERM", "new"),
+    ("between-renames", "SIGKILL", None),  # only the next run can put the previous result back
+]
+
+
+@pytest.mark.parametrize("stage, name, seen", SIGNALS, ids=[f"{n}-during-{s}" for s, n, _ in SIGNALS])
+def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, converted_names, stage, name, seen):
+    out = tmp_path / "out"
+    before = previous_result(out)
+    args = [str(source), "-k", "2", "-o", str(out), "--overwrite"]
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_STAGE, stage, name, *args],
+        env={**os.environ, **SUBPROCESS_ENV}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    if seen == "new":
+        assert sorted(p.name for p in out.iterdir()) == converted_names, result.stderr
+    elif seen == "previous":
+        assert snapshot(out) == before, result.stderr
+    if name != "SIGKILL":
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: interrupted") and (("written in full" in last) == (seen == "new")), last
+    else:
+        assert result.returncode == -signal.SIGKILL
+        assert leftovers(tmp_path), "a killed run leaves its hidden staging place"
+        if seen is None:  # the next run puts the previous result back, and refuses to replace it
+            code, err = run_cli(capsys, *args[:-1])
+            assert code == 1 and "--overwrite" in err and snapshot(out) == before, err
+        code, err = run_cli(capsys, *args)
+        assert code == 0 and sorted(p.name for p in out.iterdir()) == converted_names, err
+    assert not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: an earlier run is not replaced unless resuming or told to; the export is staged.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    tokenizer = char_tokenizer(root / "tokenizer")
+    return {"model": tiny_converted(root / "mesh", tokenizer), "text": write_text(root / "train.txt", lines=100)}
+
+
+def _recipe_file(training, tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "recipe.yaml"
+    data = recipe(training["model"], training["text"], tmp_path / "run", train={"max_steps": 2}, **sections)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_training_into_an_earlier_run_needs_overwrite(training, tmp_path, capsys):
+    path = _recipe_file(training, tmp_path)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "train", path)
+    assert code == 0, err
+    before = snapshot(run)
+    code, err = run_cli(capsys, "train", path)
+    assert code == 1 and "--overwrite" in err, err
+    assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
+    assert train_main([str(path)]) == 1 and "--overwrite" in capsys.readouterr().err  # the launchers' entry
+    assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
+    code, err = run_cli(capsys, "train", path, "--overwrite")
+    assert code == 0, err
+    assert [r["step"] for r in metrics(run)] == [1, 2] and (run / "model" / "conversion.json").is_file()
+    assert train_main([str(path), "--overwrite"]) == 0
+    assert [r["step"] for r in metrics(run)] == [1, 2] and not leftovers(run)
+
+
+def test_a_kill_during_the_training_export_leaves_no_partial_model(training, tmp_path, capsys):
+    path = _recipe_file(training, tmp_path)
+    run = tmp_path / "run"
+    killed_in_export = (
+        "import os, signal, sys; from mesh_convert.train import lora as train_lora; from mesh_convert.cli import main\n"
+        "def copy_side_files(*args): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train_lora.copy_side_files = copy_side_files\n"
+        "sys.exit(main(['train', sys.argv[1]]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", killed_in_export, str(path)],
+        env={**os.environ, **SUBPROCESS_ENV}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not (run / "model").exists(), "no model rather than half of one"
+    code, err = run_cli(capsys, "train", path, "--overwrite")
+    assert code == 0, err
+    assert (run / "model" / "conversion.json").is_file() and not leftovers(run)
