@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from mesh_convert.train.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
@@ -63,6 +64,8 @@ def test_continue_pretraining_lowers_the_loss_and_saves_a_converted_checkpoint(w
     assert info["training"]["steps"] == 30 and info["training"]["method"] == "full"
     assert info["training"]["tokens"] == 30 * 128 and info["training"]["final_loss"] == log[-1]["loss"]
     assert info["training"]["recipe"]["optim"]["lr"] == 3e-3
+    card = ModelCard.load(model_dir / "README.md")  # the trained model has its own card, as every output
+    assert "- method: full" in card.text and "- steps: 30" in card.text
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.use_cache  # generation still uses the cache
     generated = model.generate(torch.tensor([[60, 61]]), max_new_tokens=5, do_sample=False)

@@ -432,7 +432,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float, replace: bool) -> dict:
     """Write the trained model (or adapter), the tokenizer and conversion.json with a training
     section, each staged and published whole; `replace` allows replacing an earlier export."""
+    from ..convert.card import write_model_card
     from ..convert.output import staged_directory
+    from ..convert.record import ConversionRecord
     from .lora import copy_side_files
 
     output = Path(recipe.output_dir)
@@ -476,6 +478,7 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                     unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
                 copy_side_files(source, staging, training)
+                write_model_card(staging, ConversionRecord.read(staging))  # like every other output
             paths["model"] = str(target)
     accelerator.wait_for_everyone()
     return paths
