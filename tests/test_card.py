@@ -177,3 +177,14 @@ def test_baseline_variants_are_not_presented_as_mesh():
     text = build_model_card(info).text
     assert "`anchor` baseline recurrence" in text
     assert "the routers were set" not in text
+
+
+def test_a_local_source_is_named_by_its_folder_not_its_path():
+    """The card is published with the model: a local source's absolute path (the user's home,
+    their directory layout) must not be in it."""
+    info = copy.deepcopy(INFO)
+    info["source"]["model"] = "/home/alice/secret-project/checkpoints/pythia-160m-step5000/"
+    text = build_model_card(info).text
+    assert "/home/alice" not in text and "secret-project" not in text
+    assert "converted from `pythia-160m-step5000`" in text
+    assert "- source model: `pythia-160m-step5000`" in text

@@ -151,6 +151,8 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
     if hub_model_id(source):
         origin = f"converted from [`{source}`](https://huggingface.co/{source}) by mesh-convert"
     else:
+        # A local source is named by its folder alone: the card is published, the user's paths are not.
+        source = source.rstrip("/").rsplit("/", 1)[-1] if source else None
         origin = f"converted from `{source}` by mesh-convert" if source else "built with mesh-convert"
     complete = None not in (r.prelude, r.core, r.loops, r.coda)
     relax = f"{r.relax_rank} (none)" if r.relax_rank == 0 else r.relax_rank
