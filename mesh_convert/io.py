@@ -196,6 +196,10 @@ def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
     """The tokenizer of a checkpoint directory (or Hub id); `remedy` ends the error messages."""
     from transformers import AutoTokenizer
 
+    # AutoTokenizer reads the model's config.json first: with MeSH registered it needs no remote
+    # code, where it would otherwise ask "Do you wish to run the custom code?" on stdin.
+    import mesh_convert.modeling  # noqa: F401
+
     hub = is_hub_id(str(name))
     source = str(name) if hub else str(Path(name).expanduser())
     if not hub and not Path(source).is_dir():

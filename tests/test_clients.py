@@ -167,6 +167,22 @@ def test_dequantised_smollm2_checkpoint_is_plain_float_for_lm_eval(tmp_path):
 
 # ------------------------------------------------------------------------ the README
 
+def test_eval_of_a_converted_model_neither_prompts_nor_spoils_its_json(tmp_path):
+    """`mesh-convert eval` as a script runs it: its own process (the MeSH classes not yet loaded
+    when the tokenizer is), stdin closed, stdout parsed as JSON."""
+    output = converted_with_tokenizer(tmp_path, "gpt_neox")
+    data = tmp_path / "text.txt"
+    data.write_text("hello mesh world loops\n" * 200)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mesh_convert", "eval", str(output), "--data", str(data), "--json"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "custom code" not in done.stdout + done.stderr and "model of type" not in done.stderr
+    json.loads(done.stdout)
+
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
