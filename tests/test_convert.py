@@ -347,6 +347,21 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_refused_conversion_writes_exactly_one_line_to_a_log(source, tmp_path):
+    """stderr redirected to a file (a batch job's log): the refusal is the only line, with no
+    blank line left by a progress display that never drew."""
+    path, _, _, _ = source
+    target = tmp_path / "full"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh_convert.cli", str(path), "--loops", "2", "-o", str(target)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: output directory {target} exists and is not empty (use --overwrite to replace it)"]
+
+
 @pytest.mark.parametrize("args", [["pythia-160m"], ["pythia-160m", "--loops", "two"], ["pythia-160m", "--loops", "2", "--bogus"]])
 def test_usage_errors_are_short(capsys, args):
     code, _, err = run_cli(capsys, *args)

@@ -80,7 +80,8 @@ def _progress(enabled: bool) -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
-        disable=not enabled,
+        # Off where stderr is no terminal (a log, a pipe): there a bar draws nothing but a blank line.
+        disable=not enabled or not err_console.is_terminal,
     )
 
 
