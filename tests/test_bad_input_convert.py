@@ -180,6 +180,7 @@ CASES = [
     (options("--router-gap", "1e300"), "--router-gap 1e+300 does not fit float32"),
     (options("--router-gap", "1e6", "--dtype", "float16"), "--router-gap 1e+06 does not fit float16"),
     (options("--slots", "1000000"), "--slots 1000000 is more than"),
+    (options("--relax-rank", "abc"), "error: --relax-rank: must be a non-negative integer or 'full'"),
     (options("--push-to-hub", "not a/valid//id"), "--push-to-hub: invalid repository id 'not a/valid//id'"),
     (options("--revision", "main"), "--revision applies to Hub models"),
 ]

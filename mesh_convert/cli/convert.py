@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 def _options_error(error: ValidationError) -> UserError:
     first = error.errors()[0]
     flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
-    return UserError(f"{flag}: {first['msg']}")
+    return UserError(f"{flag}: {first['msg'].removeprefix('Value error, ')}")  # pydantic's prefix for a validator's own message
 
 
 def _plan_tables(plan) -> list[Table]:
