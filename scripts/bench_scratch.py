@@ -92,11 +92,16 @@ def label(run: dict) -> str:
     return f"mesh/{init}{mult}"
 
 
+def run_dir(run: dict, work: Path) -> Path:
+    name = f"{label(run)}-lr{run['lr']:g}-s{run['seed']}-{run['steps']}steps"
+    return work / "runs" / name.replace(" ", "_").replace("/", "_")
+
+
 def execute(run: dict, work: Path, tokenizer: Path, steps: int) -> dict:
     import yaml
 
-    name = f"{label(run)}-lr{run['lr']:g}-s{run['seed']}".replace(" ", "_").replace("/", "_")
-    output_dir = work / "runs" / name
+    output_dir = run_dir(run, work)
+    name = output_dir.name
     recipe_path = work / "recipes" / f"{name}.yaml"
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(recipe_for(run, tokenizer, output_dir, steps)))
@@ -114,7 +119,42 @@ def execute(run: dict, work: Path, tokenizer: Path, steps: int) -> dict:
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if "eval_loss" in r][-1]
     result.update(heldout_loss=final["eval_loss"], heldout_ppl=final["eval_ppl"], final_train_loss=records[-1]["loss"])
+    if run["variant"] == "mesh":
+        result["coda_input_mix"] = coda_input_mix(output_dir / "model")
     return result
+
+
+def coda_input_mix(model_dir: Path) -> dict[str, dict[str, float]]:
+    """What the coda reads, per held-out token: h^(K) = sum_j c_j v_j over the vectors written
+    (h_emb, h_pre, the core outputs h_m0..), c_j = <last read weights, v_j's write weights>.
+    Returns each c_j's mean and sd over 1,024 held-out tokens."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mesh_convert.modeling_mesh import MeshForCausalLM
+
+    torch.set_num_threads(1)
+    model = MeshForCausalLM.from_pretrained(model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(HELD_OUT.read_text()[:20_000], return_tensors="pt").input_ids
+    memory, weights = model.model.memory, {}
+    hooks = [
+        router.register_forward_hook(lambda _m, _i, out, key=(kind, step): weights.__setitem__(key, out.float().softmax(-1)))
+        for kind in ("write", "read")
+        for step, router in enumerate(getattr(memory, f"{kind}_routers"))
+    ]
+    with torch.no_grad():
+        model(ids[:, : 4 * BLOCK].view(4, BLOCK))
+    for hook in hooks:
+        hook.remove()
+    steps = len(memory.read_routers)
+    slot0 = torch.nn.functional.one_hot(torch.tensor(0), memory.num_slots).float()
+    written = [slot0, *(weights[("write", t)] for t in range(steps))]
+    read = weights[("read", steps - 1)]
+    names = ["h_emb", "h_pre", *(f"h_m{t}" for t in range(steps - 1))]
+    return {
+        name: {"mean": round((c := (read * w).sum(-1)).mean().item(), 3), "sd": round(c.std().item(), 3)}
+        for name, w in zip(names, written)
+    }
 
 
 def main() -> int:
@@ -129,7 +169,19 @@ def main() -> int:
     parser.add_argument("--lanes", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "scratch-cpu.json")
     parser.add_argument("--append", action="store_true", help="keep the runs already in --output")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --output; run nothing")
+    parser.add_argument("--fill-coda-mix", action="store_true",
+                        help="add coda_input_mix to the mesh runs of --output that lack it (their models must still exist)")
     args = parser.parse_args()
+    if args.table_only or args.fill_coda_mix:
+        payload = json.loads(args.output.read_text())
+        if args.fill_coda_mix:
+            for run in payload["runs"]:
+                if run["variant"] == "mesh" and "coda_input_mix" not in run and "heldout_loss" in run:
+                    run["coda_input_mix"] = coda_input_mix(run_dir(run, BENCH_CACHE / "scratch") / "model")
+            write_json(args.output, payload)
+        show(payload["runs"])
+        return 0
 
     missing = [str(f) for f in (*TRAIN_FILES, HELD_OUT) if not f.is_file()]
     if missing:
@@ -160,15 +212,19 @@ def main() -> int:
                   flush=True)
             write_json(args.output, {**payload, "environment": finish_environment(payload["environment"])})
 
-    table = summarise(payload["runs"])
-    lrs = sorted({r["lr"] for r in payload["runs"]})
+    show(payload["runs"])
+    return 0
+
+
+def show(runs: list[dict]) -> None:
+    table = summarise(runs)
+    lrs = sorted({r["lr"] for r in runs})
     print_table(
         "held-out loss, mean ± sd over seeds",
         ["variant", *[f"lr {lr:g}" for lr in lrs]],
         [[name, *[table[name].get(lr, "-") for lr in lrs]] for name in table],
         caption=f"first {HELD_OUT_TOKENS:,} tokens of WikiText-2 test, never trained on",
     )
-    return 0
 
 
 def summarise(runs: list[dict]) -> dict[str, dict[float, str]]:
