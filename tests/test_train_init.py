@@ -126,3 +126,18 @@ def test_train_recipe_router_init_base(tmp_path):
     router = model.model.memory.read_routers[1]
     assert model.config.router_gap == 5 and not router.weight.any()
     assert router.bias.tolist() == [0.0, 0.0, 5.0, 0.0, 0.0]
+
+
+def test_scratch_recipe_gives_the_routers_ten_times_the_rate():
+    """BENCHMARKS.md "From scratch": at x1, MeSH from scratch trailed base at lr 1e-3; at x10 it did not."""
+    from mesh_convert.recipe import load_recipe
+    from mesh_convert.train import load_base_model
+    from mesh_convert.train_optim import make_optimizer, param_groups
+
+    recipe = load_recipe(ROOT / "recipes" / "pythia-160m-scratch.yaml")
+    model = load_base_model(recipe, meta=True)
+    groups = param_groups(model, recipe.optim)
+    optimizer = make_optimizer(groups, recipe.optim, recipe.optim.lr)
+    rates = {("router" if "_routers." in name else "other"): torch_group["lr"]
+             for group, torch_group in zip(groups, optimizer.param_groups) for name in group["names"]}
+    assert rates == {"router": pytest.approx(10 * recipe.optim.lr), "other": pytest.approx(recipe.optim.lr)}
