@@ -2,6 +2,7 @@
 
 import shlex
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -92,6 +93,8 @@ def register(app: typer.Typer) -> None:
         prelude: int = typer.Option(None, "--prelude", help="Prelude layers (default: the paper's layout)."),
         coda: int = typer.Option(None, "--coda", help="Coda layers (default: the paper's layout)."),
         variant: Variant = typer.Option("mesh", "--variant", help="The recurrence between loops: MeSH's memory, or a baseline."),
+        router_init: Literal["random", "base"] = typer.Option(None, "--router-init", help="mesh routers: random, or base (the conversion's function-preserving init: starts as the base recurrence). Default: random."),
+        router_gap: float = typer.Option(None, "--router-gap", help="Logit gap of --router-init base (default 8)."),
         layers: int = typer.Option(None, "--layers", help="Unrolled layers (custom size, or override)."),
         hidden: int = typer.Option(None, "--hidden", help="Hidden size D."),
         heads: int = typer.Option(None, "--heads", help="Attention heads."),
@@ -113,15 +116,16 @@ def register(app: typer.Typer) -> None:
 
         check_output_directory(output)
         try:
+            routers = {k: v for k, v in (("router_init", router_init), ("router_gap", router_gap)) if v is not None}
             spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
                             hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
-                            max_position_embeddings=context)
+                            max_position_embeddings=context, **routers)
         except ValidationError as error:
             raise explain(error, "init") from None
         sources = (tokenizer,) if tokenizer is not None else ()
         check_target(output, overwrite, sources)  # before building a model that may be large
         config = scratch_config(spec)
-        model = init_scratch_model(config, seed)
+        model = init_scratch_model(config, seed, spec.router_init)
         counts = mesh_parameter_counts(config)
         with staged_directory(output, overwrite, sources) as staging:
             model.save_pretrained(staging)

@@ -92,7 +92,7 @@ def load_base_model(recipe: Recipe, meta: bool = False):
 
             with torch.device("meta"):
                 return MeshForCausalLM(config)
-        return init_scratch_model(config, recipe.seed)
+        return init_scratch_model(config, recipe.seed, recipe.init.router_init)
     if meta:
         from transformers import AutoModelForCausalLM
 

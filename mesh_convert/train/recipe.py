@@ -50,6 +50,10 @@ class InitSpec(Strict):
     prelude: int | None = None
     coda: int | None = None
     variant: Variant = "mesh"
+    router_init: Literal["random", "base"] = Field(
+        "random", description="mesh: random routers, or the conversion's function-preserving ones (starts as base)"
+    )
+    router_gap: float = Field(8.0, gt=0, le=60, description="logit gap of router_init: base")
     # Dimensions that override (or, for size=custom, define) the Pythia architecture.
     num_layers: int | None = Field(None, ge=1)
     hidden_size: int | None = Field(None, ge=1)

@@ -60,21 +60,28 @@ def scratch_config(spec: InitSpec) -> MeshConfig:
         )
     except ValueError as error:
         raise UserError(str(error)) from None
+    config.router_gap = spec.router_gap
     config.dtype = "float32"
     config.embedding_multiplier = math.sqrt(config.hidden_size)  # applied in the forward pass
     return config
 
 
 @torch.no_grad()
-def init_scratch_model(config: MeshConfig, seed: int) -> MeshForCausalLM:
-    """Random weights as in the paper. Routers keep the model's default random init (not the
-    function-preserving conversion init: there is nothing to preserve)."""
+def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random") -> MeshForCausalLM:
+    """Random weights as in the paper. Routers: `random` keeps the model's default random init
+    (every read then starts as a near-uniform mix of all slots); `base` takes the conversion's
+    function-preserving routers with `config.router_gap`, so MeSH starts as the base recurrence
+    (plus the gap's leak) and learns away from it."""
+    from ..convert.conversion import _router_tensors
+
     torch.manual_seed(seed)
     model = MeshForCausalLM(config)
     std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
     for name, module in model.named_modules():
         if name.endswith(OUTPUT_PROJECTIONS):
             module.weight.normal_(0.0, std)
+    if router_init == "base" and model.model.memory is not None:
+        model.load_state_dict(_router_tensors(config, torch.float32), strict=False)
     return model
 
 
