@@ -6,7 +6,6 @@ batches that an uninterrupted run would, whatever the number of processes: globa
 blocks [s*G, (s+1)*G) of an endless sequence of seeded per-epoch permutations.
 """
 
-import json
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io import read_jsonl
 from .recipe import DataSection
 
 FORMATS = {".txt": "txt", ".text": "txt", ".raw": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -67,23 +67,14 @@ class _Piece(str):
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not valid JSON") from None
-            if not isinstance(record, dict) or text_field not in record:
-                fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(
-                    f"{path} line {number} has no {text_field!r} field (it has: {fields}); set data.text_field"
-                )
-            if not isinstance(record[text_field], str):
-                kind = "null" if record[text_field] is None else type(record[text_field]).__name__
-                raise UserError(f"{path} line {number}: {text_field!r} is {kind}, not a string of text")
-            yield record[text_field]
+    for number, record in read_jsonl(path):
+        if not isinstance(record, dict) or text_field not in record:
+            fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{path} line {number} has no {text_field!r} field (it has: {fields}); set data.text_field")
+        if not isinstance(record[text_field], str):
+            kind = "null" if record[text_field] is None else type(record[text_field]).__name__
+            raise UserError(f"{path} line {number}: {text_field!r} is {kind}, not a string of text")
+        yield record[text_field]
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
