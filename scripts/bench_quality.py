@@ -100,24 +100,25 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     converted.save_pretrained(run / "start")
     tokenizer.save_pretrained(run / "start")
     before = evaluate(converted)
-    recipe = Recipe.model_validate(
-        {
-            "model": str(run / "start"),
-            "output_dir": str(run / "train"),
-            "seed": 0,
-            "data": {"train": [str(SHARED / "data/wikitext-2-raw/wiki.valid.raw")], "block_size": args.block_size,
-                     "eval_blocks": 4},
-            "optim": {"lr": args.heal_lr},
-            "train": {"global_batch_size": args.batch_size, "micro_batch_size": args.batch_size,
-                      "max_steps": args.heal_steps, "eval_every": 0},
-            **recipe_extra,
-        }
-    )
+    recipe = {
+        "model": str(run / "start"),
+        "output_dir": str(run / "train"),
+        "seed": 0,
+        "data": {"train": [str(SHARED / "data/wikitext-2-raw/wiki.valid.raw")], "block_size": args.block_size,
+                 "eval_blocks": 4},
+        "optim": {"lr": args.heal_lr},
+        "train": {"global_batch_size": args.batch_size, "micro_batch_size": args.batch_size,
+                  "max_steps": args.heal_steps, "eval_every": 0},
+    }
+    for section, values in recipe_extra.items():  # merged per section, so an `optim` extra keeps the lr
+        recipe[section] = {**recipe.get(section, {}), **values}
+    recipe = Recipe.model_validate(recipe)
     started, cpu_started = time.perf_counter(), time.process_time()
     summary = train(recipe, console=console)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     trained = AutoModelForCausalLM.from_pretrained(run / "train" / "model", dtype=torch.float32)
-    row = {"group": group, "config": label, "layout": trained.config.layout, "options": convert_options,
+    row = {"group": group, "config": label, "layout": trained.config.layout, "variant": trained.config.variant,
+           "options": convert_options, "recipe_extra": recipe_extra,
            "ppl_before": before, "ppl": evaluate(trained), "tokens": summary["tokens"], "steps": summary["steps"],
            "seconds": seconds, "cpu_seconds": cpu_seconds, "relax_rank_after": trained.config.relax_rank,
            **unique_parameters(trained)}
@@ -125,14 +126,16 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn")
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants")
 
 
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
     """Short runs at one token budget (--heal-steps x --batch-size x --block-size), chosen by --heal-runs:
     lm / distill / anneal compare healing methods after the --tie conversion; `ties` heals every
     other tie strategy with LM loss (the `lm` row is the --tie one); `gap-learn` trains only the
-    routers from each router gap, to see how fast they move away from the function-preserving init."""
+    routers from each router gap, to see how fast they move away from the function-preserving init;
+    `variants` heals the --tie conversion as each recurrence (MeSH also with a 10x router learning rate),
+    so MeSH's trained routers meet plain recursion at an equal budget."""
     anneal = {"target_rank": 0, "steps": max(1, int(args.heal_steps * 0.8)), "every": max(1, args.heal_steps // 10)}
     runs = {
         "lm": [("heal", f"tie-then-heal (LM loss), {args.tie}", {"relax_rank": 0}, {})],
@@ -143,6 +146,10 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                  for tie in ("average", "stepwise", "lower", "upper") if tie != args.tie],
         "gap-learn": [("gap-learn", f"routers only, gap={gap}", {"router_gap": gap}, {"trainable": "routers"})
                       for gap in (4, 8, 16)],
+        "variants": [("variant", f"{args.tie}, variant {variant}{label}", {"relax_rank": 0, "variant": variant}, extra)
+                     for variant, label, extra in (("mesh", "", {}), ("base", "", {}),
+                                                   ("mesh", ", router lr x10", {"optim": {"router_lr_mult": 10}}),
+                                                   ("anchor", "", {}), ("residual", "", {}))],
     }
     for name in args.heal_runs:  # a generator, so each row is saved as soon as it exists
         for group, label, convert, extra in runs[name]:
