@@ -110,8 +110,8 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
         "train": {"global_batch_size": args.batch_size, "micro_batch_size": args.batch_size,
                   "max_steps": args.heal_steps, "eval_every": 0},
     }
-    for section, values in recipe_extra.items():  # merged per section, so an `optim` extra keeps the lr
-        recipe[section] = {**recipe.get(section, {}), **values}
+    for key, value in recipe_extra.items():  # sections merge, so an `optim` extra keeps the lr
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
     recipe = Recipe.model_validate(recipe)
     started, cpu_started = time.perf_counter(), time.process_time()
     summary = train(recipe, console=console)
@@ -126,7 +126,7 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants")
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "layouts", "core", "distill-t")
 
 
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
@@ -135,7 +135,10 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
     other tie strategy with LM loss (the `lm` row is the --tie one); `gap-learn` trains only the
     routers from each router gap, to see how fast they move away from the function-preserving init;
     `variants` heals the --tie conversion as each recurrence (MeSH also with a 10x router learning rate),
-    so MeSH's trained routers meet plain recursion at an equal budget."""
+    so MeSH's trained routers meet plain recursion at an equal budget; `relax` keeps low-rank deltas and
+    trains them with the model, `layouts` ties fewer layers (more parameters for the same compute):
+    parameters against healed quality; `core` trains only the looped core and the routers, `distill-t`
+    distils at temperatures 2 and 4: the healing recipe's knobs (its learning rate is --heal-lr)."""
     anneal = {"target_rank": 0, "steps": max(1, int(args.heal_steps * 0.8)), "every": max(1, args.heal_steps // 10)}
     runs = {
         "lm": [("heal", f"tie-then-heal (LM loss), {args.tie}", {"relax_rank": 0}, {})],
@@ -150,6 +153,13 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                      for variant, label, extra in (("mesh", "", {}), ("base", "", {}),
                                                    ("mesh", ", router lr x10", {"optim": {"router_lr_mult": 10}}),
                                                    ("anchor", "", {}), ("residual", "", {}))],
+        "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
+                  for rank in (16, 64, 128)],
+        "layouts": [("layout", f"{args.tie}, P=Q={outer}", {"relax_rank": 0, "prelude": outer, "coda": outer}, {})
+                    for outer in (8, 12)],
+        "core": [("knob", f"{args.tie}, core+routers train", {"relax_rank": 0}, {"trainable": "core+routers"})],
+        "distill-t": [("knob", f"{args.tie}, distillation T={t}", {"relax_rank": 0},
+                       {"distill": {"teacher": str(source_dir), "temperature": t}}) for t in (2.0, 4.0)],
     }
     for name in args.heal_runs:  # a generator, so each row is saved as soon as it exists
         for group, label, convert, extra in runs[name]:

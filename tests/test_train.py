@@ -72,7 +72,7 @@ def test_continue_pretraining_lowers_the_loss_and_saves_a_converted_checkpoint(w
     assert generated.shape == (1, 7)
 
 
-@pytest.mark.parametrize("trainable", ["routers", "routers+deltas"])
+@pytest.mark.parametrize("trainable", ["routers", "routers+deltas", "core+routers"])
 def test_partial_training_changes_only_the_selected_parameters(work, tmp_path, trainable):
     before = state_of(AutoModelForCausalLM.from_pretrained(work["relaxed"]))
     out = tmp_path / "run"
@@ -80,11 +80,12 @@ def test_partial_training_changes_only_the_selected_parameters(work, tmp_path, t
                                        train={"max_steps": 3})))
     after = state_of(AutoModelForCausalLM.from_pretrained(out / "model"))
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    selected = {n for n in before if ".memory." in n or (trainable == "routers+deltas" and "_delta" in n)}
+    extra = {"routers": "(none)", "routers+deltas": "_delta", "core+routers": ".core."}[trainable]
+    selected = {n for n in before if ".memory." in n or extra in n}
     assert changed and changed <= selected
     assert any(".memory." in n for n in changed)
-    if trainable == "routers+deltas":
-        assert any("_delta" in n for n in changed)
+    if trainable != "routers":
+        assert any(extra in n for n in changed)
 
 
 def test_dry_run_prints_the_plan(work, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,8 @@
 """What trains, and how: parameter roles, the trainable selection, AdamW groups and the LR schedule.
 
 Roles come from parameter names (see modeling_mesh): routers live under `memory.*_routers`,
-relaxation deltas end in `_delta`, `_delta_in` or `_delta_out`, LoRA weights contain `lora_`.
+the shared core's layers under `core.`, relaxation deltas end in `_delta`, `_delta_in` or
+`_delta_out`, LoRA weights contain `lora_`.
 Names may carry PEFT's or DDP's prefixes, so every test here is a substring test.
 """
 
@@ -20,6 +21,10 @@ def is_router(name: str) -> bool:
 
 def is_delta(name: str) -> bool:
     return name.endswith(DELTA_SUFFIXES)
+
+
+def is_core(name: str) -> bool:
+    return ".core." in name or name.startswith("core.")
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -46,6 +51,8 @@ def select_trainable(model: nn.Module, trainable: str) -> None:
             param.requires_grad_(True)
         elif trainable == "routers":
             param.requires_grad_(is_router(name))
+        elif trainable == "core+routers":  # the looped part: the tie's error lives there
+            param.requires_grad_(is_core(name) or is_router(name))
         else:
             param.requires_grad_(is_router(name) or is_delta(name))
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..convert.options import Variant
 from ..errors import UserError
 
-TRAINABLE = ("all", "routers", "routers+deltas", "lora", "lora+routers")
+TRAINABLE = ("all", "core+routers", "routers", "routers+deltas", "lora", "lora+routers")
 
 
 class Strict(BaseModel):
