@@ -156,7 +156,7 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
         "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
                   for rank in (16, 64, 128)],
         "layouts": [("layout", f"{args.tie}, P=Q={outer}", {"relax_rank": 0, "prelude": outer, "coda": outer}, {})
-                    for outer in (8, 12)],
+                    for outer in args.outer_layers],
         "core": [("knob", f"{args.tie}, core+routers train", {"relax_rank": 0}, {"trainable": "core+routers"})],
         "distill-t": [("knob", f"{args.tie}, distillation T={t}", {"relax_rank": 0},
                        {"distill": {"teacher": str(source_dir), "temperature": t}}) for t in (2.0, 4.0)],
@@ -194,6 +194,8 @@ def main():
     parser.add_argument("--heal-runs", nargs="+", choices=HEAL_RUNS, default=list(HEAL_RUNS),
                         help="which healing runs (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--outer-layers", nargs="+", type=int, default=[8, 12],
+                        help="prelude = coda sizes of the `layouts` healing runs")
     args = parser.parse_args()
 
     if args.model is None:
