@@ -106,6 +106,7 @@ def train_as_launched(data: dict, path) -> None:
     result = subprocess.run([sys.executable, "-m", "mesh_convert.train", str(path)], capture_output=True, text=True,
                             env={**os.environ, **SUBPROCESS_ENV}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"-> {data['output_dir']}/model" in result.stderr  # the closing line, as `mesh-convert train` prints it
 
 
 def test_bf16_mixed_precision_trains_with_float32_master_weights(work, tmp_path):

@@ -46,13 +46,9 @@ def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | N
         table.add_row("frozen parameters", f"{counts['frozen']:,}")
         Console().print(table)
         return
-    from ..train.loop import train
+    from ..train.loop import report, train
 
-    summary = train(recipe, console=console, overwrite=overwrite)
-    if summary.get("model") or summary.get("adapter"):
-        where = summary.get("model") or summary.get("adapter")
-        console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
-                      f"{summary['final_loss']:.4f} -> {where}", highlight=False)
+    report(train(recipe, console=console, overwrite=overwrite), console)
 
 
 def _processes() -> int:

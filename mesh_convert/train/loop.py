@@ -523,6 +523,14 @@ class _Progress:
 __all__ = ["RunPlan", "describe", "main", "plan_run", "train", "validation_loss"]
 
 
+def report(summary: dict, console) -> None:
+    """The run's closing line (printed by the process that exported, i.e. rank 0 under a launcher)."""
+    where = summary.get("model") or summary.get("adapter")
+    if where:
+        console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
+                      f"{summary['final_loss']:.4f} -> {where}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m mesh_convert.train RECIPE [key=value ...]`: the `train` command without the CLI,
     for launchers (`accelerate launch -m mesh_convert.train RECIPE`)."""
@@ -539,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...] [--overwrite]", file=sys.stderr)
         return 2
     try:
-        train(load_recipe(args[0], args[1:]), console=Console(stderr=True), overwrite=overwrite)
+        console = Console(stderr=True)
+        report(train(load_recipe(args[0], args[1:]), console=console, overwrite=overwrite), console)
     except UserError as error:
         if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
             print(f"error: {error}", file=sys.stderr)
