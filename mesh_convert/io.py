@@ -89,9 +89,21 @@ def has_tokenizer(name: str | Path) -> bool:
     return any((path / file).is_file() for file in _TOKENIZER_CORE)
 
 
+# The Hub gives itself up to 60 s to check a commit's files before it answers (huggingface_hub's
+# upload guide), so an upload waits twice that for an answer, or longer if HF_HUB_DOWNLOAD_TIMEOUT says so.
+UPLOAD_ANSWER_SECONDS = 120.0
+
+
+def upload_answer_timeout() -> float:
+    from huggingface_hub import constants
+
+    return max(UPLOAD_ANSWER_SECONDS, float(constants.HF_HUB_DOWNLOAD_TIMEOUT))
+
+
 @contextmanager
-def hub_timeout() -> Iterator[None]:
-    """Requests to the Hub time out after HF_HUB_DOWNLOAD_TIMEOUT seconds without an answer.
+def hub_timeout(read: float | None = None) -> Iterator[None]:
+    """Requests to the Hub time out after HF_HUB_DOWNLOAD_TIMEOUT seconds without an answer
+    (`read` seconds, if given, for the answer itself: a commit's answer takes longer to come).
 
     huggingface_hub's shared HTTP client has no timeout of its own, and only downloads pass one:
     API calls (creating a repo, listing files, committing) would wait forever on a server that
@@ -107,7 +119,8 @@ def hub_timeout() -> Iterator[None]:
 
     session = get_session()
     previous = session.timeout
-    session.timeout = httpx.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    seconds = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    session.timeout = httpx.Timeout(seconds, read=seconds if read is None else read)
     try:
         yield
     finally:

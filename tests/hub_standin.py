@@ -17,6 +17,8 @@ the uploading process: set `huggingface_hub.constants.HF_HUB_DISABLE_XET = True`
 Failures can be injected with `fail(method, path_pattern, status)`: matching requests are
 answered with `status` (and `Retry-After: 0`, so that clients retry at once), or, with
 status None, never answered: such a request is held until `stop()` or `HANG_LIMIT` seconds.
+`delay(method, path_pattern, seconds)` answers matching requests normally, but only after
+`seconds` (a server that takes its time, as the Hub does checking a commit's files).
 
 Deliberately hostile in one respect: a request with an unknown token gets a 401 whose error
 message echoes the Authorization header back, as a careless server might, so that tests can
@@ -118,6 +120,7 @@ class HubStandin:
         self._tickets: dict[str, str] = {}  # upload ticket -> oid, for the unauthenticated LFS PUT
         self._lock = threading.RLock()
         self.faults: list[tuple[str, str, int | None]] = []  # (method, path regex, status or None)
+        self.delays: list[tuple[str, str, float]] = []  # (method, path regex, seconds)
         self._released = threading.Event()  # lets requests held by a "never answer" fault go
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -157,6 +160,10 @@ class HubStandin:
     def fail(self, method: str, path_pattern: str, status: int | None) -> None:
         """Answer `method` requests whose path matches `path_pattern` with `status`, or never (None)."""
         self.faults.append((method, path_pattern, status))
+
+    def delay(self, method: str, path_pattern: str, seconds: float) -> None:
+        """Answer `method` requests whose path matches `path_pattern` normally, after `seconds`."""
+        self.delays.append((method, path_pattern, seconds))
 
     # ------------------------------------------------------------------ inspection helpers for tests
 
@@ -502,6 +509,9 @@ class _Handler(BaseHTTPRequestHandler):
         status = 500
         try:
             body = self._read_body()
+            for delay_method, pattern, seconds in self.hub.delays:
+                if delay_method == method and re.fullmatch(pattern, url.path):
+                    self.hub._released.wait(seconds)
             for fault_method, pattern, fault_status in self.hub.faults:
                 if fault_method == method and re.fullmatch(pattern, url.path):
                     if fault_status is None:

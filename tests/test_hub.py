@@ -470,6 +470,16 @@ def test_a_hub_that_never_answers_times_out_and_says_so(hub, model_dir, monkeypa
     assert snapshot(model_dir) == before
 
 
+def test_a_commit_the_hub_takes_longer_to_check_than_an_api_call_may_take_still_lands(hub, model_dir, monkeypatch, capfd):
+    """The Hub may take up to a minute to answer a commit: the short API timeout must not cut it off."""
+    hub.delay("POST", r"/api/models/alice/tiny-mesh/commit/main", 2.5)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    assert code == 0, err
+    assert "model.safetensors" in hub.files("alice/tiny-mesh")
+
+
 @pytest.mark.parametrize("command", ["push", "convert"])
 def test_a_token_that_is_not_ascii_is_named_as_the_problem(hub, model_dir, monkeypatch, capfd, command):
     monkeypatch.setenv("HF_TOKEN", "hf_tökenWithAccents0123456789")

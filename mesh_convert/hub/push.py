@@ -23,7 +23,7 @@ from huggingface_hub.utils._http import default_client_factory, set_client_facto
 from ..convert.record import ConversionRecord
 from ..convert.card import write_model_card
 from ..errors import UserError, hub_error, scrub
-from ..io import hub_timeout, resolve_endpoint
+from ..io import hub_timeout, resolve_endpoint, upload_answer_timeout
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
 DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
@@ -120,13 +120,14 @@ def _upload(
                 "make the folder writable or add a model card"
             ) from None
     try:
-        api.upload_folder(
-            repo_id=full_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=commit_message,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
+        with hub_timeout(read=upload_answer_timeout()):
+            api.upload_folder(
+                repo_id=full_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=commit_message,
+                ignore_patterns=list(IGNORE_PATTERNS),
+            )
     except BaseException:
         if wrote_card:
             card_path.unlink(missing_ok=True)
