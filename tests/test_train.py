@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from mesh_convert.train.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
 from mesh_convert.errors import UserError
 from mesh_convert.train.recipe import Recipe
-from mesh_convert.train.loop import describe, train
+from mesh_convert.train.loop import describe, flushes_denormals, train
 from helpers import (
     SUBPROCESS_ENV,
     char_tokenizer,
@@ -86,6 +86,18 @@ def test_partial_training_changes_only_the_selected_parameters(work, tmp_path, t
     assert any(".memory." in n for n in changed)
     if trainable != "routers":
         assert any(extra in n for n in changed)
+
+
+def test_training_flushes_denormals_and_restores_the_setting(work, tmp_path):
+    """Sharp routers give denormal softmax outputs, on which x86 CPUs compute hundreds of times slower."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_flush_denormal(False)
+    seen = []
+    train(Recipe.model_validate(recipe(work["model"], work["text"], tmp_path / "run", train={"max_steps": 2})),
+          on_step=lambda step, record: seen.append(flushes_denormals()))
+    assert seen == [True, True]
+    assert not flushes_denormals()
 
 
 def test_dry_run_prints_the_plan(work, tmp_path, monkeypatch, capsys):
