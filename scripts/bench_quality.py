@@ -163,6 +163,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
     }
     for name in args.heal_runs:  # a generator, so each row is saved as soon as it exists
         for group, label, convert, extra in runs[name]:
+            if args.only and not label.endswith(tuple(args.only)):
+                continue
             yield trained_row(group, label, source, tokenizer, evaluate, args, workdir, convert, extra)
 
 
@@ -194,6 +196,8 @@ def main():
     parser.add_argument("--heal-runs", nargs="+", choices=HEAL_RUNS, default=list(HEAL_RUNS),
                         help="which healing runs (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--only", nargs="+", metavar="END",
+                        help="only the healing runs whose label ends with one of these (e.g. 'variant anchor')")
     parser.add_argument("--outer-layers", nargs="+", type=int, default=[8, 12],
                         help="prelude = coda sizes of the `layouts` healing runs")
     args = parser.parse_args()
