@@ -234,6 +234,8 @@ from mesh_convert.train.loop import main as train_main
 
 stage, name, *args = sys.argv[1:]
 number = getattr(signal, name)
+if name != "SIGKILL":  # a suite run under nohup passes SIGHUP on ignored, and ignored stays ignored
+    signal.signal(number, signal.SIG_DFL)
 target = Path(args[args.index("-o") + 1]).resolve()
 if stage == "write":  # the new result is complete in its staging place, not yet published
     finish = convert.write_metadata
