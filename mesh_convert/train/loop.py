@@ -547,15 +547,15 @@ class _Progress:
             self.bar.stop()
 
 
-__all__ = ["RunPlan", "describe", "main", "plan_run", "train", "validation_loss"]
-
-
 def report(summary: dict, console) -> None:
     """The run's closing line (printed by the process that exported, i.e. rank 0 under a launcher)."""
     where = summary.get("model") or summary.get("adapter")
     if where:
         console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
                       f"{summary['final_loss']:.4f} -> {where}", highlight=False, soft_wrap=True)
+
+
+__all__ = ["RunPlan", "describe", "main", "plan_run", "report", "train", "validation_loss"]
 
 
 def main(argv: list[str] | None = None) -> int:
