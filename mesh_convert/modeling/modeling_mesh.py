@@ -376,7 +376,12 @@ class MeshMemory(nn.Module):
         state.append((value, write))
         out = None
         for vector, written_with in state:
-            coefficient = (read * written_with).sum(-1, keepdim=True).to(vector.dtype)
+            coefficient = (read * written_with).sum(-1, keepdim=True)
+            # Sharp routers (logit gaps past ~87) give coefficients below float32's normal range.
+            # What they add is lost in any float32 or bfloat16 sum, yet x86 CPUs multiply such
+            # subnormal numbers up to hundreds of times slower: zero them.
+            coefficient = coefficient.masked_fill(coefficient < torch.finfo(torch.float32).tiny, 0.0)
+            coefficient = coefficient.to(vector.dtype)
             out = coefficient * vector if out is None else out + coefficient * vector
         return out
 
