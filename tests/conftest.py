@@ -132,3 +132,4 @@ def assert_loads_as_remote_code(model_dir: Path, x: torch.Tensor, expected: torc
     env = {"HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    assert "not a valid Python identifier" not in result.stderr, result.stderr[-3000:]

@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_pythia
+from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.convert import conversion as convert_module
 from mesh_convert.convert import output as output_module
 from mesh_convert.cli import main
@@ -165,7 +168,14 @@ def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, c
     code, err = run_cli(capsys, ".", "-k", "2")
     assert code == 0, err
     made = [p.name for p in src.iterdir() if p.is_dir()]
-    assert made == ["tiny-pythia-mesh-1+1R2+1"]
+    assert made == ["tiny-pythia-mesh-1_1R2_1"]
+    # The default name can name a Hub repository too, and loading it as remote code is quiet.
+    validate_repo_id(made[0])
+    model = AutoModelForCausalLM.from_pretrained(src / made[0], dtype=torch.float32)
+    x = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        expected = model(x).logits
+    assert_loads_as_remote_code(src / made[0], x, expected, tmp_path)
 
 
 def test_output_directories_follow_the_umask(source, tmp_path, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import io
+from ..convert.plan import Layout
 from ..convert.record import ConversionRecord, Params
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -44,10 +45,15 @@ def hub_model_id(name: str | None) -> str | None:
 
 
 def default_model_name(record: ConversionRecord) -> str:
-    """A readable name for the converted model, e.g. `pythia-160m-mesh-2+4R2+2`."""
+    """A readable name for the converted model that can also name its Hub repository, e.g.
+    `pythia-160m-mesh-2_4R2_2`."""
     source = record.source_model
     base = source.rstrip("/").split("/")[-1] if source else "model"
     layout = record.layout_text()
+    try:
+        layout = Layout.parse(layout).name if layout else None
+    except ValueError:  # a record edited by hand: its layout as written
+        pass
     variant = record.variant or "mesh"
     return f"{base}-{variant}-{layout}" if layout else f"{base}-{variant}"
 

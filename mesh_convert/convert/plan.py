@@ -55,6 +55,12 @@ class Layout:
         return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
 
     @property
+    def name(self) -> str:
+        """The layout as it stands in folder and model names, `P_CRK_Q`: a Hub repository name
+        allows no `+`, and transformers warns on every load of remote code from a folder with one."""
+        return self.text.replace("+", "_")
+
+    @property
     def unrolled_layers(self) -> int:
         return self.prelude + self.core * self.loops + self.coda
 
@@ -326,7 +332,7 @@ class ConversionPlan:
         # The folder's own name, also for `.` or `..`; a Hub id's last part.
         local = self.source.local_dir
         base = local.name if local is not None else self.source.name.rstrip("/").rsplit("/", 1)[-1]
-        return Path(f"{base}-mesh-{self.layout.text}")
+        return Path(f"{base}-mesh-{self.layout.name}")
 
     def record(self) -> ConversionRecord:
         """The conversion record (conversion.json) of this plan."""
