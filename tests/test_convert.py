@@ -12,17 +12,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPTNeoXForCausalLM
 
 from conftest import make_tiny_pythia
+from helpers import invoke
 from mesh_convert.convert import conversion as convert_module
 from mesh_convert.convert import shards as shards_module
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
 from mesh_convert.convert.plan import Layout, layer_map, resolve_layout, shared_sources
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def logits_of(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +44,7 @@ def test_full_relaxation_reproduces_the_original(source, tmp_path, capsys, tie, 
     path, _, x, expected = source
     for variant in ("mesh", "base"):
         out = tmp_path / variant
-        code, _, err = run_cli(
+        code, _, err = invoke(
             capsys, path, "--loops", loops, "--tie", tie, "--relax-rank", "full", "--variant", variant,
             "--router-gap", 40, "-o", out,
         )
@@ -59,7 +54,7 @@ def test_full_relaxation_reproduces_the_original(source, tmp_path, capsys, tie, 
 
 def test_one_loop_with_a_large_gap_is_exact(source, tmp_path, capsys):
     path, _, x, expected = source
-    code, _, err = run_cli(capsys, path, "--loops", 1, "--router-gap", 40, "-o", tmp_path / "k1")
+    code, _, err = invoke(capsys, path, "--loops", 1, "--router-gap", 40, "-o", tmp_path / "k1")
     assert code == 0, err
     torch.testing.assert_close(logits_of(tmp_path / "k1", x), expected, atol=1e-4, rtol=0)
 
@@ -115,7 +110,7 @@ def test_layout_options_and_their_errors():
 
 
 def test_dry_run_json_for_pythia_1_4b_offline(capsys):
-    code, out, err = run_cli(capsys, "pythia-1.4b", "--loops", 2, "--dry-run", "--json")
+    code, out, err = invoke(capsys, "pythia-1.4b", "--loops", 2, "--dry-run", "--json")
     assert code == 0, err
     plan = json.loads(out)
     assert plan["layout"] == "4+8R2+4"
@@ -126,14 +121,14 @@ def test_dry_run_json_for_pythia_1_4b_offline(capsys):
 
 
 def test_the_users_command_line_works(capsys):
-    code, out, err = run_cli(capsys, "pythia-1.4b", "--loops", 3, "--dry-run")
+    code, out, err = invoke(capsys, "pythia-1.4b", "--loops", 3, "--dry-run")
     assert code == 0, err
     assert "3+6R3+3" in out and "1,208,602,624" in out
     assert re.search(r"core 0\s+│ 15\s+│ 3, 9, 15", out)  # the default upper tie: the last stand-in
 
 
 def test_relaxation_is_counted(capsys):
-    code, out, _ = run_cli(capsys, "pythia-160m", "--loops", 2, "--relax-rank", 16, "--dry-run", "--json")
+    code, out, _ = invoke(capsys, "pythia-160m", "--loops", 2, "--relax-rank", 16, "--dry-run", "--json")
     plan = json.loads(out)
     D, K, C = 768, 2, 4
     per_layer = 16 * (D + 3 * D) + 16 * (D + D) + 16 * (D + 4 * D) + 16 * (4 * D + D)  # low-rank factors
@@ -160,7 +155,7 @@ def test_streaming_output_equals_in_memory_conversion(source, tmp_path, capsys, 
     real_copy = shards_module._copy_bytes
     monkeypatch.setattr(shards_module, "_copy_bytes", lambda *args: copies.append(args) or real_copy(*args))
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
-    code, _, err = run_cli(capsys, path, "--loops", 2, *flags, "--max-shard-size", "30KB", "-o", out)
+    code, _, err = invoke(capsys, path, "--loops", 2, *flags, "--max-shard-size", "30KB", "-o", out)
     assert code == 0, err
     # 1+3R2+1: the embedding, head, final norm (2) and the unshared layers are copies, and the
     # core layers too when each is tied to one stand-in without deltas; a cast copies nothing.
@@ -182,7 +177,7 @@ def test_streaming_output_equals_in_memory_conversion(source, tmp_path, capsys, 
 def test_output_directory_contents(source, tmp_path, capsys):
     path, _, _, _ = source
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out)
+    code, _, err = invoke(capsys, path, "--loops", 2, "-o", out)
     assert code == 0, err
     for name in ("config.json", "generation_config.json", "model.safetensors", "configuration_mesh.py",
                  "modeling_mesh.py", "README.md", "conversion.json"):
@@ -202,9 +197,9 @@ def test_bin_checkpoints_load_with_weights_only(source, tmp_path, capsys):
     bin_dir = tmp_path / "bin-src"
     _save_bin(model, bin_dir)
     assert not list(bin_dir.glob("*.safetensors"))
-    code, _, err = run_cli(capsys, bin_dir, "--loops", 2, "-o", tmp_path / "from-bin")
+    code, _, err = invoke(capsys, bin_dir, "--loops", 2, "-o", tmp_path / "from-bin")
     assert code == 0, err
-    run_cli(capsys, path, "--loops", 2, "-o", tmp_path / "from-st")
+    invoke(capsys, path, "--loops", 2, "-o", tmp_path / "from-st")
     torch.testing.assert_close(logits_of(tmp_path / "from-bin", x), logits_of(tmp_path / "from-st", x))
 
 
@@ -225,7 +220,7 @@ def test_real_gpt_neox_tokenizer_is_copied(shared_dir, source, tmp_path, capsys)
     for item in (shared_dir / "tokenizers" / "gpt-neox-20b").iterdir():
         if item.name != "20B_tokenizer.json":
             (src / item.name).write_bytes(item.read_bytes())
-    code, _, err = run_cli(capsys, src, "--loops", 2, "-o", tmp_path / "out")
+    code, _, err = invoke(capsys, src, "--loops", 2, "-o", tmp_path / "out")
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer("Hello world")["input_ids"] == [12092, 1533]
@@ -281,7 +276,7 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
     bad = corrupt_copy(path, tmp_path, how)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    code, out, err = run_cli(capsys, bad, "--loops", 2, "-o", workdir / "out")
+    code, out, err = invoke(capsys, bad, "--loops", 2, "-o", workdir / "out")
     assert_clean_failure(code, out, err, workdir, set(), match)
 
 
@@ -303,7 +298,7 @@ def test_bad_options(source, tmp_path, capsys, args, match):
     a_file.write_text("not a directory")
     before = set(tmp_path.iterdir())
     filled = [arg.format(tmp=tmp_path, src=path, file=a_file) for arg in args]
-    code, out, err = run_cli(capsys, *filled)
+    code, out, err = invoke(capsys, *filled)
     assert_clean_failure(code, out, err, tmp_path, before, match)
 
 
@@ -312,10 +307,10 @@ def test_existing_output_needs_overwrite(source, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out)
+    code, _, err = invoke(capsys, path, "--loops", 2, "-o", out)
     assert code == 1 and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out, "--overwrite")
+    code, _, err = invoke(capsys, path, "--loops", 2, "-o", out, "--overwrite")
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -331,7 +326,7 @@ def test_an_interrupted_conversion_leaves_nothing(source, tmp_path, capsys, monk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert_module, "write_metadata", interrupted)
-    code, _, err = run_cli(capsys, path, "--loops", 2, "-o", out, "--overwrite")
+    code, _, err = invoke(capsys, path, "--loops", 2, "-o", out, "--overwrite")
     assert code == 130 and "interrupted" in err
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["old.txt"], "the previous output must survive an interruption"
@@ -364,7 +359,7 @@ def test_a_refused_conversion_writes_exactly_one_line_to_a_log(source, tmp_path)
 
 @pytest.mark.parametrize("args", [["pythia-160m"], ["pythia-160m", "--loops", "two"], ["pythia-160m", "--loops", "2", "--bogus"]])
 def test_usage_errors_are_short(capsys, args):
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = invoke(capsys, *args)
     assert code == 2
     assert "Traceback" not in err and "internal error" not in err
     assert err.strip().splitlines()[-1].startswith("Error:")
@@ -372,7 +367,7 @@ def test_usage_errors_are_short(capsys, args):
 
 def test_debug_flag_goes_before_the_model(source, tmp_path, capsys):
     path, _, _, _ = source
-    code, _, err = run_cli(capsys, "--debug", path, "--loops", 2, "-o", tmp_path / "out")
+    code, _, err = invoke(capsys, "--debug", path, "--loops", 2, "-o", tmp_path / "out")
     assert code == 0, err
     with pytest.raises(Exception, match="no such checkpoint directory"):
         main(["--debug", str(tmp_path / "missing"), "--loops", "2"])

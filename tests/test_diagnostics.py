@@ -12,9 +12,9 @@ import torch
 from conftest import make_tiny_pythia
 from tokenizers import Tokenizer, models
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
-from mesh_convert import MeshConfig, MeshForCausalLM, cli
+from helpers import invoke
+from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.analysis.diagnose import (
     PLOT_DPI,
     Layout,
@@ -128,19 +128,6 @@ def tiny_mesh_config(prelude=1, core=3, loops=2, coda=1, **overrides) -> MeshCon
         num_hidden_layers=prelude + core * loops + coda, vocab_size=128, hidden_size=D, num_attention_heads=4,
         intermediate_size=128, max_position_embeddings=64, **overrides,
     )  # fmt: skip
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `mesh-convert ARGS` in-process through `cli.main` (its error handling included);
-    returns the exit code and what the command alone printed."""
-    capsys.readouterr()  # drop what fixtures printed
-    hf_logging.disable_progress_bar()  # transformers' loading bars would share stderr
-    try:
-        code = cli.main(list(args))
-    finally:
-        hf_logging.enable_progress_bar()
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def set_identity_routers(model, gap: float = 12.0) -> None:
@@ -487,7 +474,7 @@ def test_parameter_counts(tiny_mesh_model, tmp_path):
 
 def test_diagnose_cli_on_a_mesh_model(capsys, mesh_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(
+    code, stdout, stderr = invoke(
         capsys, "diagnose", str(mesh_dir), "--data", str(text_file), "--samples", "3", "--seq-len", "24",
         "--output", str(out), "--json", "--device", "cpu",
     )  # fmt: skip
@@ -501,7 +488,7 @@ def test_diagnose_cli_on_a_mesh_model(capsys, mesh_dir, text_file, tmp_path):
 
 def test_diagnose_cli_on_a_plain_model_prints_tables(capsys, plain_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(
+    code, stdout, stderr = invoke(
         capsys, "diagnose", str(plain_dir), "--data", str(text_file), "--samples", "2", "--seq-len", "16",
         "--layout", "2+2R2+2", "--output", str(out),
     )  # fmt: skip
@@ -514,7 +501,7 @@ def test_diagnose_cli_on_a_plain_model_prints_tables(capsys, plain_dir, text_fil
 
 def test_inspect_cli_on_a_mesh_model_with_data(capsys, mesh_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(
+    code, stdout, stderr = invoke(
         capsys, "inspect", str(mesh_dir), "--data", str(text_file), "--samples", "2", "--seq-len", "30",
         "--output", str(out), "--json",
     )  # fmt: skip
@@ -533,7 +520,7 @@ def test_inspect_cli_on_a_mesh_model_with_data(capsys, mesh_dir, text_file, tmp_
 
 
 def test_inspect_cli_tables_on_built_in_sentences(capsys, mesh_dir, tmp_path):
-    code, stdout, stderr = run_cli(capsys, "inspect", str(mesh_dir), "--output", str(tmp_path / "o"))
+    code, stdout, stderr = invoke(capsys, "inspect", str(mesh_dir), "--output", str(tmp_path / "o"))
     assert code == 0, stderr
     for text in ("1+3R2+1", "Provenance", "tiny-pythia", "routers", "transitional", "loop 2", "slot 4"):
         assert text in stdout, text
@@ -542,7 +529,7 @@ def test_inspect_cli_tables_on_built_in_sentences(capsys, mesh_dir, tmp_path):
 
 def test_inspect_cli_on_a_plain_model_says_there_are_no_routers(capsys, plain_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(capsys, "inspect", str(plain_dir), "--output", str(out))
+    code, stdout, stderr = invoke(capsys, "inspect", str(plain_dir), "--output", str(out))
     assert code == 0, stderr
     assert "no routers" in stderr and "layers" in stdout
     assert (out / "inspect.json").is_file() and not (out / "routers.png").exists()
@@ -552,10 +539,10 @@ def test_inspect_without_tokenizer_uses_random_ids_or_the_one_given(
     capsys, bare_mesh_dir, mesh_dir, text_file, tmp_path
 ):
     bare = bare_mesh_dir
-    code, stdout, stderr = run_cli(capsys, "inspect", str(bare), "--output", str(tmp_path / "o"), "--json")
+    code, stdout, stderr = invoke(capsys, "inspect", str(bare), "--output", str(tmp_path / "o"), "--json")
     assert code == 0, stderr
     assert "random token ids" in json.loads(stdout)["routers"]["source"]
-    code, stdout, stderr = run_cli(
+    code, stdout, stderr = invoke(
         capsys, "inspect", str(bare), "--tokenizer", str(mesh_dir), "--data", str(text_file), "--seq-len", "40",
         "--output", str(tmp_path / "o"), "--json",
     )  # fmt: skip
@@ -599,7 +586,7 @@ def test_user_errors_are_one_line(
         "inspect data, no tokenizer": ["inspect", str(bare_mesh_dir), *data],
         "too many loops": ["diagnose", str(plain_dir), *data, "--loops", "7"],
     }[case]
-    code, stdout, stderr = run_cli(capsys, *args, "--output", str(tmp_path / "o"))
+    code, stdout, stderr = invoke(capsys, *args, "--output", str(tmp_path / "o"))
     assert code == 1
     assert stderr.startswith("error:") and message in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from types import SimpleNamespace
 
 from conftest import make_tiny_pythia
-from mesh_convert import cli
+from helpers import invoke
 from mesh_convert.eval import harness as ev
 from mesh_convert.errors import UserError
 from mesh_convert.io import load_model, load_tokenizer
@@ -343,13 +343,6 @@ def test_real_tokenizer_target_starts_with_its_space_token(shared_dir):
 # ------------------------------------------------------------------------------------- CLI
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """`mesh-convert eval ...` through the real entry point, its UserError handling included."""
-    code = cli.main(["eval", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def two_models(tmp_path, tiny_mesh_model, monkeypatch) -> Path:
     """`pythia/` (GPT-NeoX) and `mesh/` (MeSH) beside a text file, cwd = that folder; `bare/`
@@ -367,7 +360,7 @@ def two_models(tmp_path, tiny_mesh_model, monkeypatch) -> Path:
 
 def test_cli_json_reports_several_models_side_by_side(two_models, capsys):
     args = ["pythia", "mesh", "--data", "text.txt", "--context", "32", "--stride", "16", "--json"]
-    code, out, err = run_cli(args, capsys)
+    code, out, err = invoke(capsys, "eval", *args)
     assert code == 0, err
     report = json.loads(out)  # stdout is the JSON document and nothing else
     assert [r["model"] for r in report["results"]] == ["pythia", "mesh"]
@@ -384,7 +377,7 @@ def test_cli_json_reports_several_models_side_by_side(two_models, capsys):
 
 def test_cli_lambada_task_on_a_jsonl(two_models, capsys):
     args = ["pythia", "--data", "lines.jsonl", "--task", "lambada", "--limit", "3", "--json"]
-    code, out, err = run_cli(args, capsys)
+    code, out, err = invoke(capsys, "eval", *args)
     assert code == 0, err
     [entry] = json.loads(out)["results"]
     model = load_model(str(two_models / "pythia"))
@@ -395,13 +388,13 @@ def test_cli_lambada_task_on_a_jsonl(two_models, capsys):
 
 
 def test_cli_tokenizer_option_serves_a_bare_checkpoint(two_models, capsys):
-    code, out, err = run_cli(["bare", "--tokenizer", "pythia", "--data", "text.txt", "--json"], capsys)
+    code, out, err = invoke(capsys, "eval", "bare", "--tokenizer", "pythia", "--data", "text.txt", "--json")
     assert code == 0, err
     assert json.loads(out)["results"][0]["perplexity"]["tokens"] == len(TEXT) - 1
 
 
 def test_cli_prints_one_table_with_both_models(two_models, capsys):
-    code, out, _ = run_cli(["pythia", "mesh", "--data", "text.txt", "--context", "32"], capsys)
+    code, out, _ = invoke(capsys, "eval", "pythia", "mesh", "--data", "text.txt", "--context", "32")
     assert code == 0
     assert "Perplexity on text.txt (context 32, stride 16)" in out
     assert "pythia" in out and "mesh" in out and "ppl vs first" in out
@@ -419,7 +412,7 @@ def test_cli_prints_one_table_with_both_models(two_models, capsys):
 )
 def test_cli_bad_input_is_one_line_without_traceback(two_models, capsys, args, message):
     (two_models / "notext.jsonl").write_text('{"title": "x"}\n')
-    code, out, err = run_cli(args, capsys)
+    code, out, err = invoke(capsys, "eval", *args)
     assert code == 1
     assert out == ""
     assert message in err
@@ -431,7 +424,7 @@ def test_cli_tasks_without_lm_eval_says_how_to_install(two_models, capsys, monke
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
-    code, _, err = run_cli(["pythia", "--tasks", "lambada_openai"], capsys)
+    code, _, err = invoke(capsys, "eval", "pythia", "--tasks", "lambada_openai")
     assert code == 1
     assert "pip install 'mesh-convert[eval]'" in err and len(err.strip().splitlines()) == 1
 

@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.cli import main
+from helpers import invoke
 from mesh_convert.errors import UserError, http_error_message, hub_error, scrub
 from mesh_convert.hub.push import push_folder, push_to_hub
 
@@ -100,13 +100,6 @@ def closed_port() -> int:
 # ----------------------------------------------------------------------------- running the CLI
 
 
-def run_cli(argv: list[str], capfd) -> tuple[int, str, str]:
-    capfd.readouterr()
-    code = main(argv)
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 def assert_one_clear_line(code: int, err: str, *needles: str) -> None:
     assert code != 0
     assert "Traceback" not in err
@@ -139,7 +132,7 @@ print("logits match")
 
 def test_round_trip_through_the_cli(hub, model_dir, tiny_mesh_model, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    code, out, err = run_cli(["push", str(model_dir), "alice/tiny-mesh", "--json"], capfd)
+    code, out, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result == {"url": f"{hub.endpoint}/alice/tiny-mesh", "repo_id": "alice/tiny-mesh", "revision": "main"}
@@ -220,7 +213,7 @@ def test_pushing_again_reuses_the_repo(hub, model_dir):
 
 def test_missing_token(hub, model_dir, capfd):
     before = snapshot(model_dir)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "hf auth login", "HF_TOKEN")
     assert hub.log == []  # refused before any request
     assert snapshot(model_dir) == before
@@ -229,7 +222,7 @@ def test_missing_token(hub, model_dir, capfd):
 def test_wrong_token_is_refused_without_echoing_it(hub, model_dir, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", WRONG_TOKEN)
     before = snapshot(model_dir)
-    code, out, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, out, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "401")
     assert WRONG_TOKEN not in out
     # The stand-in did echo the token back in its error body; the CLI must not pass it on.
@@ -242,7 +235,7 @@ def test_read_only_token_is_refused_and_the_folder_is_left_as_it_was(hub, model_
     HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN).create_repo("alice/tiny-mesh")
     monkeypatch.setenv("HF_TOKEN", READ_TOKEN)
     before = snapshot(model_dir)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "403", "alice/tiny-mesh")
     # The card generated for this push was removed again when the upload was refused.
     assert snapshot(model_dir) == before
@@ -254,7 +247,7 @@ def test_unreachable_endpoint(hub, model_dir, monkeypatch, capfd):
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     before = snapshot(model_dir)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "cannot reach", endpoint)
     assert snapshot(model_dir) == before
 
@@ -272,9 +265,9 @@ def test_not_a_converted_model(hub, tmp_path, monkeypatch, capfd):
     folder = tmp_path / "empty"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    code, _, err = run_cli(["push", str(folder), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(folder), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "no weights")
-    code, _, err = run_cli(["push", str(tmp_path / "missing"), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(tmp_path / "missing"), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "not a directory")
     assert hub.log == []
 
@@ -326,7 +319,7 @@ def test_unknown_errors_are_not_disguised():
 def test_convert_then_push(hub, tiny_pythia, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     out = tmp_path / "converted"
-    code, stdout, err = run_cli([str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv", "--json"], capfd)
+    code, stdout, err = invoke(capfd, str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv", "--json")
     assert code == 0, err
     assert json.loads(stdout)["url"] == f"{hub.endpoint}/alice/conv"
     remote = hub.files("alice/conv")
@@ -336,7 +329,7 @@ def test_convert_then_push(hub, tiny_pythia, tmp_path, monkeypatch, capfd):
 
 def test_convert_keeps_the_result_when_the_push_fails(hub, tiny_pythia, tmp_path, capfd):
     out = tmp_path / "converted"
-    code, _, err = run_cli([str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv"], capfd)
+    code, _, err = invoke(capfd, str(tiny_pythia), "--loops", "2", "-o", str(out), "--push-to-hub", "alice/conv")
     assert_one_clear_line(code, err, "but the upload failed")
     assert (out / "model.safetensors").is_file()
 
@@ -454,7 +447,7 @@ def test_an_lfs_upload_failing_after_its_retries_is_one_line(hub, model_dir, mon
     hub.fail("PUT", r"/__lfs__/.*", 500)  # huggingface_hub retries this five times, then wraps the error
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     before = snapshot(model_dir)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_error_line(code, err, "500", "alice/tiny-mesh", hub.endpoint)
     assert snapshot(model_dir) == before
     assert [status for method, _, status in hub.log if method == "PUT"] == [500] * 6
@@ -465,7 +458,7 @@ def test_a_hub_that_never_answers_times_out_and_says_so(hub, model_dir, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
     before = snapshot(model_dir)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
     assert snapshot(model_dir) == before
 
@@ -475,7 +468,7 @@ def test_a_commit_the_hub_takes_longer_to_check_than_an_api_call_may_take_still_
     hub.delay("POST", r"/api/models/alice/tiny-mesh/commit/main", 2.5)
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    code, _, err = run_cli(["push", str(model_dir), "alice/tiny-mesh"], capfd)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert code == 0, err
     assert "model.safetensors" in hub.files("alice/tiny-mesh")
 
@@ -484,7 +477,7 @@ def test_a_commit_the_hub_takes_longer_to_check_than_an_api_call_may_take_still_
 def test_a_token_that_is_not_ascii_is_named_as_the_problem(hub, model_dir, monkeypatch, capfd, command):
     monkeypatch.setenv("HF_TOKEN", "hf_tökenWithAccents0123456789")
     argv = ["push", str(model_dir), "alice/tiny-mesh"] if command == "push" else ["alice/tiny-mesh", "--loops", "2", "--dry-run"]
-    code, _, err = run_cli(argv, capfd)
+    code, _, err = invoke(capfd, *argv)
     assert_one_error_line(code, err, "token", "not ASCII", "HF_TOKEN")
     assert "tökenWithAccents" not in err
 
@@ -501,7 +494,7 @@ def test_a_hub_that_fails_while_fetching_is_not_reported_as_a_missing_file(hub, 
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
-    code, _, err = run_cli(["alice/tiny", "--loops", "2", "--dry-run"], capfd)
+    code, _, err = invoke(capfd, "alice/tiny", "--loops", "2", "--dry-run")
     assert_one_error_line(code, err, "503", "alice/tiny", "not in the local cache")
     assert "no such file" not in err
     assert list(workdir.iterdir()) == []

@@ -25,14 +25,9 @@ from mesh_convert.convert import conversion as convert_module
 from mesh_convert.convert import output as output_module
 from mesh_convert.cli import main
 from mesh_convert.train.loop import main as train_main
-from helpers import SUBPROCESS_ENV, char_tokenizer, metrics, recipe, tiny_converted, write_text
+from helpers import SUBPROCESS_ENV, char_tokenizer, invoke, metrics, recipe, tiny_converted, write_text
 
 INIT = ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--context", "64"]
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -120,7 +115,7 @@ def test_refused_outputs_leave_everything_as_it_was(source, tmp_path, capsys, mo
     if setup is not None:
         setup(tmp_path, monkeypatch)
     before = snapshot(tmp_path)
-    code, err = run_cli(capsys, *[a.format(src=src, tmp=tmp_path) for a in args])
+    code, _, err = invoke(capsys, *[a.format(src=src, tmp=tmp_path) for a in args])
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("error:") and match in last and "Traceback" not in err, err
     assert snapshot(tmp_path) == before
@@ -141,7 +136,7 @@ def test_a_file_that_appears_in_the_target_meanwhile_is_kept(source, tmp_path, c
         (out / "theirs.txt").write_text("written by another program meanwhile")
 
     monkeypatch.setattr(convert_module, "write_metadata", someone_writes_into_the_target)
-    code, err = run_cli(capsys, source, "-k", "2", "-o", out)
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", out)
     assert code == 1 and "--overwrite" in err, err
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and not leftovers(tmp_path)
 
@@ -156,7 +151,7 @@ def test_of_two_conversions_to_one_output_the_second_is_refused(source, tmp_path
         assert main([str(source), "-k", "2", "--variant", "base", "-o", str(out)]) == 0
 
     monkeypatch.setattr(convert_module, "write_metadata", the_other_conversion_finishes_first)
-    code, err = run_cli(capsys, source, "-k", "2", "-o", out)
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", out)
     assert code == 1 and "--overwrite" in err, err
     assert json.loads((out / "conversion.json").read_text())["variant"] == "base" and not leftovers(tmp_path)
 
@@ -165,7 +160,7 @@ def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, c
     src = tmp_path / "tiny-pythia"
     shutil.copytree(source, src)
     monkeypatch.chdir(src)
-    code, err = run_cli(capsys, ".", "-k", "2")
+    code, _, err = invoke(capsys, ".", "-k", "2")
     assert code == 0, err
     made = [p.name for p in src.iterdir() if p.is_dir()]
     assert made == ["tiny-pythia-mesh-1_1R2_1"]
@@ -181,8 +176,8 @@ def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, c
 def test_output_directories_follow_the_umask(source, tmp_path, capsys):
     previous = os.umask(0o022)
     try:
-        code, err = run_cli(capsys, source, "-k", "2", "-o", tmp_path / "out")
-        init_code, init_err = run_cli(capsys, *INIT, "-o", tmp_path / "init")
+        code, _, err = invoke(capsys, source, "-k", "2", "-o", tmp_path / "out")
+        init_code, _, init_err = invoke(capsys, *INIT, "-o", tmp_path / "init")
     finally:
         os.umask(previous)
     assert code == 0 and init_code == 0, err + init_err
@@ -195,7 +190,7 @@ def test_overwriting_through_a_symlink_replaces_what_it_points_to(source, tmp_pa
     previous_result(real)
     link = tmp_path / "out"
     link.symlink_to(real, target_is_directory=True)
-    code, err = run_cli(capsys, source, "-k", "2", "-o", link, "--overwrite")
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", link, "--overwrite")
     assert code == 0, err
     assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == converted_names
     assert not leftovers(tmp_path)
@@ -204,9 +199,9 @@ def test_overwriting_through_a_symlink_replaces_what_it_points_to(source, tmp_pa
 def test_init_replaces_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "model"
     before = previous_result(out)
-    code, err = run_cli(capsys, *INIT, "-o", out)
+    code, _, err = invoke(capsys, *INIT, "-o", out)
     assert code == 1 and "--overwrite" in err and snapshot(out) == before
-    code, err = run_cli(capsys, *INIT, "-o", out, "--overwrite")
+    code, _, err = invoke(capsys, *INIT, "-o", out, "--overwrite")
     assert code == 0, err
     assert (out / "conversion.json").is_file() and not (out / "previous.txt").exists() and not leftovers(tmp_path)
 
@@ -225,7 +220,7 @@ def test_a_failed_portable_swap_puts_the_previous_result_back(source, tmp_path, 
         return rename(source, destination, *args, **kwargs)
 
     monkeypatch.setattr(os, "rename", the_disk_fails_on_the_second_rename)
-    code, err = run_cli(capsys, source, "-k", "2", "-o", out, "--overwrite")
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", out, "--overwrite")
     assert code == 1 and "error:" in err, err
     assert snapshot(out) == before and not leftovers(tmp_path)
 
@@ -306,9 +301,9 @@ def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, 
         assert result.returncode == -signal.SIGKILL
         assert leftovers(tmp_path), "a killed run leaves its hidden staging place"
         if seen is None:  # the next run puts the previous result back, and refuses to replace it
-            code, err = run_cli(capsys, *args[:-1])
+            code, _, err = invoke(capsys, *args[:-1])
             assert code == 1 and "--overwrite" in err and snapshot(out) == before, err
-        code, err = run_cli(capsys, *args)
+        code, _, err = invoke(capsys, *args)
         assert code == 0 and sorted(p.name for p in out.iterdir()) == converted_names, err
     assert not leftovers(tmp_path)
 
@@ -335,15 +330,15 @@ def _recipe_file(training, tmp_path: Path, **sections) -> Path:
 def test_training_into_an_earlier_run_needs_overwrite(training, tmp_path, capsys):
     path = _recipe_file(training, tmp_path)
     run = tmp_path / "run"
-    code, err = run_cli(capsys, "train", path)
+    code, _, err = invoke(capsys, "train", path)
     assert code == 0, err
     before = snapshot(run)
-    code, err = run_cli(capsys, "train", path)
+    code, _, err = invoke(capsys, "train", path)
     assert code == 1 and "--overwrite" in err, err
     assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
     assert train_main([str(path)]) == 1 and "--overwrite" in capsys.readouterr().err  # the launchers' entry
     assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
-    code, err = run_cli(capsys, "train", path, "--overwrite")
+    code, _, err = invoke(capsys, "train", path, "--overwrite")
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [1, 2] and (run / "model" / "conversion.json").is_file()
     assert train_main([str(path), "--overwrite"]) == 0
@@ -365,6 +360,6 @@ def test_a_kill_during_the_training_export_leaves_no_partial_model(training, tmp
     )
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not (run / "model").exists(), "no model rather than half of one"
-    code, err = run_cli(capsys, "train", path, "--overwrite")
+    code, _, err = invoke(capsys, "train", path, "--overwrite")
     assert code == 0, err
     assert (run / "model" / "conversion.json").is_file() and not leftovers(run)
