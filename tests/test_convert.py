@@ -192,6 +192,21 @@ def test_output_directory_contents(source, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging directory may remain"
 
 
+def test_published_files_name_local_paths_by_their_folder(source, tmp_path, capsys):
+    """config.json, conversion.json and the card go to the Hub with the weights: the user's absolute
+    paths (home directory, project layout) must not be in them."""
+    path, _, _, _ = source
+    out = (tmp_path / "private-project" / "out").resolve()
+    code, _, err = invoke(capsys, Path(path).resolve(), "--loops", 2, "-o", out)
+    assert code == 0, err
+    for name in ("config.json", "conversion.json", "README.md"):
+        text = (out / name).read_text()
+        assert str(Path(path).resolve()) not in text and "private-project" not in text, name
+    info = json.loads((out / "conversion.json").read_text())
+    assert info["source"]["model"] == Path(path).name and info["output"] == "out"
+    assert info["command"] == f"mesh-convert {Path(path).name} --loops 2 -o out"
+
+
 def test_bin_checkpoints_load_with_weights_only(source, tmp_path, capsys):
     path, model, x, _ = source
     bin_dir = tmp_path / "bin-src"

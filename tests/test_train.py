@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,11 @@ def test_continue_pretraining_lowers_the_loss_and_saves_a_converted_checkpoint(w
     assert info["training"]["steps"] == 30 and info["training"]["method"] == "full"
     assert info["training"]["tokens"] == 30 * 128 and info["training"]["final_loss"] == log[-1]["loss"]
     assert info["training"]["recipe"]["optim"]["lr"] == 3e-3
+    # Published with the model: the recipe's absolute paths by their last part only.
+    recorded = info["training"]["recipe"]
+    assert recorded["model"] == Path(work["model"]).name and recorded["output_dir"] == out.name
+    published = (model_dir / "conversion.json").read_text()
+    assert str(tmp_path) not in published and str(work["root"]) not in published
     card = ModelCard.load(model_dir / "README.md")  # the trained model has its own card, as every output
     assert "- method: full" in card.text and "- steps: 30" in card.text
     model = AutoModelForCausalLM.from_pretrained(model_dir)

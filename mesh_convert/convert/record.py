@@ -10,6 +10,8 @@ wrote its counts under `parameters`.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,29 @@ def _first_problem(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
+def without_local_paths(value: Any) -> Any:
+    """`value` (text, or lists and dicts of it) with every absolute path cut to its last part:
+    the record and the model card are published with the model, the user's directory layout is not."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
+
+
+def published_command(argv: list[str]) -> str:
+    """`mesh-convert ARGS` as typed, for the record and the model card, absolute paths cut to
+    their last part (`--flag=/a/b` too)."""
+
+    def public(arg: str) -> str:
+        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        return flag + equals + without_local_paths(value)
+
+    return shlex.join(["mesh-convert", *map(public, argv)])
+
+
 def with_training(record: ConversionRecord | None, training: dict | None) -> ConversionRecord | None:
     """`record` (of the source model) with the `training` section of a run that continued it."""
     if training is None:
@@ -147,4 +172,4 @@ def with_training(record: ConversionRecord | None, training: dict | None) -> Con
     return base.model_copy(update={"training": Training.model_validate(training)})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "with_training"]
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_command", "with_training", "without_local_paths"]

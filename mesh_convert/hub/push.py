@@ -18,7 +18,6 @@ import huggingface_hub
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from huggingface_hub.utils._http import default_client_factory, set_client_factory  # not re-exported
 
 from ..convert.record import ConversionRecord
 from ..convert.card import write_model_card
