@@ -95,8 +95,8 @@ def step0_rows(source, evaluate) -> list[dict]:
 def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, convert_options, recipe_extra) -> dict:
     """Convert, train with `recipe_extra` for --heal-steps on wiki.valid.raw, evaluate the result."""
     run = workdir / f"{group}-{len(list(workdir.iterdir()))}"
-    convert_options = {"tie": args.tie, **convert_options}
-    converted = convert_model(source, loops=args.heal_loops, **convert_options)
+    convert_options = {"tie": args.tie, "loops": args.heal_loops, **convert_options}
+    converted = convert_model(source, **convert_options)
     converted.save_pretrained(run / "start")
     tokenizer.save_pretrained(run / "start")
     before = evaluate(converted)
@@ -126,7 +126,8 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "layouts", "core", "distill-t")
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "layouts", "core", "distill-t",
+             "original")
 
 
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
@@ -138,7 +139,9 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
     so MeSH's trained routers meet plain recursion at an equal budget; `relax` keeps low-rank deltas and
     trains them with the model, `layouts` ties fewer layers (more parameters for the same compute):
     parameters against healed quality; `core` trains only the looped core and the routers, `distill-t`
-    distils at temperatures 2 and 4: the healing recipe's knobs (its learning rate is --heal-lr)."""
+    distils at temperatures 2 and 4: the healing recipe's knobs (its learning rate is --heal-lr);
+    `original` trains the unconverted model alike (K=1, base: every layer its own), the reference
+    that separates what healing repairs from what the training text alone teaches."""
     anneal = {"target_rank": 0, "steps": max(1, int(args.heal_steps * 0.8)), "every": max(1, args.heal_steps // 10)}
     runs = {
         "lm": [("heal", f"tie-then-heal (LM loss), {args.tie}", {"relax_rank": 0}, {})],
@@ -160,6 +163,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
         "core": [("knob", f"{args.tie}, core+routers train", {"relax_rank": 0}, {"trainable": "core+routers"})],
         "distill-t": [("knob", f"{args.tie}, distillation T={t}", {"relax_rank": 0},
                        {"distill": {"teacher": str(source_dir), "temperature": t}}) for t in (2.0, 4.0)],
+        "original": [("reference", "untied (K=1, base): the original", {"relax_rank": 0, "loops": 1, "variant": "base"},
+                      {})],
     }
     for name in args.heal_runs:  # a generator, so each row is saved as soon as it exists
         for group, label, convert, extra in runs[name]:
