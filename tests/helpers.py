@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from conftest import make_tiny_llama, make_tiny_pythia
 from mesh_convert.cli import main
@@ -91,11 +90,7 @@ def invoke(capture, *args) -> tuple[int, str, str]:
     """`mesh-convert ARGS` in-process through `mesh_convert.cli.main`, its error handling included;
     the exit code and what the command alone printed (`capture`: pytest's capsys or capfd)."""
     capture.readouterr()  # drop what fixtures printed
-    hf_logging.disable_progress_bar()  # transformers' loading bars would share stderr
-    try:
-        code = main([str(arg) for arg in args])
-    finally:
-        hf_logging.enable_progress_bar()
+    code = main([str(arg) for arg in args])
     out, err = capture.readouterr()
     return code, out, err
 

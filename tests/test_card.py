@@ -188,3 +188,19 @@ def test_a_local_source_is_named_by_its_folder_not_its_path():
     assert "/home/alice" not in text and "secret-project" not in text
     assert "converted from `pythia-160m-step5000`" in text
     assert "- source model: `pythia-160m-step5000`" in text
+
+
+def test_published_records_cut_absolute_paths_to_their_last_part():
+    """conversion.json goes to the Hub with the model: absolute paths (POSIX or Windows, alone or in
+    a flag) keep their last part, relative ones and fields never set stay as they are."""
+    record = ConversionRecord.model_validate({
+        "command": "mesh-convert /home/alice/ckpt --output=/home/alice/out -o/srv/x -k 2 rel/dir",
+        "source": {"model": "C:\\Users\\alice\\pythia-160m"},
+        "training": {"recipe": {"model": "/home/alice/m", "data": {"train": ["/data/a.txt", "b.txt"]}, "lr": 1e-3}},
+    })
+    published = json.loads(record.published().to_json())
+    assert published == {
+        "command": "mesh-convert ckpt --output=out -ox -k 2 rel/dir",
+        "source": {"model": "pythia-160m"},
+        "training": {"recipe": {"model": "m", "data": {"train": ["a.txt", "b.txt"]}, "lr": 1e-3}},
+    }

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,14 +198,27 @@ def test_published_files_name_local_paths_by_their_folder(source, tmp_path, caps
     paths (home directory, project layout) must not be in them."""
     path, _, _, _ = source
     out = (tmp_path / "private-project" / "out").resolve()
-    code, _, err = invoke(capsys, Path(path).resolve(), "--loops", 2, "-o", out)
+    code, _, err = invoke(capsys, Path(path).resolve(), "--loops", 2, f"-o{out}")
     assert code == 0, err
     for name in ("config.json", "conversion.json", "README.md"):
         text = (out / name).read_text()
         assert str(Path(path).resolve()) not in text and "private-project" not in text, name
     info = json.loads((out / "conversion.json").read_text())
     assert info["source"]["model"] == Path(path).name and info["output"] == "out"
-    assert info["command"] == f"mesh-convert {Path(path).name} --loops 2 -o out"
+    assert info["command"] == f"mesh-convert {Path(path).name} --loops 2 -oout"
+
+
+def test_a_snapshot_in_the_hub_cache_is_recorded_as_its_hub_id(source, tmp_path, capsys):
+    """A checkpoint downloaded earlier and converted from the Hugging Face cache keeps its origin
+    (id and revision: the card's base_model, the default learning rate of a Pythia size)."""
+    path, _, _, _ = source
+    snapshot = tmp_path / "hub" / "models--EleutherAI--pythia-14m" / "snapshots" / "0123abcd"
+    shutil.copytree(path, snapshot)
+    code, _, err = invoke(capsys, snapshot, "--loops", 2, "-o", tmp_path / "out")
+    assert code == 0, err
+    info = json.loads((tmp_path / "out" / "conversion.json").read_text())
+    assert info["source"]["model"] == "EleutherAI/pythia-14m" and info["source"]["revision"] == "0123abcd"
+    assert "base_model: EleutherAI/pythia-14m" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_bin_checkpoints_load_with_weights_only(source, tmp_path, capsys):

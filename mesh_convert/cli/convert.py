@@ -1,6 +1,7 @@
 """`mesh-convert MODEL --loops K [options]`: plan or run a conversion, with tables and --json."""
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -11,7 +12,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from ..convert.options import ConvertOptions
-from ..convert.record import published_command
 from ..errors import UserError
 from .params import flag, with_options
 
@@ -102,7 +102,7 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
     if push_to_hub:
         _check_push_target(push_to_hub)
 
-    command = published_command(ctx.obj["argv"])
+    command = shlex.join(["mesh-convert", *ctx.obj["argv"]])  # as typed (the record cuts its paths)
     plan = make_plan(options, command=command, builtin_facts=dry_run)
     if dry_run:
         if as_json:

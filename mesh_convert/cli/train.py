@@ -1,5 +1,6 @@
 """`mesh-convert train | finetune | init | merge`: training commands (wired by `cli.register`)."""
 
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -8,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.options import Variant
-from ..convert.record import published_command
 from ..errors import UserError, first_line
 from ..io import check_output_directory
 
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(staging)
                 except Exception as error:
                     raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
-            record = scratch_record(config, spec, seed, command=published_command(ctx.obj["argv"]))
+            record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
             record.write(staging)
             write_model_card(staging, record)
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "

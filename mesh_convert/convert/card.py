@@ -216,6 +216,7 @@ def build_model_card(
     """
     if not isinstance(record, ConversionRecord):
         record = ConversionRecord.model_validate(record or {})
+    record = record.published()
     model_name = repo_id.split("/")[-1] if repo_id else default_model_name(record)
     model_ref = repo_id or "path/to/converted-model"
     source_id = hub_model_id(record.source_model)

@@ -335,8 +335,8 @@ class ConversionPlan:
         return Path(f"{base}-mesh-{self.layout.name}")
 
     def record(self) -> ConversionRecord:
-        """The conversion record (conversion.json) of this plan; it names the output by its folder."""
-        return ConversionRecord.model_validate({**self.to_dict(), "output": self.output_dir.name})
+        """The conversion record (conversion.json) of this plan."""
+        return ConversionRecord.model_validate(self.to_dict())
 
     def to_dict(self) -> dict:
         """The full plan and provenance, as written to conversion.json and printed by --dry-run --json."""
@@ -415,12 +415,11 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
             f"K+2 = {layout.loops + 2} slots (one per step plus the embedding); the paper's default is K+3"
         )
     check_router_options(options, slots, output_dtype_name(options, source_config))
+    recorded_model, recorded_revision = ref.recorded()
     provenance = {
         "source": {
-            # A local source by its folder's name alone: config.json and conversion.json are
-            # published with the model, the user's paths are not.
-            "model": ref.repo_id or ref.local_dir.name,
-            "revision": ref.revision,
+            "model": recorded_model,
+            "revision": recorded_revision,
             "model_type": family.model_type,
             "license": "apache-2.0" if alias else None,
             "num_layers": source_config.num_hidden_layers,

@@ -10,9 +10,8 @@ wrote its counts under `parameters`.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -117,9 +116,23 @@ class ConversionRecord(_Section):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
 
+    def published(self) -> ConversionRecord:
+        """The record as it is written: it goes to the Hub with the model, so the absolute paths in
+        it (a local source, the output, the command line, a trained model's recipe) keep only their
+        last part; the user's directory layout stays theirs."""
+
+        def cut(section: BaseModel | None, field: str, how=_without_local_paths):
+            if section is None or field not in section.model_fields_set:  # unset fields stay unwritten
+                return section
+            return section.model_copy(update={field: how(getattr(section, field))})
+
+        record = cut(cut(self, "output"), "command", _command_without_local_paths)
+        sections = {name: cut(getattr(self, name), field) for name, field in (("source", "model"), ("training", "recipe"))}
+        return record.model_copy(update={name: value for name, value in sections.items() if name in self.model_fields_set})
+
     def write(self, directory: Path) -> Path:
         path = Path(directory) / FILENAME
-        path.write_text(self.to_json())
+        path.write_text(self.published().to_json())
         return path
 
     @classmethod
@@ -141,27 +154,35 @@ def _first_problem(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def without_local_paths(value: Any) -> Any:
-    """`value` (text, or lists and dicts of it) with every absolute path cut to its last part:
-    the record and the model card are published with the model, the user's directory layout is not."""
+def _without_local_paths(value: Any) -> Any:
+    """`value` (text, or lists and dicts of it) with every absolute path, POSIX or Windows, cut to
+    its last part. Relative paths stay: they tell nothing of the user's directories."""
     if isinstance(value, dict):
-        return {key: without_local_paths(item) for key, item in value.items()}
+        return {key: _without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [without_local_paths(item) for item in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        return Path(value).name
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str):
+        for flavour in (PurePosixPath, PureWindowsPath):
+            if flavour(value).is_absolute():
+                return flavour(value).name
     return value
 
 
-def published_command(argv: list[str]) -> str:
-    """`mesh-convert ARGS` as typed, for the record and the model card, absolute paths cut to
-    their last part (`--flag=/a/b` too)."""
+def _command_without_local_paths(command: str) -> str:
+    """A command line with the absolute paths in it cut: `/a/b`, `--flag=/a/b` and `-o/a/b`."""
 
-    def public(arg: str) -> str:
-        flag, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        return flag + equals + without_local_paths(value)
+    def cut(arg: str) -> str:
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            return f"{flag}={_without_local_paths(value)}"
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            return arg[:2] + _without_local_paths(arg[2:])
+        return _without_local_paths(arg)
 
-    return shlex.join(["mesh-convert", *map(public, argv)])
+    try:
+        return shlex.join(map(cut, shlex.split(command)))
+    except ValueError:  # not a shell line (written by hand): as it is
+        return command
 
 
 def with_training(record: ConversionRecord | None, training: dict | None) -> ConversionRecord | None:
@@ -172,4 +193,4 @@ def with_training(record: ConversionRecord | None, training: dict | None) -> Con
     return base.model_copy(update={"training": Training.model_validate(training)})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_command", "with_training", "without_local_paths"]
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "with_training"]

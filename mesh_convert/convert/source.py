@@ -39,6 +39,17 @@ class SourceRef:
     revision: str | None
     local_dir: Path | None
 
+    def recorded(self) -> tuple[str, str | None]:
+        """(model, revision) as the conversion records them: a Hub id with its revision; a snapshot
+        in the Hugging Face cache (`models--ORG--NAME/snapshots/REV`) as that id and revision; any
+        other local directory by its folder's name (the record is published, the user's paths are not)."""
+        if self.local_dir is None:
+            return self.repo_id, self.revision
+        repo, snapshots = self.local_dir.parent.parent.name, self.local_dir.parent.name
+        if snapshots == "snapshots" and repo.startswith("models--") and repo.count("--") == 2:
+            return repo.removeprefix("models--").replace("--", "/"), self.local_dir.name
+        return self.local_dir.name, None
+
 
 def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     path = Path(name).expanduser()

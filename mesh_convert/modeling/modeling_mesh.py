@@ -377,10 +377,11 @@ class MeshMemory(nn.Module):
         out = None
         for vector, written_with in state:
             coefficient = (read * written_with).sum(-1, keepdim=True)
-            # Sharp routers (logit gaps past ~87) give coefficients below float32's normal range.
-            # What they add is lost in any float32 or bfloat16 sum, yet x86 CPUs multiply such
-            # subnormal numbers up to hundreds of times slower: zero them.
-            coefficient = coefficient.masked_fill(coefficient < torch.finfo(torch.float32).tiny, 0.0)
+            # Sharp routers (logit gaps past ~70) give coefficients so small that their products
+            # with a hidden state fall below float32's normal range (1.2e-38), on which x86 CPUs
+            # compute hundreds of times slower. Below 2**-100 a coefficient times any value above
+            # 2**-26 would be such a subnormal, and what it adds is lost in any sum: zero it.
+            coefficient = coefficient.masked_fill(coefficient < 2.0**-100, 0.0)
             coefficient = coefficient.to(vector.dtype)
             out = coefficient * vector if out is None else out + coefficient * vector
         return out

@@ -460,12 +460,12 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
     section, each staged and published whole; `replace` allows replacing an earlier export."""
     from ..convert.card import write_model_card
     from ..convert.output import staged_directory
-    from ..convert.record import ConversionRecord, without_local_paths
+    from ..convert.record import ConversionRecord
     from .lora import copy_side_files
 
     output = Path(recipe.output_dir)
     training = {
-        "recipe": without_local_paths(recipe.model_dump(mode="json")),
+        "recipe": recipe.model_dump(mode="json"),
         "method": recipe.method,
         "trainable": recipe.trainable,
         "tokens": state.tokens,
