@@ -106,7 +106,7 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
         "seed": 0,
         "data": {"train": [str(SHARED / "data/wikitext-2-raw/wiki.valid.raw")], "block_size": args.block_size,
                  "eval_blocks": 4},
-        "optim": {"lr": args.heal_lr},
+        "optim": {"lr": args.heal_lr, "router_lr_mult": 1},  # x1 unless a run says otherwise
         "train": {"global_batch_size": args.batch_size, "micro_batch_size": args.batch_size,
                   "max_steps": args.heal_steps, "eval_every": 0},
     }

@@ -98,7 +98,11 @@ class OptimSection(Strict):
     warmup: float = Field(0.01, ge=0, lt=1, description="fraction of steps; when > 0, at least min(10, steps // 10) steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine ends at this fraction of the peak")
     grad_clip: float | None = Field(1.0, gt=0)
-    router_lr_mult: float = Field(1.0, gt=0, le=1e3)
+    router_lr_mult: float = Field(
+        10.0, gt=0, le=1e3,
+        description="the routers' LR over the model's: they must learn away from their init within the run "
+        "(10: better than 1 from scratch at lr 1e-3 to 4e-3 and when healing conversions, BENCHMARKS.md)",
+    )
     delta_lr_mult: float = Field(1.0, gt=0, le=1e3)
 
 
