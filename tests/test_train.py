@@ -24,6 +24,7 @@ from helpers import (
     SUBPROCESS_ENV,
     char_tokenizer,
     corpus,
+    invoke,
     metrics,
     recipe,
     run_cli,
@@ -203,6 +204,14 @@ def test_bad_input_is_one_line_and_nonzero(work, tmp_path, monkeypatch, capsys, 
     assert re.search(wanted, err[-1]), err
     assert not (out / "model").exists()
     assert (work["model"] / "model.safetensors").is_file()  # nothing lost
+
+
+def test_the_cli_prints_its_own_progress_and_summary_only(work, tmp_path, capsys):
+    """No tqdm bar of transformers' (loading, writing shards) between our progress bar and our summary."""
+    path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], tmp_path / "run", train={"max_steps": 2}))
+    code, out, err = invoke(capsys, "train", path)
+    assert code == 0, err
+    assert "it/s]" not in out + err and "trained 2 steps" in out + err, out + err
 
 
 def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(work, tmp_path):

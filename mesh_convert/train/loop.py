@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..io import check_largest_id, check_model_dir, check_output_directory, load_model, load_tokenizer
+from ..io import (
+    check_largest_id,
+    check_model_dir,
+    check_output_directory,
+    load_model,
+    load_tokenizer,
+    transformers_bars_hidden,
+)
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -403,7 +410,8 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
             on_step(state.step, record)
     progress.close()
 
-    summary = _export(recipe, accelerator, model, tokenizer, state, last_loss, replace=overwrite or resume is not None)
+    with transformers_bars_hidden():  # transformers' "Writing model shards" bar would follow ours
+        summary = _export(recipe, accelerator, model, tokenizer, state, last_loss, replace=overwrite or resume is not None)
     summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=counts)
     if recipe.trackers:
         accelerator.end_training()
