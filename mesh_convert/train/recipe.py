@@ -101,7 +101,8 @@ class OptimSection(Strict):
     router_lr_mult: float = Field(
         10.0, gt=0, le=1e3,
         description="the routers' LR over the model's: they must learn away from their init within the run "
-        "(10: better than 1 from scratch at lr 1e-3 to 4e-3 and when healing conversions, BENCHMARKS.md)",
+        "(10 beat 1 from scratch at lr 1e-3 and 2e-3 and healing conversions at 3e-4; at lr 4e-3, 1 was "
+        "better: the routers did best at about 1e-2 to 2e-2, BENCHMARKS.md)",
     )
     delta_lr_mult: float = Field(1.0, gt=0, le=1e3)
 
