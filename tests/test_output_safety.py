@@ -173,6 +173,17 @@ def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, c
     assert_loads_as_remote_code(src / made[0], x, expected, tmp_path)
 
 
+def test_default_outputs_of_two_variants_do_not_meet_and_their_cards_share_their_names(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for variant in ("mesh", "base"):
+        code, _, err = invoke(capsys, source, "-k", "2", "--variant", variant)
+        assert code == 0, err
+    made = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert made == ["tiny-pythia-base-1_1R2_1", "tiny-pythia-mesh-1_1R2_1"]
+    for name in made:
+        assert f"\n# {name}\n" in (tmp_path / name / "README.md").read_text()
+
+
 def test_output_directories_follow_the_umask(source, tmp_path, capsys):
     previous = os.umask(0o022)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import io
-from ..convert.plan import Layout
+from ..convert.plan import Layout, converted_name
 from ..convert.record import ConversionRecord, Params
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -45,17 +45,13 @@ def hub_model_id(name: str | None) -> str | None:
 
 
 def default_model_name(record: ConversionRecord) -> str:
-    """A readable name for the converted model that can also name its Hub repository, e.g.
-    `pythia-160m-mesh-2_4R2_2`."""
-    source = record.source_model
-    base = source.rstrip("/").split("/")[-1] if source else "model"
+    """The name a conversion gives its folder, e.g. `pythia-160m-mesh-2_4R2_2`, from its record."""
     layout = record.layout_text()
     try:
         layout = Layout.parse(layout).name if layout else None
     except ValueError:  # a record edited by hand: its layout as written
         pass
-    variant = record.variant or "mesh"
-    return f"{base}-{variant}-{layout}" if layout else f"{base}-{variant}"
+    return converted_name(record.source_model or "model", record.variant or "mesh", layout)
 
 
 def _count(value: int | None) -> str:

@@ -80,6 +80,14 @@ class Layout:
         return self.text
 
 
+def converted_name(source: str, variant: str, layout_name: str | None) -> str:
+    """A converted model's default name, for its folder and its model card: the source's last
+    part, the variant (so that conversions of one source into two variants do not meet), the
+    layout as `P_CRK_Q`. E.g. `pythia-160m-mesh-2_4R2_2`."""
+    base = source.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return "-".join(part for part in (base, variant, layout_name) if part)
+
+
 def _layouts(num_layers: int, loops: int, min_outer: int = 1) -> list[Layout]:
     """Every compute-matched layout P + C*K + Q = num_layers with C >= 1 and P, Q >= min_outer."""
     layouts = []
@@ -331,8 +339,8 @@ class ConversionPlan:
             return self.options.output
         # The folder's own name, also for `.` or `..`; a Hub id's last part.
         local = self.source.local_dir
-        base = local.name if local is not None else self.source.name.rstrip("/").rsplit("/", 1)[-1]
-        return Path(f"{base}-mesh-{self.layout.name}")
+        source = local.name if local is not None else self.source.name
+        return Path(converted_name(source, self.options.variant, self.layout.name))
 
     def record(self) -> ConversionRecord:
         """The conversion record (conversion.json) of this plan."""
