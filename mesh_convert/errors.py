@@ -155,10 +155,17 @@ def _message(error: BaseException, repo_id: str, endpoint: str, token: str | Non
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set: unset it to push to the Hub"
     if isinstance(error, httpx.TimeoutException):
+        if fetching:
+            waited = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s, "
+                      f"HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s")
+        else:  # a commit's answer gets longer than the other calls (io.upload_answer_timeout)
+            from .io import upload_answer_timeout
+
+            waited = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s a request, "
+                      f"{upload_answer_timeout():g} s for the upload's answer")
         return (
-            f"the Hub at {endpoint} did not answer in time while {doing} (HF_HUB_DOWNLOAD_TIMEOUT="
-            f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s, HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s): "
-            "check the network, or raise them for a slow connection"
+            f"the Hub at {endpoint} did not answer in time while {doing} ({waited}): "
+            "check the network, or raise HF_HUB_DOWNLOAD_TIMEOUT for a slow connection"
         )
     if isinstance(error, (httpx.RequestError, ConnectionError)):
         return f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import invoke
 from mesh_convert.errors import UserError, http_error_message, hub_error, scrub
+from mesh_convert import io
 from mesh_convert.hub.push import push_folder, push_to_hub
 
 try:  # the HTTP client module huggingface_hub uses (httpx2 from huggingface_hub 2.x)
@@ -460,6 +461,18 @@ def test_a_hub_that_never_answers_times_out_and_says_so(hub, model_dir, monkeypa
     before = snapshot(model_dir)
     code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
+    assert snapshot(model_dir) == before
+
+
+def test_an_upload_that_is_never_answered_says_how_long_it_waited(hub, model_dir, monkeypatch, capfd):
+    hub.fail("POST", r"/api/models/alice/tiny-mesh/commit/main", None)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(io, "UPLOAD_ANSWER_SECONDS", 2.0)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    before = snapshot(model_dir)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s a request",
+                          "2 s for the upload's answer")
     assert snapshot(model_dir) == before
 
 
