@@ -19,6 +19,7 @@ from mesh_convert.convert import shards as shards_module
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
 from mesh_convert.convert.plan import Layout, layer_map, resolve_layout, shared_sources
+from mesh_convert.convert.source import cache_snapshot
 
 
 def logits_of(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +220,18 @@ def test_a_snapshot_in_the_hub_cache_is_recorded_as_its_hub_id(source, tmp_path,
     info = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert info["source"]["model"] == "EleutherAI/pythia-14m" and info["source"]["revision"] == "0123abcd"
     assert "base_model: EleutherAI/pythia-14m" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("hub/models--EleutherAI--pythia-14m/snapshots/0123abcd", ("EleutherAI/pythia-14m", "0123abcd")),
+    ("hub/models--gpt2/snapshots/0123abcd", ("gpt2", "0123abcd")),  # an id without namespace
+    ("hub/datasets--someone--text/snapshots/0123abcd", None),
+    ("hub/models--a--b--c/snapshots/0123abcd", None),  # no Hub id holds `--`
+    ("work/snapshots/0123abcd", None),
+    ("work/pythia-14m", None),
+])
+def test_the_hub_cache_layout_is_recognised_in_one_place(path, expected):
+    assert cache_snapshot(Path("/home/someone") / path) == expected
 
 
 def test_bin_checkpoints_load_with_weights_only(source, tmp_path, capsys):

@@ -45,10 +45,17 @@ class SourceRef:
         other local directory by its folder's name (the record is published, the user's paths are not)."""
         if self.local_dir is None:
             return self.repo_id, self.revision
-        repo, snapshots = self.local_dir.parent.parent.name, self.local_dir.parent.name
-        if snapshots == "snapshots" and repo.startswith("models--") and repo.count("--") == 2:
-            return repo.removeprefix("models--").replace("--", "/"), self.local_dir.name
-        return self.local_dir.name, None
+        return cache_snapshot(self.local_dir) or (self.local_dir.name, None)
+
+
+def cache_snapshot(directory: Path) -> tuple[str, str] | None:
+    """(repo id, revision) when `directory` is a model snapshot in the Hugging Face cache,
+    `models--ORG--NAME/snapshots/REV` (`models--NAME/...` for an id without namespace), else None.
+    A Hub name cannot hold `--`, so the folder's name gives the id back unambiguously."""
+    repo, snapshots = directory.parent.parent.name, directory.parent.name
+    if snapshots == "snapshots" and repo.startswith("models--") and 1 <= repo.count("--") <= 2:
+        return repo.removeprefix("models--").replace("--", "/"), directory.name
+    return None
 
 
 def resolve_source(name: str, revision: str | None = None) -> SourceRef:
@@ -165,7 +172,7 @@ def tokenizer_files(directory: Path, local: bool) -> list[Path]:
     downloaded it (not `local`) or the user names the snapshot's folder."""
     directory = directory.resolve()
     allowed = [directory]
-    if directory.parent.name == "snapshots":
+    if cache_snapshot(directory) is not None:
         allowed.append(directory.parent.parent / "blobs")
     found = []
     for name in TOKENIZER_FILES:
