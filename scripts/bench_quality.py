@@ -126,8 +126,8 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "layouts", "core", "distill-t",
-             "original")
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "relax-zero", "layouts", "core",
+             "distill-t", "original")
 
 
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
@@ -137,7 +137,7 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
     routers from each router gap, to see how fast they move away from the function-preserving init;
     `variants` heals the --tie conversion as each recurrence (MeSH also with a 10x router learning rate),
     so MeSH's trained routers meet plain recursion at an equal budget; `relax` keeps low-rank deltas and
-    trains them with the model, `layouts` ties fewer layers (more parameters for the same compute):
+    trains them with the model (`relax-zero`: deltas that start at zero, LoRA-style), `layouts` ties fewer layers (more parameters for the same compute):
     parameters against healed quality; `core` trains only the looped core and the routers, `distill-t`
     distils at temperatures 2 and 4: the healing recipe's knobs (its learning rate is --heal-lr);
     `original` trains the unconverted model alike (K=1, base: every layer its own), the reference
@@ -158,6 +158,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                                                    ("anchor", "", {}), ("residual", "", {}))],
         "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
                   for rank in (16, 64, 128)],
+        "relax-zero": [("relax", f"{args.tie}, relax rank {rank} zero start", {"relax_rank": rank, "relax_init": "zero"}, {})
+                       for rank in (16, 64)],
         "layouts": [("layout", f"{args.tie}, P=Q={outer}", {"relax_rank": 0, "prelude": outer, "coda": outer}, {})
                     for outer in args.outer_layers],
         "core": [("knob", f"{args.tie}, core+routers train", {"relax_rank": 0}, {"trainable": "core+routers"})],

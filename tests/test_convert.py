@@ -85,6 +85,29 @@ def test_low_rank_deltas_are_the_truncated_svd(source):
     torch.testing.assert_close(produced, truncated, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [4, "full"])
+def test_a_zero_start_relaxation_is_the_tie_until_its_deltas_learn(source, rank):
+    _, model, x, _ = source
+    tie = convert_model(model, loops=2)
+    relaxed = convert_model(model, loops=2, relax_rank=rank, relax_init="zero")
+    torch.testing.assert_close(relaxed(x).logits, tie(x).logits, atol=0, rtol=0)
+    relaxed(x, labels=x).loss.backward()
+    grads = {name: param.grad for name, param in relaxed.named_parameters() if "_delta" in name}
+    assert grads and all(grad is not None for grad in grads.values())
+    # The factors that start at zero get a gradient: they move in the first step.
+    learning = [name for name, grad in grads.items() if name.endswith(("weight_delta_out", "weight_delta"))]
+    assert learning and all(grads[name].abs().sum() > 0 for name in learning)
+
+
+def test_the_record_and_card_say_how_the_deltas_started(source, tmp_path, capsys):
+    path, _, _, _ = source
+    code, out, err = invoke(capsys, path, "--loops", 2, "--relax-rank", 4, "--relax-init", "zero", "-o", tmp_path / "z")
+    assert code == 0, err
+    assert "4, zero start" in out
+    assert json.loads((tmp_path / "z" / "conversion.json").read_text())["relax_init"] == "zero"
+    assert "- relaxation rank: `4 (zero start)`" in (tmp_path / "z" / "README.md").read_text()
+
+
 # --- plans and layer maps ----------------------------------------------------------------
 
 
@@ -145,6 +168,7 @@ def test_relaxation_is_counted(capsys):
     "options, copied_layers",
     [
         pytest.param({"relax_rank": 4}, 2, id="rank4"),  # copied prelude/coda, computed core tensors
+        pytest.param({"relax_rank": 4, "relax_init": "zero"}, 5, id="zero-start"),  # copies, new deltas
         pytest.param({"relax_rank": 0}, 5, id="copies"),  # every layer copied file to file
         pytest.param({"relax_rank": 0, "tie": "average"}, 2, id="average"),  # averaged core
         pytest.param({"relax_rank": 0, "dtype": "bfloat16"}, None, id="cast"),  # nothing copied as bytes
@@ -330,6 +354,7 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
         (["pythia-14m-deduped", "--loops", "2"], "no deduplicated run"),
         (["{src}", "--loops", "4", "--prelude", "3", "--coda", "3"], "does not fit 8 layers"),
         (["{src}", "--loops", "2", "--relax-rank", "many"], "--relax-rank"),
+        (["{src}", "--loops", "2", "--relax-init", "zero"], "--relax-init zero needs deltas"),
         (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
         (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),
     ],

@@ -12,6 +12,7 @@ import math
 import shutil
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,20 @@ AUTO_MAP = {
 # ---------------------------------------------------------------------------------------------
 # The tensors of the converted model, one layer group at a time.
 # ---------------------------------------------------------------------------------------------
+
+
+def _zero_start_deltas(name: str, shape: tuple[int, ...], config: MeshConfig) -> dict[str, torch.Tensor]:
+    """`--relax-init zero`: per-loop deltas that start at zero, so the model starts as the plain tie.
+    A low-rank pair starts as LoRA does, its output factor zero and its input factor random (both
+    zero would never move): normal with the source's initializer_range, the modeling file's own
+    init, seeded by the tensor's name so that a conversion is reproducible."""
+    K, rank = config.num_loops, config.relax_rank
+    if len(shape) == 1 or relax_is_dense(rank, shape[1], shape[0]):
+        return {f"{name}_delta": torch.zeros(K, *shape)}
+    out_features, in_features = shape
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    factors_in = torch.randn(K, rank, in_features, generator=generator) * config.initializer_range
+    return {f"{name}_delta_in": factors_in, f"{name}_delta_out": torch.zeros(K, out_features, rank)}
 
 
 def _delta_tensors(name: str, deltas: list[torch.Tensor], rank) -> dict[str, torch.Tensor]:
@@ -104,7 +119,8 @@ def iter_tensor_groups(
     file instead of being read. Averages and deltas are computed in float32 and cast as soon as
     they exist, so a group never holds more than one float32 layer at a time."""
     family, layout, config = plan.family, plan.layout, plan.mesh_config
-    names = list(layer_tensor_shapes(config))
+    shapes = layer_tensor_shapes(config)
+    names = list(shapes)
     dtype = torch_dtype(plan.dtype_name)
 
     def load(name: str) -> torch.Tensor | TensorSpan:
@@ -126,13 +142,16 @@ def iter_tensor_groups(
     for i in range(layout.core):
         group = {}
         for name in names:
-            if config.relax_rank == 0:  # no deltas: the float32 originals are not needed
+            if config.relax_rank == 0 or plan.options.relax_init == "zero":  # the originals are not needed
                 sources = [family.layer(layer) + name for layer in shared[i]]
                 group[f"model.core.{i}.{name}"] = (
                     load(sources[0])  # tied to one stand-in: a copy
                     if len(sources) == 1
                     else _average([reader.get(source) for source in sources], dtype)
                 )
+                if config.relax_rank != 0:
+                    deltas = _zero_start_deltas(f"model.core.{i}.{name}", shapes[name], config)
+                    group.update((key, value.to(dtype)) for key, value in deltas.items())
                 continue
             sources = {*shared[i], *(s[i] for s in stand_ins)}
             originals = {layer: reader.get(family.layer(layer) + name).to(torch.float32) for layer in sources}

@@ -4,11 +4,12 @@ flag and help text the command line derives from it (`cli.params`)."""
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 Variant = Literal["mesh", "base", "residual", "anchor", "anchor_emb"]
 Tie = Literal["upper", "stepwise", "lower", "average"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+RelaxInit = Literal["svd", "zero"]
 
 # Logit gap of the function-preserving router init (spec section 5): off-target mass is
 # (B-1)*e^-gap; BENCHMARKS.md shows how it was chosen.
@@ -76,6 +77,12 @@ class ConvertOptions(BaseModel):
         default=0, description="Per-loop delta rank: 0 (none), N, or full (the original layers; exact logits need a large --router-gap).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
     )
+    relax_init: RelaxInit = Field(
+        default="svd",
+        description="How the deltas start: svd (each loop's truncated difference to the shared layer) or zero "
+                    "(LoRA-style: the model starts as the plain tie and the deltas learn while healing).",
+        json_schema_extra=cli_option("--relax-init"),
+    )
     dtype: Dtype = Field(default="auto", description="Output dtype; auto keeps the source's.",
                          json_schema_extra=cli_option("--dtype"))
     revision: str | None = Field(default=None, description="Hub revision, e.g. step143000 for Pythia.",
@@ -103,6 +110,12 @@ class ConvertOptions(BaseModel):
         if rank < 0:
             raise ValueError("must be a non-negative integer or 'full'")
         return rank
+
+    @model_validator(mode="after")
+    def _relax_init_needs_deltas(self):
+        if self.relax_init == "zero" and self.relax_rank == 0:
+            raise ValueError("--relax-init zero needs deltas: set --relax-rank (N or full)")
+        return self
 
     @field_validator("max_shard_size")
     @classmethod

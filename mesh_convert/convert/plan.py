@@ -363,6 +363,7 @@ class ConversionPlan:
             "slots": config.num_slots if config.variant == "mesh" else None,
             "router_gap": config.router_gap if config.variant == "mesh" else None,
             "relax_rank": config.relax_rank,
+            "relax_init": self.options.relax_init if config.relax_rank != 0 else None,
             "dtype": self.dtype_name,
             "layer_map": config.provenance["layer_map"],
             "loop_sources": config.provenance["loop_sources"],
@@ -439,6 +440,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
         "loop_sources": loop_sources(layout),
         "router_gap": options.router_gap,
         "relax_rank": options.relax_rank,
+        "relax_init": options.relax_init if options.relax_rank != 0 else None,
     }
     mesh_fields = mesh_config_fields(
         source_config, layout, options.variant, slots, options.router_gap, options.relax_rank, provenance

@@ -80,6 +80,7 @@ class ConversionRecord(_Section):
     slots: int | None = None
     router_gap: float | None = None
     relax_rank: int | str | None = None
+    relax_init: str | None = None  # how the deltas started: svd or zero
     dtype: str | None = None
     layer_map: dict[str, list[list[int]]] | None = None
     loop_sources: list[list[int]] | None = None
