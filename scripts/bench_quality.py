@@ -126,7 +126,7 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "relax-zero", "layouts", "core",
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "relax-zero", "router-lr", "layouts", "core",
              "distill-t", "original")
 
 
@@ -136,7 +136,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
     other tie strategy with LM loss (the `lm` row is the --tie one); `gap-learn` trains only the
     routers from each router gap, to see how fast they move away from the function-preserving init;
     `variants` heals the --tie conversion as each recurrence (MeSH also with a 10x router learning rate),
-    so MeSH's trained routers meet plain recursion at an equal budget; `relax` keeps low-rank deltas and
+    so MeSH's trained routers meet plain recursion at an equal budget (`router-lr`: the routers at an
+    absolute peak rate of 1e-2, the best rate from scratch at every model rate); `relax` keeps low-rank deltas and
     trains them with the model (`relax-zero`: deltas that start at zero, LoRA-style), `layouts` ties fewer layers (more parameters for the same compute):
     parameters against healed quality; `core` trains only the looped core and the routers, `distill-t`
     distils at temperatures 2 and 4: the healing recipe's knobs (its learning rate is --heal-lr);
@@ -158,6 +159,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                                                    ("anchor", "", {}), ("residual", "", {}))],
         "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
                   for rank in (16, 64, 128)],
+        "router-lr": [("variant", f"{args.tie}, variant mesh, routers at lr {rate:g}", {"relax_rank": 0, "variant": "mesh"},
+                       {"optim": {"router_lr_mult": rate / args.heal_lr}}) for rate in (1e-2,)],
         "relax-zero": [("relax", f"{args.tie}, relax rank {rank} zero start", {"relax_rank": rank, "relax_init": "zero"}, {})
                        for rank in (16, 64)],
         "layouts": [("layout", f"{args.tie}, P=Q={outer}", {"relax_rank": 0, "prelude": outer, "coda": outer}, {})
