@@ -126,8 +126,8 @@ def trained_row(group, label, source, tokenizer, evaluate, args, workdir: Path, 
     return row
 
 
-HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "relax", "relax-zero", "router-lr", "layouts", "core",
-             "distill-t", "original")
+HEAL_RUNS = ("lm", "distill", "anneal", "ties", "gap-learn", "variants", "router-lr", "relax", "relax-zero", "layouts",
+             "core", "distill-t", "original")
 
 
 def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path):
