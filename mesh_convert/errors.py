@@ -94,14 +94,16 @@ def hub_error(
     *,
     fetching: bool = False,
     revision: str | None = None,
+    upload_wait: float | None = None,
 ) -> UserError | None:
     """A `UserError` for a Hub failure a user can cause or fix while pushing (or, with `fetching`,
     downloading) `repo_id`; None for anything else (a bug). huggingface_hub wraps some failures
-    (an LFS upload's in a RuntimeError), so the chain of causes is searched too."""
+    (an LFS upload's in a RuntimeError), so the chain of causes is searched too. `upload_wait`:
+    how long a push waited for the answer to its upload (longer than for other requests)."""
     seen = error
     while seen is not None:
         message = _fetch_message(seen, repo_id, endpoint, revision) if fetching else None
-        message = message or _message(seen, repo_id, endpoint, token, fetching)
+        message = message or _message(seen, repo_id, endpoint, token, fetching, upload_wait)
         if message is not None:
             return UserError(scrub(message, token))
         seen = seen.__cause__
@@ -138,7 +140,9 @@ def _fetch_message(error: BaseException, repo_id: str, endpoint: str, revision: 
     return None
 
 
-def _message(error: BaseException, repo_id: str, endpoint: str, token: str | None, fetching: bool) -> str | None:
+def _message(
+    error: BaseException, repo_id: str, endpoint: str, token: str | None, fetching: bool, upload_wait: float | None = None
+) -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -158,11 +162,10 @@ def _message(error: BaseException, repo_id: str, endpoint: str, token: str | Non
         if fetching:
             waited = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s, "
                       f"HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s")
-        else:  # a commit's answer gets longer than the other calls (io.upload_answer_timeout)
-            from .io import upload_answer_timeout
-
-            waited = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s a request, "
-                      f"{upload_answer_timeout():g} s for the upload's answer")
+        else:
+            waited = f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s a request"
+            if upload_wait is not None:
+                waited += f", {upload_wait:g} s for the upload's answer"
         return (
             f"the Hub at {endpoint} did not answer in time while {doing} ({waited}): "
             "check the network, or raise HF_HUB_DOWNLOAD_TIMEOUT for a slow connection"

@@ -161,7 +161,7 @@ def push_folder(
         with hub_endpoint(endpoint), hub_timeout():
             full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record)
     except Exception as error:
-        user_error = hub_error(error, repo_id, endpoint, token)
+        user_error = hub_error(error, repo_id, endpoint, token, upload_wait=upload_answer_timeout())
         if user_error is not None:
             raise user_error from None
         if token in str(error):  # a bug, reported as such, but still without the token
