@@ -95,3 +95,43 @@ def test_sdpa_matches_eager_with_padding(pair):
         with torch.no_grad():
             outputs[attention] = device(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
     torch.testing.assert_close(outputs["sdpa"], outputs["eager"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_read_mixes_vectors_that_live_on_different_devices():
+    """Under `device_map="auto"` the embeddings, the routers and the core may sit on different
+    devices: the memory forms its read where the core's output is, with the same values."""
+    from mesh_convert import MeshConfig
+    from mesh_convert.modeling.modeling_mesh import MeshMemory
+
+    torch.manual_seed(0)
+    memory = MeshMemory(MeshConfig(num_loops=2, hidden_size=16))  # the routers stay on the CPU
+    h_emb, h_pre, h_core = (torch.randn(1, 4, 16) for _ in range(3))
+
+    def final_read(core_device):
+        state = memory.initial_state(h_emb)
+        h0 = memory.write_then_read(state, h_pre, *memory.route(0, h_pre))
+        write, read = memory.route(1, h0)
+        return memory.write_then_read(state, h_core.to(core_device), write, read)
+
+    split = final_read(DEVICE)
+    assert split.device.type == torch.device(DEVICE).type
+    torch.testing.assert_close(split.cpu(), final_read("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("variant", ["mesh", "anchor", "residual"])
+def test_device_map_auto_over_two_gpus_matches_one(tmp_path, variant):
+    from conftest import make_tiny_llama
+
+    path = tmp_path / variant
+    convert_model(make_tiny_llama(tmp_path / "llama"), loops=2, variant=variant, dtype="float32").save_pretrained(path)
+    one = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda:0").eval()
+    size = sum(p.numel() * p.element_size() for p in one.parameters())
+    split = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="auto",
+                                                 max_memory={0: size // 3, 1: 4 * size}).eval()
+    assert set(split.hf_device_map.values()) == {0, 1}, split.hf_device_map
+    ids = tokens().to("cuda:0")
+    with torch.no_grad():
+        torch.testing.assert_close(split(ids).logits.to("cuda:0"), one(ids).logits, atol=1e-5, rtol=1e-5)
+    settings = dict(do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(split.generate(ids[:1], **settings).to("cuda:0"), one.generate(ids[:1], **settings))

@@ -155,16 +155,37 @@ def test_left_padding_does_not_change_the_real_tokens():
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=0)
 
 
-def test_eager_and_sdpa_agree(tmp_path):
+def test_eager_sdpa_and_flex_attention_agree(tmp_path):
     random_model(relax_rank=4).save_pretrained(tmp_path)
     x = torch.randint(0, 96, (2, 16))
     logits = {}
-    for impl in ("eager", "sdpa"):
+    for impl in ("eager", "sdpa", "flex_attention"):
         model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl, dtype=torch.float32)
         assert model.config._attn_implementation == impl
         with torch.no_grad():
             logits[impl] = model(x).logits
     torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits["flex_attention"], logits["sdpa"], atol=1e-4, rtol=0)
+
+
+def test_attentions_come_from_eager_and_are_left_out_by_sdpa_as_in_transformers(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    x = torch.randint(0, 96, (1, 8))
+    for impl, count in (("eager", 1 + 2 * 3 + 1), ("sdpa", 0)):  # 1+2R3+1: every unrolled layer
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl, dtype=torch.float32)
+        with torch.no_grad():
+            attentions = model(x, output_attentions=True).attentions
+        assert len(attentions) == count and all(a.shape == (1, 4, 8, 8) for a in attentions), impl
+
+
+def test_the_base_model_returns_a_tuple_when_asked():
+    model = random_model()
+    x = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        expected = model.model(x).last_hidden_state
+        assert torch.equal(model.model(x, return_dict=False)[0], expected)
+        model.config.return_dict = False
+        assert isinstance(model.model(x), tuple) and isinstance(model(x), tuple)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

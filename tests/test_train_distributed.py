@@ -65,6 +65,26 @@ dist.destroy_process_group()
 '''
 
 
+# What an outside training script does: plain transformers (the model's remote code, no
+# mesh_convert import), reentrant checkpointing (older tutorials and trainers ask for it), DDP.
+REENTRANT_DDP_SCRIPT = r'''
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModelForCausalLM
+
+sys.modules["mesh_convert"] = None
+dist.init_process_group("gloo")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).train()
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+ddp = DistributedDataParallel(model)
+x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))
+for _ in range(2):
+    ddp(input_ids=x, labels=x, use_cache=False).loss.backward()
+print("trained", flush=True)
+dist.destroy_process_group()
+'''
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -142,3 +162,12 @@ def test_torchrun_recipe_error_is_printed_once(single, tmp_path):
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert errors == ["error: train.global_batch_size=6 is not a multiple of micro_batch_size (2) x processes (2)"], \
         output[-3000:]
+
+
+def test_ddp_with_reentrant_checkpointing_trains_the_looped_core(single, tmp_path):
+    """Each core layer runs K times; reentrant checkpointing would give DDP their gradients K times
+    ("Expected to mark a variable ready only once"): the model checkpoints non-reentrantly instead."""
+    script = tmp_path / "reentrant.py"
+    script.write_text(REENTRANT_DDP_SCRIPT)
+    output = torchrun([str(script), str(single["root"] / "mesh")], tmp_path)
+    assert output.count("trained") == 2 and "use_reentrant=False" in output, output[-3000:]

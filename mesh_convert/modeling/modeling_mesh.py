@@ -16,6 +16,7 @@ Core layers may carry per-loop "relaxation" deltas (Bae et al. 2024), picked by 
 passed to the layer, so they behave correctly under activation checkpointing.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,8 +36,11 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbeddin
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as apply_partial_rotary
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as apply_full_rotary
+from transformers.utils import logging
 
 from .configuration_mesh import MeshConfig
+
+logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to
 # `cache`. The forwards accept both names, and outputs use the installed version's field, so
@@ -375,15 +379,17 @@ class MeshMemory(nn.Module):
     def write_then_read(self, state, value, write, read) -> torch.Tensor:
         state.append((value, write))
         out = None
+        # Under a multi-device map (`device_map="auto"`) the routers, the embeddings and the core may
+        # sit on different devices: the read is formed where the core's output is.
         for vector, written_with in state:
-            coefficient = (read * written_with).sum(-1, keepdim=True)
+            coefficient = (read * written_with.to(read.device)).sum(-1, keepdim=True)
             # Sharp routers (logit gaps past ~70) give coefficients so small that their products
             # with a hidden state fall below float32's normal range (1.2e-38), on which x86 CPUs
             # compute hundreds of times slower. Below 2**-100 a coefficient times any value above
             # 2**-26 would be such a subnormal, and what it adds is lost in any sum: zero it.
             coefficient = coefficient.masked_fill(coefficient < 2.0**-100, 0.0)
-            coefficient = coefficient.to(vector.dtype)
-            out = coefficient * vector if out is None else out + coefficient * vector
+            term = coefficient.to(value.device, vector.dtype) * vector.to(value.device)
+            out = term if out is None else out + term
         return out
 
 
@@ -401,7 +407,25 @@ class MeshPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable | None = None,
+                                    **kwargs):
+        """As transformers', but never reentrant: the core's layers run once per loop, and with reentrant
+        checkpointing each run has a backward of its own, so DistributedDataParallel sees their
+        gradients K times and fails ("Expected to mark a variable ready only once"). Non-reentrant
+        checkpointing computes the same gradients without that limit."""
+        func = gradient_checkpointing_func
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant"):
+            logger.warning_once(
+                "MeSH loops its core layers, which reentrant activation checkpointing cannot train under "
+                "DistributedDataParallel: using use_reentrant=False (the same gradients)."
+            )
+            func = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+        if func is not None:
+            kwargs["gradient_checkpointing_func"] = func
+        super()._set_gradient_checkpointing(enable, **kwargs)
 
     def _init_weights(self, module):
         """Random init (for `from_config` and from-scratch training). Converted checkpoints load
@@ -448,9 +472,10 @@ class MeshModel(MeshPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         config = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -494,7 +519,7 @@ class MeshModel(MeshPreTrainedModel):
             )
             if output_hidden_states:
                 all_hidden_states.append(h)
-            if output_attentions:
+            if output_attentions and weights is not None:  # sdpa and flash return none, as in transformers
                 all_attentions.append(weights)
             return h
 
@@ -523,12 +548,12 @@ class MeshModel(MeshPreTrainedModel):
                 h = run(layer, h, config.unrolled_index("core", i, t), loop=t)
             if self.memory is not None:
                 h = self.memory.write_then_read(memory_state, h, write, read)
-            elif config.variant == "residual":
-                h = h + h_in
+            elif config.variant == "residual":  # (`.to`: a multi-device map may split these)
+                h = h + h_in.to(h.device)
             elif config.variant == "anchor":
-                h = h + h_pre
+                h = h + h_pre.to(h.device)
             elif config.variant == "anchor_emb":
-                h = h + h_emb
+                h = h + h_emb.to(h.device)
             record_boundary(h)
 
         for j, layer in enumerate(self.coda):
@@ -537,12 +562,14 @@ class MeshModel(MeshPreTrainedModel):
         if output_hidden_states:  # as in transformers: the last state is the normalised one
             all_hidden_states[-1] = h
 
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=h,
             **{CACHE_FIELD: cache},
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        return output if return_dict else output.to_tuple()
 
 
 class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
@@ -586,6 +613,7 @@ class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
