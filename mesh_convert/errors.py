@@ -160,16 +160,16 @@ def _message(
         return "HF_HUB_OFFLINE is set: unset it to push to the Hub"
     if isinstance(error, httpx.TimeoutException):
         if fetching:
-            waited = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s, "
-                      f"HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s")
+            settings = (f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s, "
+                        f"HF_HUB_ETAG_TIMEOUT={constants.HF_HUB_ETAG_TIMEOUT} s")
+            advice = "raise them for a slow connection"
         else:
-            waited = f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s a request"
+            settings = f"HF_HUB_DOWNLOAD_TIMEOUT={constants.HF_HUB_DOWNLOAD_TIMEOUT} s a request"
+            advice = "raise HF_HUB_DOWNLOAD_TIMEOUT for a slow connection"
             if upload_wait is not None:
-                waited += f", {upload_wait:g} s for the upload's answer"
-        return (
-            f"the Hub at {endpoint} did not answer in time while {doing} ({waited}): "
-            "check the network, or raise HF_HUB_DOWNLOAD_TIMEOUT for a slow connection"
-        )
+                settings += f", {upload_wait:g} s for the upload's answer"
+                advice += f" (above {upload_wait:g} s to lengthen the upload's wait)"
+        return f"the Hub at {endpoint} did not answer in time while {doing} ({settings}): check the network, or {advice}"
     if isinstance(error, (httpx.RequestError, ConnectionError)):
         return f"cannot reach the Hub at {endpoint} ({first_line(error)}): check the network or HF_ENDPOINT"
     if fetching and isinstance(error, OSError):

@@ -159,8 +159,8 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                                                    ("anchor", "", {}), ("residual", "", {}))],
         "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
                   for rank in (16, 64, 128)],
-        "router-lr": [("variant", f"{args.tie}, variant mesh, routers at lr {rate:g}", {"relax_rank": 0, "variant": "mesh"},
-                       {"optim": {"router_lr_mult": rate / args.heal_lr}}) for rate in (1e-2,)],
+        "router-lr": [("variant", f"{args.tie}, variant mesh, routers at lr 0.01", {"relax_rank": 0, "variant": "mesh"},
+                       {"optim": {"router_lr_mult": 1e-2 / args.heal_lr}})],
         "relax-zero": [("relax", f"{args.tie}, relax rank {rank} zero start", {"relax_rank": rank, "relax_init": "zero"}, {})
                        for rank in (16, 64)],
         "layouts": [("layout", f"{args.tie}, P=Q={outer}", {"relax_rank": 0, "prelude": outer, "coda": outer}, {})

@@ -103,7 +103,7 @@ def test_the_record_and_card_say_how_the_deltas_started(source, tmp_path, capsys
     path, _, _, _ = source
     code, out, err = invoke(capsys, path, "--loops", 2, "--relax-rank", 4, "--relax-init", "zero", "-o", tmp_path / "z")
     assert code == 0, err
-    assert "4, zero start" in out
+    assert "4 (zero start)" in out
     assert json.loads((tmp_path / "z" / "conversion.json").read_text())["relax_init"] == "zero"
     assert "- relaxation rank: `4 (zero start)`" in (tmp_path / "z" / "README.md").read_text()
 
@@ -246,11 +246,23 @@ def test_a_snapshot_in_the_hub_cache_is_recorded_as_its_hub_id(source, tmp_path,
     assert "base_model: EleutherAI/pythia-14m" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_snapshot_in_the_hub_cache_names_the_default_output_after_the_model(source, tmp_path, capsys, monkeypatch):
+    path, _, _, _ = source
+    snapshot = tmp_path / "hub" / "models--EleutherAI--pythia-14m" / "snapshots" / "0123abcd"
+    shutil.copytree(path, snapshot)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke(capsys, snapshot, "--loops", 2)
+    assert code == 0, err
+    out = tmp_path / "pythia-14m-mesh-1_3R2_1"  # not the revision's hash
+    assert "\n# pythia-14m-mesh-1_3R2_1\n" in (out / "README.md").read_text()
+
+
 @pytest.mark.parametrize("path, expected", [
     ("hub/models--EleutherAI--pythia-14m/snapshots/0123abcd", ("EleutherAI/pythia-14m", "0123abcd")),
     ("hub/models--gpt2/snapshots/0123abcd", ("gpt2", "0123abcd")),  # an id without namespace
     ("hub/datasets--someone--text/snapshots/0123abcd", None),
     ("hub/models--a--b--c/snapshots/0123abcd", None),  # no Hub id holds `--`
+    ("hub/models--/snapshots/0123abcd", None),
     ("work/snapshots/0123abcd", None),
     ("work/pythia-14m", None),
 ])
@@ -354,7 +366,7 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
         (["pythia-14m-deduped", "--loops", "2"], "no deduplicated run"),
         (["{src}", "--loops", "4", "--prelude", "3", "--coda", "3"], "does not fit 8 layers"),
         (["{src}", "--loops", "2", "--relax-rank", "many"], "--relax-rank"),
-        (["{src}", "--loops", "2", "--relax-init", "zero"], "--relax-init zero needs deltas"),
+        (["{src}", "--loops", "2", "--relax-init", "zero"], "--relax-init: zero needs deltas"),
         (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
         (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),
     ],

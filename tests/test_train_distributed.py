@@ -68,14 +68,14 @@ dist.destroy_process_group()
 # What an outside training script does: plain transformers (the model's remote code, no
 # mesh_convert import), reentrant checkpointing (older tutorials and trainers ask for it), DDP.
 REENTRANT_DDP_SCRIPT = r'''
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 sys.modules["mesh_convert"] = None
 dist.init_process_group("gloo")
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).train()
-model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=json.loads(sys.argv[2]))
 ddp = DistributedDataParallel(model)
 x = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))
 for _ in range(2):
@@ -164,10 +164,13 @@ def test_torchrun_recipe_error_is_printed_once(single, tmp_path):
         output[-3000:]
 
 
-def test_ddp_with_reentrant_checkpointing_trains_the_looped_core(single, tmp_path):
+# Asked for explicitly, or left to torch's default (reentrant in some releases).
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {"preserve_rng_state": True}])
+def test_ddp_with_reentrant_checkpointing_trains_the_looped_core(single, tmp_path, kwargs):
     """Each core layer runs K times; reentrant checkpointing would give DDP their gradients K times
     ("Expected to mark a variable ready only once"): the model checkpoints non-reentrantly instead."""
     script = tmp_path / "reentrant.py"
     script.write_text(REENTRANT_DDP_SCRIPT)
-    output = torchrun([str(script), str(single["root"] / "mesh")], tmp_path)
-    assert output.count("trained") == 2 and "use_reentrant=False" in output, output[-3000:]
+    output = torchrun([str(script), str(single["root"] / "mesh"), json.dumps(kwargs)], tmp_path)
+    assert output.count("trained") == 2, output[-3000:]
+    assert ("use_reentrant=False" in output) == ("use_reentrant" in kwargs), output[-3000:]

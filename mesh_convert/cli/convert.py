@@ -38,7 +38,7 @@ def _plan_tables(plan) -> list[Table]:
         summary.add_row("memory", f"{fields['num_slots']} slots, router gap {fields['router_gap']:g}")
     summary.add_row("tie", plan.options.tie)
     relax_init = fields["provenance"]["relax_init"]
-    summary.add_row("relax rank", f"{fields['relax_rank']}, {relax_init} start" if relax_init else str(fields["relax_rank"]))
+    summary.add_row("relax rank", f"{fields['relax_rank']} ({relax_init} start)" if relax_init else str(fields["relax_rank"]))
     summary.add_row("dtype", plan.dtype_name)
     summary.add_row("output", str(plan.output_dir))
 

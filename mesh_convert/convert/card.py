@@ -158,7 +158,7 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         origin = f"converted from `{source}` by mesh-convert" if source else "built with mesh-convert"
     complete = None not in (r.prelude, r.core, r.loops, r.coda)
     relax = f"{r.relax_rank} (none)" if r.relax_rank == 0 else r.relax_rank
-    if relax is not None and r.relax_rank != 0 and r.relax_init is not None:
+    if r.relax_init is not None:  # recorded only where there are deltas
         relax = f"{relax} ({r.relax_init} start)"
     conversion = [("source model", source), ("source revision", r.source.revision if r.source else None),
                   ("tie strategy", r.tie), ("router bias gap", r.router_gap), ("relaxation rank", relax),

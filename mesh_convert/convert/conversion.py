@@ -139,29 +139,32 @@ def iter_tensor_groups(
 
     shared = shared_sources(layout, plan.options.tie)
     stand_ins = loop_sources(layout)
+    def tied(i: int, name: str) -> torch.Tensor | TensorSpan:
+        """A shared core tensor on its own: a copy of its one stand-in, or the stand-ins' mean."""
+        sources = [family.layer(layer) + name for layer in shared[i]]
+        if len(sources) == 1:
+            return load(sources[0])
+        return _average([reader.get(source) for source in sources], dtype)
+
+    def tied_with_svd_deltas(i: int, name: str) -> dict[str, torch.Tensor]:
+        """The shared tensor and each loop's (truncated) difference to its stand-in, from float32 originals."""
+        sources = {*shared[i], *(s[i] for s in stand_ins)}
+        originals = {layer: reader.get(family.layer(layer) + name).to(torch.float32) for layer in sources}
+        shared_tensor = torch.stack([originals[layer] for layer in shared[i]]).mean(0)
+        deltas = [originals[loop[i]] - shared_tensor for loop in stand_ins]
+        tensors = {name: shared_tensor, **_delta_tensors(name, deltas, config.relax_rank)}
+        return {f"model.core.{i}.{key}": value.to(dtype) for key, value in tensors.items()}
+
     for i in range(layout.core):
         group = {}
         for name in names:
-            if config.relax_rank == 0 or plan.options.relax_init == "zero":  # the originals are not needed
-                sources = [family.layer(layer) + name for layer in shared[i]]
-                group[f"model.core.{i}.{name}"] = (
-                    load(sources[0])  # tied to one stand-in: a copy
-                    if len(sources) == 1
-                    else _average([reader.get(source) for source in sources], dtype)
-                )
-                if config.relax_rank != 0:
-                    deltas = _zero_start_deltas(f"model.core.{i}.{name}", shapes[name], config)
-                    group.update((key, value.to(dtype)) for key, value in deltas.items())
+            if config.relax_rank != 0 and plan.options.relax_init == "svd":
+                group.update(tied_with_svd_deltas(i, name))
                 continue
-            sources = {*shared[i], *(s[i] for s in stand_ins)}
-            originals = {layer: reader.get(family.layer(layer) + name).to(torch.float32) for layer in sources}
-            shared_tensor = torch.stack([originals[layer] for layer in shared[i]]).mean(0)
-            group[f"model.core.{i}.{name}"] = shared_tensor.to(dtype)
-            deltas = [originals[loop[i]] - shared_tensor for loop in stand_ins]
-            group.update(
-                (f"model.core.{i}.{key}", value.to(dtype))
-                for key, value in _delta_tensors(name, deltas, config.relax_rank).items()
-            )
+            key = f"model.core.{i}.{name}"
+            group[key] = tied(i, name)
+            if config.relax_rank != 0:  # --relax-init zero: the plain tie, plus deltas that start at zero
+                group.update((k, v.to(dtype)) for k, v in _zero_start_deltas(key, shapes[name], config).items())
         yield f"core layer {i}", group
 
     first_coda = layout.unrolled_layers - layout.coda

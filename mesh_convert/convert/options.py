@@ -4,7 +4,7 @@ flag and help text the command line derives from it (`cli.params`)."""
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
 
 Variant = Literal["mesh", "base", "residual", "anchor", "anchor_emb"]
 Tie = Literal["upper", "stepwise", "lower", "average"]
@@ -74,7 +74,7 @@ class ConvertOptions(BaseModel):
                               description="Logit gap of the function-preserving router init (with --relax-rank full, 16 or more reproduces the logits within 1e-4).",
                               json_schema_extra=cli_option("--router-gap"))
     relax_rank: int | Literal["full"] = Field(
-        default=0, description="Per-loop delta rank: 0 (none), N, or full (the original layers; exact logits need a large --router-gap).",
+        default=0, description="Per-loop delta rank: 0 (none), N, or full (dense: with --relax-init svd the original layers, exact logits needing a large --router-gap).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
     )
     relax_init: RelaxInit = Field(
@@ -111,11 +111,12 @@ class ConvertOptions(BaseModel):
             raise ValueError("must be a non-negative integer or 'full'")
         return rank
 
-    @model_validator(mode="after")
-    def _relax_init_needs_deltas(self):
-        if self.relax_init == "zero" and self.relax_rank == 0:
-            raise ValueError("--relax-init zero needs deltas: set --relax-rank (N or full)")
-        return self
+    @field_validator("relax_init")
+    @classmethod
+    def _zero_needs_deltas(cls, value, info):
+        if value == "zero" and info.data.get("relax_rank") == 0:
+            raise ValueError("zero needs deltas to start at zero: set --relax-rank (N or full)")
+        return value
 
     @field_validator("max_shard_size")
     @classmethod

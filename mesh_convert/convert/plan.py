@@ -338,9 +338,9 @@ class ConversionPlan:
         if self.options.output is not None:
             return self.options.output
         # The folder's own name, also for `.` or `..`; a Hub id's last part.
-        local = self.source.local_dir
-        source = local.name if local is not None else self.source.name
-        return Path(converted_name(source, self.options.variant, self.layout.name))
+        # Named as the record names the source: a local folder by its name (also for `.`), a Hub
+        # id or a snapshot in the Hugging Face cache by the model's name, not its revision's hash.
+        return Path(converted_name(self.source.recorded()[0], self.options.variant, self.layout.name))
 
     def record(self) -> ConversionRecord:
         """The conversion record (conversion.json) of this plan."""
@@ -363,7 +363,7 @@ class ConversionPlan:
             "slots": config.num_slots if config.variant == "mesh" else None,
             "router_gap": config.router_gap if config.variant == "mesh" else None,
             "relax_rank": config.relax_rank,
-            "relax_init": self.options.relax_init if config.relax_rank != 0 else None,
+            "relax_init": config.provenance["relax_init"],
             "dtype": self.dtype_name,
             "layer_map": config.provenance["layer_map"],
             "loop_sources": config.provenance["loop_sources"],

@@ -53,8 +53,9 @@ def cache_snapshot(directory: Path) -> tuple[str, str] | None:
     `models--ORG--NAME/snapshots/REV` (`models--NAME/...` for an id without namespace), else None.
     A Hub name cannot hold `--`, so the folder's name gives the id back unambiguously."""
     repo, snapshots = directory.parent.parent.name, directory.parent.name
-    if snapshots == "snapshots" and repo.startswith("models--") and 1 <= repo.count("--") <= 2:
-        return repo.removeprefix("models--").replace("--", "/"), directory.name
+    parts = repo.removeprefix("models--").split("--")
+    if snapshots == "snapshots" and repo.startswith("models--") and len(parts) <= 2 and all(parts):
+        return "/".join(parts), directory.name
     return None
 
 

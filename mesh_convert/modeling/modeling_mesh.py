@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -380,7 +381,8 @@ class MeshMemory(nn.Module):
         state.append((value, write))
         out = None
         # Under a multi-device map (`device_map="auto"`) the routers, the embeddings and the core may
-        # sit on different devices: the read is formed where the core's output is.
+        # sit on different devices: the coefficients are computed on the read router's, and the
+        # weighted sum on the core output's (a no-op on one device).
         for vector, written_with in state:
             coefficient = (read * written_with.to(read.device)).sum(-1, keepdim=True)
             # Sharp routers (logit gaps past ~70) give coefficients so small that their products
@@ -417,11 +419,14 @@ class MeshPreTrainedModel(PreTrainedModel):
         gradients K times and fails ("Expected to mark a variable ready only once"). Non-reentrant
         checkpointing computes the same gradients without that limit."""
         func = gradient_checkpointing_func
-        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant"):
-            logger.warning_once(
-                "MeSH loops its core layers, which reentrant activation checkpointing cannot train under "
-                "DistributedDataParallel: using use_reentrant=False (the same gradients)."
-            )
+        if func is checkpoint:  # torch's own default may be reentrant
+            func = functools.partial(checkpoint, use_reentrant=False)
+        elif isinstance(func, functools.partial) and func.keywords.get("use_reentrant", True) is not False:
+            if func.keywords.get("use_reentrant"):
+                logger.warning_once(
+                    "MeSH loops its core layers, which reentrant activation checkpointing cannot train under "
+                    "DistributedDataParallel: using use_reentrant=False (the same gradients)."
+                )
             func = functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
         if func is not None:
             kwargs["gradient_checkpointing_func"] = func
