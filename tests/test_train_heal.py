@@ -88,7 +88,8 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     else:
         shapes = {n: p.shape for n, p in exported.named_parameters() if n.endswith("weight_delta_in")}
         assert shapes and all(s[1] == target for s in shapes.values())
-    assert json.loads((out / "model" / "conversion.json").read_text())["training"]["steps"] == 6
+    record = json.loads((out / "model" / "conversion.json").read_text())
+    assert record["training"]["steps"] == 6 and record["relax_rank"] == target  # not the source's "full"
     assert len(metrics(out)) == 6
 
 

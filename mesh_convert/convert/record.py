@@ -114,6 +114,14 @@ class ConversionRecord(_Section):
         parts = (self.prelude, self.core, self.loops, self.coda)
         return None if None in parts else "{}+{}R{}+{}".format(*parts)
 
+    def relaxed_to(self, rank: int, relax_parameters: int) -> ConversionRecord:
+        """The record of this model annealed to relaxation `rank`, whose deltas now hold
+        `relax_parameters`; without deltas, how they started no longer applies."""
+        update = {"relax_rank": rank, "relax_init": self.relax_init if rank else None}
+        if self.params is not None:
+            update["params"] = self.params.model_copy(update={"relax": relax_parameters})
+        return self.model_copy(update=update)
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_unset=True) + "\n"
 

@@ -507,12 +507,20 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                     from .anneal import export_at_rank
 
                     unwrapped.load_state_dict(state_dict)
-                    export_at_rank(unwrapped, recipe.anneal.target_rank).save_pretrained(staging)
+                    annealed = export_at_rank(unwrapped, recipe.anneal.target_rank)
+                    annealed.save_pretrained(staging)
                 else:
                     unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
                 copy_side_files(source, staging, training)
-                write_model_card(staging, ConversionRecord.read(staging))  # like every other output
+                record = ConversionRecord.read(staging)
+                if record is not None and recipe.anneal.target_rank is not None:
+                    from ..convert.plan import mesh_parameter_counts
+
+                    relax = mesh_parameter_counts(annealed.config)["relax"]
+                    record = record.relaxed_to(recipe.anneal.target_rank, relax)
+                    record.write(staging)
+                write_model_card(staging, record)  # like every other output
             paths["model"] = str(target)
     accelerator.wait_for_everyone()
     return paths
