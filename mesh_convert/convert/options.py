@@ -77,10 +77,11 @@ class ConvertOptions(BaseModel):
         default=0, description="Per-loop delta rank: 0 (none), N, or full (dense: with --relax-init svd the original layers, exact logits needing a large --router-gap).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
     )
-    relax_init: RelaxInit = Field(
-        default="svd",
-        description="How the deltas start: svd (each loop's truncated difference to the shared layer) or zero "
-                    "(LoRA-style: the model starts as the plain tie and the deltas learn while healing).",
+    relax_init: RelaxInit | None = Field(
+        default=None, validate_default=True,
+        description="How the deltas start: zero (LoRA-style: the model starts as the plain tie and the deltas learn "
+                    "while healing; the default for a rank N) or svd (each loop's truncated difference to the shared "
+                    "layer; the default for full, where it is the original model).",
         json_schema_extra=cli_option("--relax-init"),
     )
     dtype: Dtype = Field(default="auto", description="Output dtype; auto keeps the source's.",
@@ -113,9 +114,14 @@ class ConvertOptions(BaseModel):
 
     @field_validator("relax_init")
     @classmethod
-    def _zero_needs_deltas(cls, value, info):
-        if value == "zero" and info.data.get("relax_rank") == 0:
-            raise ValueError("zero needs deltas to start at zero: set --relax-rank (N or full)")
+    def _start_of_the_deltas(cls, value, info):
+        rank = info.data.get("relax_rank")
+        if value is not None and rank == 0:
+            raise ValueError(f"{value} needs deltas to start: set --relax-rank (N or full)")
+        if value is None and rank not in (0, None):
+            # Healing SmolLM2 (BENCHMARKS.md): a rank-16/64 SVD start healed to 49.8/58.3 perplexity, a zero
+            # start to 40.9/40.7; a full-rank SVD start is the original model itself.
+            return "svd" if rank == "full" else "zero"
         return value
 
     @field_validator("max_shard_size")
