@@ -209,6 +209,45 @@ def test_pushing_again_reuses_the_repo(hub, model_dir):
     assert hub.files("alice/tiny-mesh")["notes.txt"] == b"second upload\n"
 
 
+def test_an_old_checkpoint_is_published_without_its_local_paths(hub, model_dir):
+    """Converters before paths were cut on writing stored them in conversion.json and config.json;
+    the push publishes both cut, uploads every other file as it is, and leaves the folder alone."""
+    home = "/home/alice/work"
+    record = {**conversion_info(), "command": f"mesh-convert {home}/pythia-14m --loops 2 -o {home}/out",
+              "output": f"{home}/out"}
+    record["source"] = {**record["source"], "model": f"{home}/pythia-14m"}
+    (model_dir / "conversion.json").write_text(json.dumps(record, indent=2))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["provenance"] = {"source": {"model": f"{home}/pythia-14m", "revision": None}, "tie": "average"}
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (model_dir / "README.md").write_text("# my own card\n")
+    (model_dir / "extra").mkdir()
+    (model_dir / "extra" / "notes.txt").write_text("kept\n")
+    before = snapshot(model_dir)
+
+    push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+
+    remote = hub.files("alice/tiny-mesh")
+    assert snapshot(model_dir) == before
+    assert set(before) | {".gitattributes"} == set(remote)
+    assert not any(home.encode() in content for content in remote.values())
+    published = json.loads(remote["conversion.json"])
+    assert (published["source"]["model"], published["output"]) == ("pythia-14m", "out")
+    assert published["command"] == "mesh-convert pythia-14m --loops 2 -o out"
+    assert json.loads(remote["config.json"])["provenance"]["source"]["model"] == "pythia-14m"
+    for name in set(before) - {"conversion.json", "config.json"}:
+        assert hashlib.sha256(remote[name]).hexdigest() == before[name], name
+    assert len(hub.repos["alice/tiny-mesh"].commits) == 2  # the repo's first commit, then one upload
+
+
+def test_a_current_checkpoint_is_uploaded_as_it_is(hub, model_dir):
+    (model_dir / "README.md").write_text("# my own card\n")
+    before = snapshot(model_dir)
+    push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+    remote = hub.files("alice/tiny-mesh")
+    assert {name: hashlib.sha256(remote[name]).hexdigest() for name in before} == before
+
+
 # ----------------------------------------------------------------------------- failures
 
 
@@ -217,6 +256,16 @@ def test_missing_token(hub, model_dir, capfd):
     code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "hf auth login", "HF_TOKEN")
     assert hub.log == []  # refused before any request
+    assert snapshot(model_dir) == before
+
+
+def test_an_unreadable_config_is_refused_before_any_request(hub, model_dir, monkeypatch, capfd):
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    (model_dir / "config.json").write_text("{ not json")
+    before = snapshot(model_dir)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_clear_line(code, err, "cannot read", "config.json")
+    assert hub.log == []
     assert snapshot(model_dir) == before
 
 

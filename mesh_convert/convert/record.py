@@ -157,6 +157,14 @@ class ConversionRecord(_Section):
             raise UserError(f"cannot read {path}: {detail}") from None
 
 
+def published_config(config: dict) -> dict:
+    """config.json as it is published: its provenance with the absolute paths cut like the
+    record's (conversions before mesh-convert cut them on writing stored a local source's path)."""
+    if "provenance" not in config:
+        return config
+    return {**config, "provenance": _without_local_paths(config["provenance"])}
+
+
 def _first_problem(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "the record"
@@ -202,4 +210,4 @@ def with_training(record: ConversionRecord | None, training: dict | None) -> Con
     return base.model_copy(update={"training": Training.model_validate(training)})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "with_training"]
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_config", "with_training"]

@@ -1,14 +1,19 @@
 """Publishing a converted model to the Hugging Face Hub (the one-line messages for what can go
 wrong talking to the Hub, here and when a source checkpoint is downloaded, are `errors.hub_error`).
 
-`push_to_hub` uploads a converted model's directory as it is (weights, config, the remote-code
-`.py` files, tokenizer, README.md, conversion.json) in one commit. Whatever goes wrong, the user
-gets one `UserError` line and the local directory is left as it was; the token is never
-printed, not even inside a server's error message.
+`push_to_hub` uploads a converted model's directory (weights, config, the remote-code `.py`
+files, tokenizer, README.md, conversion.json) in one commit, as it is, except that config.json
+and conversion.json are published without local paths even where an older converter wrote them
+there. Whatever goes wrong, the user gets one `UserError` line and the local directory is left as
+it was; the token is never printed, not even inside a server's error message.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..convert.record import ConversionRecord
+from ..convert.record import FILENAME, ConversionRecord, published_config
 from ..convert.card import write_model_card
 from ..errors import UserError, hub_error, scrub
 from ..io import hub_timeout, resolve_endpoint, upload_answer_timeout
@@ -29,7 +34,7 @@ DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 # Local clutter that is never part of a model (huggingface_hub already skips .git and its cache).
 IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "**/__pycache__/**", "*.pyc"]
-
+NEVER_UPLOADED_DIRS = {".git", ".cache", "__pycache__"}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -79,6 +84,50 @@ def hub_endpoint(endpoint: str) -> Iterator[None]:
         constants.ENDPOINT = saved
 
 
+# ----------------------------------------------------------------------------- what is published
+
+
+def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[str, str]:
+    """The metadata files whose published text differs from the folder's: conversion.json and
+    config.json written before local paths were cut on writing still hold them."""
+    changed = {}
+    if record is not None and record.published() != record:
+        changed[FILENAME] = record.published().to_json()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {folder / 'config.json'}: {str(error).splitlines()[0]}") from None
+    if isinstance(config, dict) and published_config(config) != config:
+        changed["config.json"] = json.dumps(published_config(config), indent=2, sort_keys=True) + "\n"
+    return changed
+
+
+@contextmanager
+def staged(folder: Path, changed: dict[str, str]) -> Iterator[Path]:
+    """The folder to upload: `folder` itself, or, where some files are published in another form,
+    a temporary mirror that holds those and links to every other file (the weights are not
+    copied, and `folder` is not touched)."""
+    if not changed:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="mesh-convert-push-") as staging:
+        for directory, subdirs, files in os.walk(folder):
+            subdirs[:] = [d for d in subdirs if d not in NEVER_UPLOADED_DIRS]
+            for name in files:
+                source = Path(directory, name)
+                relative = source.relative_to(folder).as_posix()
+                target = Path(staging, relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if relative in changed:
+                    target.write_text(changed[relative], encoding="utf-8")
+                    continue
+                try:
+                    target.symlink_to(source.resolve())
+                except OSError:  # no symlinks here (Windows without the privilege): a copy
+                    shutil.copy2(source, target)
+        yield Path(staging)
+
+
 # ----------------------------------------------------------------------------- pushing
 
 
@@ -95,6 +144,7 @@ def _upload(
     revision: str | None,
     commit_message: str,
     record: ConversionRecord | None,
+    changed: dict[str, str],
 ) -> str:
     """The network part: create the repo (and branch), then upload the folder in one commit.
     Returns the full repo id, which the Hub completes with the user's namespace if it was left out."""
@@ -119,10 +169,10 @@ def _upload(
                 "make the folder writable or add a model card"
             ) from None
     try:
-        with hub_timeout(read=upload_answer_timeout()):
+        with staged(folder, changed) as upload, hub_timeout(read=upload_answer_timeout()):
             api.upload_folder(
                 repo_id=full_id,
-                folder_path=folder,
+                folder_path=upload,
                 revision=revision,
                 commit_message=commit_message,
                 ignore_patterns=list(IGNORE_PATTERNS),
@@ -154,12 +204,14 @@ def push_folder(
     check_model_folder(folder)
     check_repo_id(repo_id)
     record = ConversionRecord.read(folder)
+    changed = published_metadata(folder, record)
     token = resolve_token(token)
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         with hub_endpoint(endpoint), hub_timeout():
-            full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record)
+            full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record,
+                              changed)
     except Exception as error:
         user_error = hub_error(error, repo_id, endpoint, token, upload_wait=upload_answer_timeout())
         if user_error is not None:
