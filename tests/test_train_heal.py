@@ -93,6 +93,29 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     assert len(metrics(out)) == 6
 
 
+def test_an_annealing_run_resumed_between_its_events_ends_as_the_uninterrupted_one(work, tmp_path):
+    """A checkpoint at step 3 falls between the annealing events at 2 and 4: resumed there, the
+    bias and norm deltas keep the scale set at step 2, and the run ends as it would have."""
+    settings = dict(train={"max_steps": 8}, checkpoint={"every": 3, "keep_last": 1},
+                    anneal={"target_rank": 0, "steps": 6, "every": 2})
+    train(Recipe.model_validate(recipe(work["full"], work["text"], tmp_path / "reference", **settings)))
+
+    def interrupt_after_step_4(step, record):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(Recipe.model_validate(recipe(work["full"], work["text"], out, **settings)), on_step=interrupt_after_step_4)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003"]
+    train(Recipe.model_validate(recipe(work["full"], work["text"], out, **settings)))
+    for a, b in zip(metrics(out), metrics(tmp_path / "reference"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), a["step"]
+    final = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "reference" / "model").state_dict()
+    assert all(torch.allclose(final[k], expected[k], atol=1e-6, rtol=0) for k in expected)
+
+
 def test_a_run_shorter_than_its_annealing_is_refused(work, tmp_path, monkeypatch, capsys):
     """Stopped mid-schedule, the deltas still have more than the target rank: the export would
     silently differ from the trained model."""

@@ -80,6 +80,14 @@ class Annealer:
             raise UserError(f"anneal.target_rank={self.target} is above the model's relax rank {max(ranks)}")
         self.bias_scale = 1.0  # how much of the O(D) deltas is still left (target 0 only)
 
+    def restore(self, step: int) -> None:
+        """The schedule's state after `step` optimizer steps, for a resumed run: the O(D) deltas'
+        scale is the one set at the last annealing event, which a checkpoint need not fall on."""
+        if self.target != 0:
+            return
+        last_event = step if step >= self.section.steps else step - step % self.section.every
+        self.bias_scale = 1.0 - last_event / self.section.steps if last_event < self.section.steps else 0.0
+
     def active(self, step: int) -> bool:
         return step < self.section.steps
 

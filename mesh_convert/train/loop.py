@@ -341,8 +341,7 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         except Exception as error:
             raise UserError(f"cannot resume from {resume}: {type(error).__name__}: {error}") from None
         if annealer is not None:
-            annealer.bias_scale = max(0.0, 1.0 - min(state.step, recipe.anneal.steps) / recipe.anneal.steps) \
-                if recipe.anneal.target_rank == 0 else 1.0
+            annealer.restore(state.step)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(recipe_yaml(recipe))
