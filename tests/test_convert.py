@@ -154,6 +154,8 @@ def test_dry_run_json_for_pythia_1_4b_offline(capsys):
     assert plan["params"]["converted_nonembedding"] == 805_736_448
     assert plan["params"]["routers"] == 61_470
     assert plan["params"]["relax"] == 0
+    # Routers and deltas are parameters the converted model keeps: the reduction counts them.
+    assert plan["params"]["reduction"] == pytest.approx(1 - (805_736_448 + 61_470) / 1_208_602_624)
 
 
 def test_the_users_command_line_works(capsys):

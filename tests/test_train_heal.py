@@ -116,6 +116,25 @@ def test_an_annealing_run_resumed_between_its_events_ends_as_the_uninterrupted_o
     assert all(torch.allclose(final[k], expected[k], atol=1e-6, rtol=0) for k in expected)
 
 
+@pytest.mark.parametrize("target", [0, 3])
+def test_an_annealed_export_counts_the_parameters_it_ends_with(work, tmp_path, target):
+    """conversion.json (and so the card) counts the deltas the export keeps, in its total and
+    its reduction too, not the full-rank ones the run started from."""
+    converted = tmp_path / "converted"
+    assert run_cli([str(work["teacher"]), "--loops", "2", "--relax-rank", "full", "-o", str(converted)]) == 0
+    AutoTokenizer.from_pretrained(work["full"]).save_pretrained(converted)
+    out = tmp_path / "run"
+    train(Recipe.model_validate(recipe(converted, work["text"], out, train={"max_steps": 4},
+                                       anneal={"target_rank": target, "steps": 4, "every": 2})))
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    params = json.loads((out / "model" / "conversion.json").read_text())["params"]
+    assert params["total"] == exported.num_parameters()
+    assert params["relax"] == sum(p.numel() for n, p in exported.named_parameters() if "_delta" in n)
+    unique = params["converted_nonembedding"] + params["routers"] + params["relax"]
+    assert params["reduction"] == pytest.approx(1 - unique / params["original_nonembedding"])
+    assert f"{100 * params['reduction']:.1f}%" in (out / "model" / "README.md").read_text()
+
+
 def test_a_run_shorter_than_its_annealing_is_refused(work, tmp_path, monkeypatch, capsys):
     """Stopped mid-schedule, the deltas still have more than the target rank: the export would
     silently differ from the trained model."""

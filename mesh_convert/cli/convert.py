@@ -50,7 +50,7 @@ def _plan_tables(plan) -> list[Table]:
     counts.add_row("routers", f"{params['routers']:,}")
     counts.add_row("relax deltas", f"{params['relax']:,}")
     counts.add_row("embedding + head", f"{params['embedding']:,}")
-    counts.add_row("reduction (non-embedding)", f"{params['reduction']:.1%}")
+    counts.add_row("reduction (layers + routers + deltas)", f"{params['reduction']:.1%}")
 
     layers = Table(title="layer map", title_justify="left")
     layers.add_column("unique layer")

@@ -79,10 +79,9 @@ def parameter_rows(params: Params | dict) -> list[list[str]]:
         ["relaxation deltas", _count(params.relax)],
     ]
     if layers is not None:
-        converted = layers + params.routers + params.relax
-        rows.append(["**converted model, non-embedding**", f"**{_count(converted)}**"])
+        rows.append(["**converted model, non-embedding**", f"**{_count(params.unique_nonembedding())}**"])
         if original:
-            rows.append([REDUCTION_LABEL, f"{100 * (1 - converted / original):.1f}%"])
+            rows.append([REDUCTION_LABEL, f"{100 * params.computed_reduction():.1f}%"])
     if params.embedding is not None:
         rows.append(["embedding + output head", _count(params.embedding)])
     if params.total is not None:

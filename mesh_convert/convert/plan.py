@@ -18,7 +18,7 @@ from ..errors import UserError
 from .families import SourceFamily, source_family
 from .options import DEFAULT_ROUTER_GAP, DTYPE_MAX, MAX_SLOTS, ConvertOptions, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
-from .record import ConversionRecord
+from .record import ConversionRecord, Params
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
 
 if TYPE_CHECKING:
@@ -304,7 +304,7 @@ def count_parameters(source_config, mesh_config: MeshConfig | Mapping) -> dict[s
     converted = mesh_parameter_counts(fields)
     counts["converted_nonembedding"] = converted.pop("nonembedding")
     counts.update(converted)
-    counts["reduction"] = 1 - counts["converted_nonembedding"] / counts["original_nonembedding"]
+    counts["reduction"] = Params.model_validate(counts).computed_reduction()
     return counts
 
 

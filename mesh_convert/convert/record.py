@@ -47,6 +47,29 @@ class Params(_Section):
     total: int | None = None
     reduction: float | None = None
 
+    def unique_nonembedding(self) -> int | None:
+        """The converted model's non-embedding parameters: its stored layers, routers and deltas."""
+        if self.converted_nonembedding is None:
+            return None
+        return self.converted_nonembedding + self.routers + self.relax
+
+    def computed_reduction(self) -> float | None:
+        """1 - converted / original non-embedding parameters, routers and deltas included (a
+        full-rank relaxation stores more than the original: the reduction is then negative)."""
+        if not self.original_nonembedding or self.converted_nonembedding is None:
+            return None
+        return 1 - self.unique_nonembedding() / self.original_nonembedding
+
+    def with_relax(self, relax: int) -> Params:
+        """These counts with deltas of `relax` parameters instead (after annealing them)."""
+        changed = self.model_copy(update={"relax": relax})
+        update = {}
+        if self.total is not None:
+            update["total"] = self.total - self.relax + relax
+        if self.reduction is not None:
+            update["reduction"] = changed.computed_reduction()
+        return changed.model_copy(update=update)
+
 
 class Training(_Section):
     recipe: Any = None  # the recipe as trained (a dict), or its name
@@ -119,7 +142,7 @@ class ConversionRecord(_Section):
         `relax_parameters`; without deltas, how they started no longer applies."""
         update = {"relax_rank": rank, "relax_init": self.relax_init if rank else None}
         if self.params is not None:
-            update["params"] = self.params.model_copy(update={"relax": relax_parameters})
+            update["params"] = self.params.with_relax(relax_parameters)
         return self.model_copy(update=update)
 
     def to_json(self) -> str:
