@@ -64,6 +64,20 @@ def test_dotted_overrides_are_typed_and_checked(tmp_path):
         load_recipe(path, ["train.max_steps=many"])
 
 
+def test_what_yaml_and_overrides_naturally_write_is_read_as_meant(tmp_path):
+    """YAML reads an unquoted `no` as false, and one file is naturally written without brackets."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model: some/dir\ndata:\n  train: a.txt\n  eval_files: b.txt\n"
+                    "train:\n  max_steps: 10\n  mixed_precision: no\n")
+    recipe = load_recipe(path)
+    assert recipe.train.mixed_precision == "no"
+    assert (recipe.data.train, recipe.data.eval_files) == (["a.txt"], ["b.txt"])
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["train.mixed_precision=no", "data.train=c.txt"])
+    assert (recipe.train.mixed_precision, recipe.data.train) == ("no", ["c.txt"])
+    with pytest.raises(UserError, match="mixed_precision"):
+        load_recipe(write(tmp_path, MINIMAL), ["train.mixed_precision=yes"])
+
+
 def test_inconsistent_recipes_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="exactly one of train.max_steps and train.max_tokens"):
         load_recipe(write(tmp_path, {**MINIMAL, "train": {}}))

@@ -78,7 +78,7 @@ def resolve_source(name: str, revision: str | None = None) -> SourceRef:
     if alias is not None:
         return SourceRef(name, alias.repo_id, revision, None)
     if not is_hub_id(name):
-        raise UserError(f"no such checkpoint directory: {name} (nor is it a Hub id or a pythia-<size> alias)")
+        raise UserError(f"no such checkpoint directory: {name} (a Hub id is written ORG/NAME; or a pythia-<size> alias)")
     return SourceRef(name, name, revision, None)
 
 

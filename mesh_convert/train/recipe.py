@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..convert.options import Variant
 from ..errors import UserError
@@ -80,6 +80,12 @@ class DataSection(Strict):
     eval_blocks: int = Field(64, ge=0, description="blocks held out from train when eval_files is empty")
     shuffle_buffer: int = Field(10_000, ge=1, description="streaming Hub datasets only")
 
+    @field_validator("train", "eval_files", mode="before")
+    @classmethod
+    def _one_file(cls, value):
+        """`data.train=file.txt` (one file, as a command-line override naturally writes it)."""
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _one_source(self):
         if not self.train and self.hub is None:
@@ -118,6 +124,12 @@ class TrainSection(Strict):
     eval_every: int = Field(100, ge=0, description="0 = only at the end")
     eval_batches: int | None = Field(None, ge=1, description="cap on eval micro-batches")
     log_every: int = Field(1, ge=1)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        """YAML 1.1 reads an unquoted `no` as false: `mixed_precision: no` means "no"."""
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _length(self):
