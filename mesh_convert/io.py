@@ -71,6 +71,11 @@ def check_model_dir(name: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"model directory {name} does not exist" if not path.exists() else f"{name} is not a directory")
     if not (path / "config.json").is_file():
+        if (path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl")):
+            run = path.parent.parent if path.parent.name == "checkpoints" else None
+            export = f"{run / 'model'}, which the run exports when it ends" if run else "the model the run exports"
+            raise UserError(f"{name} is a training checkpoint (the state `train` resumes from), not a model: "
+                            f"use {export}")
         raise UserError(f"{name} is not a model checkpoint (no config.json)")
     check_safetensors(path)
     return path

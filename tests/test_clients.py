@@ -238,6 +238,21 @@ def test_inspect_names_its_default_folder_after_the_run(tmp_path, monkeypatch, t
         assert (tmp_path / folder / "inspect.json").is_file(), folder
 
 
+def test_a_training_checkpoint_is_named_for_what_it_is(tmp_path, capsys):
+    """`train`'s checkpoints hold the state it resumes from, not a model: the error names the
+    model the run exports instead."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+        (checkpoint / name).write_bytes(b"")
+    for command in (["inspect", str(checkpoint)], ["eval", str(checkpoint), "--data", str(checkpoint / "x.txt")]):
+        capsys.readouterr()
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "is a training checkpoint" in err, err
+        assert str(tmp_path / "run" / "model") in err
+
+
 def test_inspect_lists_the_provenance_once_with_whole_keys(tmp_path, monkeypatch, capsys):
     output = converted_with_tokenizer(tmp_path, "gpt_neox")
     monkeypatch.setenv("COLUMNS", "80")
