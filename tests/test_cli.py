@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import char_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers")
 
@@ -81,3 +83,20 @@ def test_bad_choices_are_rejected_by_the_parser_with_the_valid_list(args, choice
     last = " ".join(result.stderr.split())
     assert "Invalid value" in last and choices in last, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_launchers_entry_point_is_the_train_command(tmp_path):
+    """`python -m mesh_convert.train` (what `accelerate launch -m` and torchrun run) takes the
+    command's own options: --dry-run and --help, not only --overwrite."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "text.txt").write_text("some text to train on\n" * 50)
+    char_tokenizer(tmp_path / "tok")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("init: {size: custom, num_layers: 4, hidden_size: 32, num_heads: 4, vocab_size: 128}\ntokenizer: tok\n"
+                      "data: {train: [text.txt], block_size: 8}\ntrain: {max_steps: 3}\noptim: {lr: 1.0e-3}\noutput_dir: run\n")
+    for args, wanted in (([str(recipe), "--dry-run"], "tokens_per_step"), (["--help"], "--dry-run")):
+        result = subprocess.run([sys.executable, "-m", "mesh_convert.train", *args], capture_output=True, text=True,
+                                timeout=300, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert wanted in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "text.txt", "tok"]  # a dry run writes nothing

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code

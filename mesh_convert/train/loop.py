@@ -569,33 +569,4 @@ def report(summary: dict, console) -> None:
                       f"{summary['final_loss']:.4f} -> {where}", highlight=False, soft_wrap=True)
 
 
-__all__ = ["RunPlan", "describe", "main", "plan_run", "report", "train", "validation_loss"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mesh_convert.train RECIPE [key=value ...]`: the `train` command without the CLI,
-    for launchers (`accelerate launch -m mesh_convert.train RECIPE`)."""
-    import sys
-
-    from rich.console import Console
-
-    from .recipe import load_recipe
-
-    args = sys.argv[1:] if argv is None else argv
-    overwrite = "--overwrite" in args
-    args = [arg for arg in args if arg != "--overwrite"]
-    if not args:
-        print("usage: python -m mesh_convert.train RECIPE.yaml [key.sub=value ...] [--overwrite]", file=sys.stderr)
-        return 2
-    try:
-        console = Console(stderr=True)
-        report(train(load_recipe(args[0], args[1:]), console=console, overwrite=overwrite), console)
-    except UserError as error:
-        if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
-            print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["RunPlan", "describe", "plan_run", "report", "train", "validation_loss"]
