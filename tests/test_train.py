@@ -257,3 +257,22 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_losses(work, tmp_path):
     final = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     expected = AutoModelForCausalLM.from_pretrained(reference / "model").state_dict()
     assert all(torch.allclose(final[k], expected[k], atol=1e-6) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "present, resume, wanted",
+    [
+        ("notes.txt", "auto", "is not empty"),  # the user's own file: not a run
+        ("metrics.jsonl", "auto", "already holds a run and there is no checkpoint to resume from"),
+        ("checkpoints/step-00000002/model.safetensors", "never", "already holds a run, and checkpoint.resume is never"),
+    ],
+)
+def test_an_occupied_output_dir_is_refused_for_what_it_holds(work, tmp_path, present, resume, wanted):
+    out = tmp_path / "run"
+    (out / present).parent.mkdir(parents=True, exist_ok=True)
+    (out / present).write_text("mine\n")
+    data = recipe(work["model"], work["text"], out, train={"max_steps": 1}, checkpoint={"every": 0, "resume": resume})
+    with pytest.raises(UserError) as refused:
+        train(Recipe.model_validate(data))
+    assert wanted in str(refused.value) and "--overwrite" in str(refused.value)
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [present]

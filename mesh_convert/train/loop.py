@@ -262,6 +262,10 @@ def train(
         return _train(recipe, console, overwrite, on_step)
 
 
+# What a run writes into its output_dir (the exports are `model`, `adapter` and `merged`).
+RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "adapter", "merged")
+
+
 def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -275,10 +279,13 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     checkpoints = output / "checkpoints"
     resume = resume_dir(checkpoints, recipe.checkpoint.resume)
     if resume is None and not overwrite and output.is_dir() and any(output.iterdir()):
-        raise UserError(
-            f"output_dir {output} already holds a run and there is no checkpoint to resume from "
-            "(use --overwrite to replace it, or another output_dir)"
-        )
+        if not any((output / name).exists() for name in RUN_FILES):
+            what = "is not empty"
+        elif recipe.checkpoint.resume == "never":
+            what = "already holds a run, and checkpoint.resume is never"
+        else:
+            what = "already holds a run and there is no checkpoint to resume from"
+        raise UserError(f"output_dir {output} {what} (use --overwrite to replace it, or another output_dir)")
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     _check_all_processes_started(world)
