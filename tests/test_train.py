@@ -276,3 +276,22 @@ def test_an_occupied_output_dir_is_refused_for_what_it_holds(work, tmp_path, pre
         train(Recipe.model_validate(data))
     assert wanted in str(refused.value) and "--overwrite" in str(refused.value)
     assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [present]
+
+
+def test_resuming_with_another_model_data_or_batch_is_refused(work, tmp_path):
+    """The checkpoint's state and data position belong to the run's settings: resuming under others
+    would mix two runs into one."""
+    out = tmp_path / "run"
+    settings = dict(train={"max_steps": 4}, checkpoint={"every": 2})
+    train(Recipe.model_validate(recipe(work["model"], work["text"], out, **settings)))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for model, section, changes, wanted in (
+        (work["model"], "data", {"block_size": 16}, "data"),
+        (work["model"], "train", {"global_batch_size": 8}, "train.global_batch_size"),
+        (work["relaxed"], "train", {}, "model"),
+    ):
+        data = recipe(model, work["text"], out, **settings)
+        data[section] = {**data[section], **changes}
+        with pytest.raises(UserError, match=f"cannot resume from .*step-00000002: the recipe's {wanted} differ"):
+            train(Recipe.model_validate(data))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -266,6 +266,30 @@ def train(
 RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "adapter", "merged")
 
 
+# What a resumed run must share with the run that wrote its checkpoints: the model and what of it
+# trains, and the data order, a pure function of the seed, the data and the global batch.
+FIXED_WHEN_RESUMING = ("model", "init", "tokenizer", "seed", "method", "trainable", "lora", "data",
+                       "train.global_batch_size", "anneal")
+
+
+def _changed_since_the_run_began(output: Path, recipe: Recipe) -> list[str]:
+    """The settings of FIXED_WHEN_RESUMING in which `recipe` differs from the run's recipe.yaml."""
+    import yaml
+
+    try:
+        began = Recipe.model_validate(yaml.safe_load((output / "recipe.yaml").read_text())).model_dump(mode="json")
+    except (OSError, ValueError, yaml.YAMLError):  # none, or from a version with another schema: nothing to compare
+        return []
+    now = recipe.model_dump(mode="json")
+
+    def setting(tree: dict, dotted: str):
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [key for key in FIXED_WHEN_RESUMING if setting(began, key) != setting(now, key)]
+
+
 def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
@@ -286,6 +310,9 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         else:
             what = "already holds a run and there is no checkpoint to resume from"
         raise UserError(f"output_dir {output} {what} (use --overwrite to replace it, or another output_dir)")
+    if resume is not None and (changed := _changed_since_the_run_began(output, recipe)):
+        raise UserError(f"cannot resume from {resume}: the recipe's {', '.join(changed)} differ from the run's "
+                        f"({output / 'recipe.yaml'}): restore them, or start anew with --overwrite or another output_dir")
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     _check_all_processes_started(world)
