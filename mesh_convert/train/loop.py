@@ -340,7 +340,11 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
             check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed it activation checkpointing; the old name warns that it goes in v6.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_trainable(model, recipe)
     plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
     counts = count_trainable(model)
