@@ -140,10 +140,18 @@ def test_a_run_shorter_than_its_annealing_is_refused(work, tmp_path, monkeypatch
     silently differ from the trained model."""
     data = recipe(work["full"], work["text"], tmp_path / "run", train={"max_steps": 3},
                   anneal={"target_rank": 0, "steps": 4, "every": 2})
-    assert run_cli(["train", str(write_recipe(tmp_path / "r.yaml", data))]) == 1
-    error = capsys.readouterr().err.splitlines()[-1]
-    assert error.startswith("error: anneal.steps=4") and "3 steps" in error
-    assert not (tmp_path / "run" / "model").exists()
+    for dry_run in ([], ["--dry-run"]):  # a dry run checks it too
+        capsys.readouterr()
+        assert run_cli(["train", str(write_recipe(tmp_path / "r.yaml", data)), *dry_run]) == 1
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith("error: anneal.steps=4") and "3 steps" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_refuses_annealing_a_model_without_deltas(work, tmp_path, capsys):
+    data = recipe(work["plain"], work["text"], tmp_path / "run", anneal={"target_rank": 0, "steps": 4, "every": 2})
+    assert run_cli(["train", str(write_recipe(tmp_path / "r.yaml", data)), "--dry-run"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: anneal needs a model converted with relaxation")
 
 
 @pytest.mark.parametrize("target", [0, 2])

@@ -173,6 +173,10 @@ def describe(recipe: Recipe, processes: int = 1) -> dict:
         raise UserError(f"data.block_size={recipe.data.block_size} is above the model's context of {context} tokens")
     model = apply_trainable(model, recipe)
     plan = plan_run(recipe, processes, default_peak_lr(recipe, model.config))
+    if recipe.anneal.target_rank is not None:
+        from .anneal import Annealer
+
+        Annealer(model, recipe.anneal, plan.steps)  # its checks: a relaxed model, a rank it has, steps enough
     counts = count_trainable(model)
     return {
         "processes": plan.processes,
