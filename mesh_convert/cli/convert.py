@@ -27,7 +27,8 @@ def _options_error(error: ValidationError) -> UserError:
 
 def _plan_tables(plan) -> list[Table]:
     params, layout = plan.params, plan.layout
-    summary = Table(title=f"{plan.options.model} -> MeSH {layout.text}", show_header=False, title_justify="left")
+    recurrence = "MeSH" if plan.options.variant == "mesh" else f"recursive ({plan.options.variant})"
+    summary = Table(title=f"{plan.options.model} -> {recurrence} {layout.text}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
     fields = plan.mesh_fields

@@ -74,7 +74,7 @@ class ConvertOptions(BaseModel):
                               description="Logit gap of the function-preserving router init (with --relax-rank full, 16 or more reproduces the logits within 1e-4).",
                               json_schema_extra=cli_option("--router-gap"))
     relax_rank: int | Literal["full"] = Field(
-        default=0, description="Per-loop delta rank: 0 (none), N, or full (dense: with --relax-init svd the original layers, exact logits needing a large --router-gap).",
+        default=0, description="Per-loop delta rank: 0 (none), N, or full (dense: with --relax-init svd the original layers; mesh then gives the original's logits with a large --router-gap, base exactly, anchor and residual not).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),
     )
     relax_init: RelaxInit | None = Field(
