@@ -592,3 +592,16 @@ def test_user_errors_are_one_line(
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "o").exists()  # nothing half-written
     assert "Traceback" not in stderr + stdout
+
+
+def test_diagnose_and_inspect_take_evals_built_in_data_names(capsys, mesh_dir, tmp_path, monkeypatch):
+    """`--data wikitext2` works wherever `eval` takes it (here from a data folder in MESH_CONVERT_DATA)."""
+    folder = tmp_path / "data" / "wikitext-2-raw"
+    folder.mkdir(parents=True)
+    (folder / "wiki.test.raw").write_text(sample_text(2000))
+    monkeypatch.setenv("MESH_CONVERT_DATA", str(tmp_path / "data"))
+    for command in ("diagnose", "inspect"):
+        code, _, stderr = invoke(capsys, command, str(mesh_dir), "--data", "wikitext2", "--samples", "2",
+                                 "--seq-len", "16", "--output", str(tmp_path / command))
+        assert code == 0, stderr
+        assert any((tmp_path / command).iterdir())

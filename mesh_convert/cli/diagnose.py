@@ -41,6 +41,13 @@ def _default_output(prefix: str, model: str) -> Path:
     return Path(f"{prefix}-{name or 'model'}")
 
 
+def _data_file(data: Path) -> Path:
+    """--data: a file, or one of `eval`'s built-in data names (wikitext2, lambada)."""
+    from ..eval.harness import resolve_data
+
+    return resolve_data(data)[0]
+
+
 def _default_device(device: str | None) -> str:
     if device:
         return device
@@ -139,8 +146,7 @@ def diagnose(
         samples=(samples, 1), seq_len=(seq_len, 2), loops=(loops, 1), top=(top, 1), batch_size=(batch_size, 1)
     )
     check_threshold(threshold)
-    if not data.is_file():
-        raise UserError(f"data file {data} does not exist")
+    data = _data_file(data)
     output = output or _default_output("diagnostics", model)
     check_output_directory(output)
     lm = load_model(model, device=_default_device(device))
@@ -257,8 +263,8 @@ def inspect(
     from ..analysis.inspect import inspect_model, write_inspect_outputs
 
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
-    if data is not None and not data.is_file():
-        raise UserError(f"data file {data} does not exist")
+    if data is not None:
+        data = _data_file(data)
     output = output or _default_output("inspect", str(model_dir))
     check_output_directory(output)
     report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
