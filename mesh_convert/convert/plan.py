@@ -114,7 +114,8 @@ def default_layout(num_layers: int, loops: int) -> Layout:
     ]
     if not balanced:
         raise ValueError(
-            f"{num_layers} layers are too few for {loops} loops with at least one prelude and one coda layer"
+            f"{num_layers} layers are too few for {loops} loops with the default layout's prelude and coda layer "
+            "(set --prelude and --coda, 0 allowed, for another layout)"
         )
     target = num_layers / (loops + 1)
     return min(balanced, key=lambda l: (abs(l.core - target), l.coda != l.prelude, -l.core))
