@@ -1,5 +1,6 @@
 """The package's map: subpackages in layers, each importing only from its own layer or the ones
-below it (errors < modeling < io < convert < train < eval, analysis < hub < cli), no import
+below it (errors < modeling < io < convert < train < eval, analysis < hub < cli < the `python -m`
+entry points), no import
 cycle between modules, and a self-contained remote-code pair."""
 
 import ast
@@ -40,6 +41,8 @@ def imports(path: Path) -> set[str]:
 
 def layer(module: str) -> str | None:
     parts = module.split(".")
+    if parts[-1] == "__main__":  # `python -m` entry points (the package's, the launchers' train) import, never imported
+        return "__main__"
     return parts[1] if len(parts) > 1 else None
 
 

@@ -24,7 +24,6 @@ from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.convert import conversion as convert_module
 from mesh_convert.convert import output as output_module
 from mesh_convert.cli import main
-from mesh_convert.train.loop import main as train_main
 from helpers import SUBPROCESS_ENV, char_tokenizer, invoke, metrics, recipe, tiny_converted, write_text
 
 INIT = ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--context", "64"]
@@ -246,7 +245,6 @@ from pathlib import Path
 from mesh_convert.cli import main
 from mesh_convert.convert import conversion as convert
 from mesh_convert.convert import output
-from mesh_convert.train.loop import main as train_main
 
 stage, name, *args = sys.argv[1:]
 number = getattr(signal, name)
@@ -347,13 +345,10 @@ def test_training_into_an_earlier_run_needs_overwrite(training, tmp_path, capsys
     code, _, err = invoke(capsys, "train", path)
     assert code == 1 and "--overwrite" in err, err
     assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
-    assert train_main([str(path)]) == 1 and "--overwrite" in capsys.readouterr().err  # the launchers' entry
-    assert snapshot(run) == before, "the earlier run's metrics and model are untouched"
     code, _, err = invoke(capsys, "train", path, "--overwrite")
     assert code == 0, err
     assert [r["step"] for r in metrics(run)] == [1, 2] and (run / "model" / "conversion.json").is_file()
-    assert train_main([str(path), "--overwrite"]) == 0
-    assert [r["step"] for r in metrics(run)] == [1, 2] and not leftovers(run)
+    assert not leftovers(run)
 
 
 def test_a_kill_during_the_training_export_leaves_no_partial_model(training, tmp_path, capsys):
