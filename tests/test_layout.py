@@ -1,7 +1,6 @@
 """The package's map: subpackages in layers, each importing only from its own layer or the ones
 below it (errors < modeling < io < convert < train < eval, analysis < hub < cli < the `python -m`
-entry points), no import
-cycle between modules, and a self-contained remote-code pair."""
+entry points), no import cycle between modules, and a self-contained remote-code pair."""
 
 import ast
 from pathlib import Path
