@@ -80,7 +80,8 @@ def step0_rows(source, evaluate) -> list[dict]:
     tie = best_tie(rows)
     for relax_tie in sorted({tie, "average"}):
         for rank in (0, 32, 128, 320, "full"):
-            add("relax", f"K=2 {relax_tie} relax={rank}", loops=2, tie=relax_tie, relax_rank=rank)
+            svd = {"relax_init": "svd"} if rank else {}  # the step-0 function of the SVD start, by rank
+            add("relax", f"K=2 {relax_tie} relax={rank}", loops=2, tie=relax_tie, relax_rank=rank, **svd)
     for variant in ("base", "residual", "anchor", "anchor_emb", "mesh"):
         add("variant", f"K=2 {tie} variant={variant}", loops=2, tie=tie, variant=variant)
     # The router gap only matters where the rest is exact: at full relaxation, a gap that leaks
@@ -157,7 +158,7 @@ def heal_rows(source, source_dir: Path, tokenizer, evaluate, args, workdir: Path
                      for variant, label, extra in (("mesh", "", {}), ("base", "", {}),
                                                    ("mesh", ", router lr x10", {"optim": {"router_lr_mult": 10}}),
                                                    ("anchor", "", {}), ("residual", "", {}))],
-        "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank}, {})
+        "relax": [("relax", f"{args.tie}, relax rank {rank} (deltas trained)", {"relax_rank": rank, "relax_init": "svd"}, {})
                   for rank in (16, 64, 128)],
         "router-lr": [("variant", f"{args.tie}, variant mesh, routers at lr 0.01", {"relax_rank": 0, "variant": "mesh"},
                        {"optim": {"router_lr_mult": 1e-2 / args.heal_lr}})],

@@ -48,7 +48,9 @@ def tiny_converted(path: Path, tokenizer_dir: Path, relax_rank=0, seed: int = 0,
     converter's output (with conversion.json)."""
     name, make_source = ("tiny-llama", make_tiny_llama) if family == "llama" else ("tiny-pythia", make_tiny_pythia)
     source = make_source(path.parent / f"{path.name}-source", seed=seed)
-    model = convert_model(source, loops=loops, relax_rank=relax_rank, dtype="float32")
+    # The SVD start, so that relaxed models run through non-zero deltas (a rank N starts at zero by default).
+    svd = {"relax_init": "svd"} if relax_rank else {}
+    model = convert_model(source, loops=loops, relax_rank=relax_rank, dtype="float32", **svd)
     model.save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(path)
     (path / "conversion.json").write_text(json.dumps({"source": {"name": name}}) + "\n")

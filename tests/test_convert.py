@@ -380,7 +380,6 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
         (["{src}", "--loops", "4", "--prelude", "3", "--coda", "3"], "does not fit 8 layers"),
         (["{src}", "--loops", "2", "--relax-rank", "many"], "--relax-rank"),
         (["{src}", "--loops", "2", "--relax-init", "zero"], "--relax-init: zero needs deltas"),
-        (["{src}", "--loops", "2", "--relax-init", "svd"], "--relax-init: svd needs deltas"),
         (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
         (["{src}", "--loops", "8"], "(set --prelude and --coda, 0 allowed, for another layout)"),
         (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),

@@ -31,7 +31,7 @@ def mesh_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     neox = tiny_converted(root / "neox-mesh", char_tokenizer(root / "tokenizer"), relax_rank=2)
     llama = root / "llama-mesh"
-    convert_model(make_tiny_llama(root / "llama"), loops=2, relax_rank=2, dtype="float32").save_pretrained(llama)
+    convert_model(make_tiny_llama(root / "llama"), loops=2, relax_rank=2, relax_init="svd", dtype="float32").save_pretrained(llama)
     return {"gpt_neox": neox, "llama": llama}
 
 

@@ -229,7 +229,8 @@ def convert_state_dict(reader: CheckpointReader, plan: ConversionPlan) -> dict[s
 def convert_model(model, loops: int, **options) -> MeshForCausalLM:
     """Convert an in-memory source model (e.g. a `GPTNeoXForCausalLM`) into a `MeshForCausalLM`.
 
-    `options` are those of `ConvertOptions` (prelude, coda, variant, tie, slots, router_gap, relax_rank, dtype)."""
+    `options` are those of `ConvertOptions` (prelude, coda, variant, tie, slots, router_gap, relax_rank,
+    relax_init, dtype)."""
     with tempfile.TemporaryDirectory() as config_dir:
         model.config.save_pretrained(config_dir)
         plan = make_plan(ConvertOptions(model=config_dir, loops=loops, **options))
