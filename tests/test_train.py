@@ -292,6 +292,11 @@ def test_resuming_with_another_model_data_or_batch_is_refused(work, tmp_path):
     ):
         data = recipe(model, work["text"], out, **settings)
         data[section] = {**data[section], **changes}
-        with pytest.raises(UserError, match=f"cannot resume from .*step-00000002: the recipe's {wanted} differ"):
+        with pytest.raises(UserError, match=f"cannot resume from .*step-00000002: {wanted} differ") as refused:
             train(Recipe.model_validate(data))
+        assert "checkpoint.resume=never and --overwrite" in str(refused.value)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # The same files named otherwise, and sections not in use, are the same run: it resumes.
+    data = recipe(f"{work['model']}/", work["text"], out, **settings, lora={"r": 4})
+    data["data"]["train"] = [os.path.relpath(work["text"])]
+    assert train(Recipe.model_validate(data))["steps"] == 4

@@ -271,27 +271,48 @@ RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "adapter", 
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and what of it
-# trains, and the data order, a pure function of the seed, the data and the global batch.
+# trains, and the data order, a pure function of the seed, the data and the global batch. `lora`
+# and `anneal` count only where they are in use.
 FIXED_WHEN_RESUMING = ("model", "init", "tokenizer", "seed", "method", "trainable", "lora", "data",
                        "train.global_batch_size", "anneal")
 
 
 def _changed_since_the_run_began(output: Path, recipe: Recipe) -> list[str]:
-    """The settings of FIXED_WHEN_RESUMING in which `recipe` differs from the run's recipe.yaml."""
+    """The settings of FIXED_WHEN_RESUMING in which `recipe` differs from the run's recipe.yaml
+    (paths compared as the files they name, so `x`, `./x` and `/abs/x` are one)."""
     import yaml
 
     try:
-        began = Recipe.model_validate(yaml.safe_load((output / "recipe.yaml").read_text())).model_dump(mode="json")
+        began = Recipe.model_validate(yaml.safe_load((output / "recipe.yaml").read_text()))
     except (OSError, ValueError, yaml.YAMLError):  # none, or from a version with another schema: nothing to compare
         return []
-    now = recipe.model_dump(mode="json")
+
+    def settings(run: Recipe) -> dict:
+        tree = run.model_dump(mode="json")
+        if run.method != "lora":
+            tree.pop("lora")
+        if run.anneal.target_rank is None:
+            tree.pop("anneal")
+        return _as_files(tree)
 
     def setting(tree: dict, dotted: str):
         for part in dotted.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         return tree
 
-    return [key for key in FIXED_WHEN_RESUMING if setting(began, key) != setting(now, key)]
+    before, now = settings(began), settings(recipe)
+    return [key for key in FIXED_WHEN_RESUMING if setting(before, key) != setting(now, key)]
+
+
+def _as_files(value):
+    """`value` (a recipe tree) with every text that names an existing path resolved to it."""
+    if isinstance(value, dict):
+        return {key: _as_files(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_files(item) for item in value]
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
@@ -314,9 +335,10 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         else:
             what = "already holds a run and there is no checkpoint to resume from"
         raise UserError(f"output_dir {output} {what} (use --overwrite to replace it, or another output_dir)")
-    if resume is not None and (changed := _changed_since_the_run_began(output, recipe)):
-        raise UserError(f"cannot resume from {resume}: the recipe's {', '.join(changed)} differ from the run's "
-                        f"({output / 'recipe.yaml'}): restore them, or start anew with --overwrite or another output_dir")
+    if resume is not None and resume.resolve().parent == checkpoints.resolve() and (changed := _changed_since_the_run_began(output, recipe)):
+        raise UserError(f"cannot resume from {resume}: {', '.join(changed)} differ from the run's {output / 'recipe.yaml'}; "
+                        "restore them, or start anew in another output_dir (or here, with checkpoint.resume=never "
+                        "and --overwrite)")
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     _check_all_processes_started(world)
