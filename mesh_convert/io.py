@@ -73,7 +73,8 @@ def check_model_dir(name: str | Path) -> Path:
     if not (path / "config.json").is_file():
         if (path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl")):
             run = path.parent.parent if path.parent.name == "checkpoints" else None
-            export = f"{run / 'model'}, which the run exports when it ends" if run else "the model the run exports"
+            exports = [run / n for n in ("model", "merged", "adapter") if (run / n).is_dir()] if run else []
+            export = exports[0] if exports else "the model (LoRA: adapter) that the run exports when it ends"
             raise UserError(f"{name} is a training checkpoint (the state `train` resumes from), not a model: "
                             f"use {export}")
         raise UserError(f"{name} is not a model checkpoint (no config.json)")

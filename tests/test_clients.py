@@ -245,12 +245,15 @@ def test_a_training_checkpoint_is_named_for_what_it_is(tmp_path, capsys):
     checkpoint.mkdir(parents=True)
     for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
         (checkpoint / name).write_bytes(b"")
-    for command in (["inspect", str(checkpoint)], ["eval", str(checkpoint), "--data", str(checkpoint / "x.txt")]):
-        capsys.readouterr()
-        assert cli.main(command) == 1
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "is a training checkpoint" in err, err
-        assert str(tmp_path / "run" / "model") in err
+    for export in (None, "adapter", "model"):  # before the run ends; a LoRA run's; a full run's
+        if export:
+            (tmp_path / "run" / export).mkdir()
+        for command in (["inspect", str(checkpoint)], ["eval", str(checkpoint), "--data", str(checkpoint / "x.txt")]):
+            capsys.readouterr()
+            assert cli.main(command) == 1
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and "is a training checkpoint" in err, err
+            assert (str(tmp_path / "run" / export) if export else "that the run exports when it ends") in err
 
 
 def test_inspect_lists_the_provenance_once_with_whole_keys(tmp_path, monkeypatch, capsys):
