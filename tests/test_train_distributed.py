@@ -156,12 +156,12 @@ def test_accelerate_cpu_launch_of_several_processes_that_starts_one_is_refused(s
     assert not out.exists()
 
 
-def test_torchrun_recipe_error_is_printed_once(single, tmp_path):
+def test_torchrun_recipe_error_is_one_line_and_tagged_on_the_other_ranks(single, tmp_path):
     path = write_recipe(tmp_path / "r.yaml", {**single["recipe"], "output_dir": str(tmp_path / "out")})
     output = torchrun(["-m", "mesh_convert.train", str(path), "train.global_batch_size=6"], tmp_path, expect_rc=1)
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == ["error: train.global_batch_size=6 is not a multiple of micro_batch_size (2) x processes (2)"], \
-        output[-3000:]
+    error = "error: train.global_batch_size=6 is not a multiple of micro_batch_size (2) x processes (2)"
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [error], output[-3000:]
+    assert f"[rank 1] {error}" in output.splitlines(), output[-3000:]
 
 
 # Asked for explicitly, or left to torch's default (reentrant in some releases).

@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # every process of a launch fails alike: say it once
-            err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        # Under a launcher every process reports; the others' lines are tagged, so that one line
+        # reads as the error and an error only one process met is not lost.
+        rank = os.environ.get("RANK", "0")
+        tag = "" if rank == "0" else escape(f"[rank {rank}] ")
+        err_console.print(f"{tag}[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code

@@ -1,8 +1,10 @@
-"""`python -m mesh_convert.train RECIPE [key=value ...] [--dry-run] [--overwrite]`, what launchers
-run (`accelerate launch -m mesh_convert.train RECIPE`): the `mesh-convert train` command itself."""
+"""`python -m mesh_convert.train RECIPE [key=value ...] [--dry-run] [--overwrite] [--debug]`, what
+launchers run (`accelerate launch -m mesh_convert.train RECIPE`): the `mesh-convert train` command itself."""
 
 import sys
 
 from ..cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+args = sys.argv[1:]
+debug = ["--debug"] if "--debug" in args else []  # an option of the program, before the command
+sys.exit(main([*debug, "train", *(arg for arg in args if arg != "--debug")]))
