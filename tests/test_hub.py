@@ -213,14 +213,17 @@ def test_an_old_checkpoint_is_published_without_its_local_paths(hub, model_dir):
     """Converters before paths were cut on writing stored them in conversion.json and config.json;
     the push publishes both cut, uploads every other file as it is, and leaves the folder alone."""
     home = "/home/alice/work"
-    record = {**conversion_info(), "command": f"mesh-convert {home}/pythia-14m --loops 2 -o {home}/out",
+    cached = f"{home}/hf/models--EleutherAI--pythia-14m/snapshots/0123abcd"  # a source in the HF cache
+    record = {**conversion_info(), "command": f"mesh-convert {cached} --loops 2 -o {home}/out",
               "output": f"{home}/out"}
-    record["source"] = {**record["source"], "model": f"{home}/pythia-14m"}
+    record["source"] = {**record["source"], "model": cached, "revision": None}
     (model_dir / "conversion.json").write_text(json.dumps(record, indent=2))
     config = json.loads((model_dir / "config.json").read_text())
     config["provenance"] = {"source": {"model": f"{home}/pythia-14m", "revision": None}, "tie": "average"}
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (model_dir / "README.md").write_text("# my own card\n")
+    (model_dir / "README.md").write_text(f"# my own card\n\nConverted from `{cached}` into `{home}/out`.\n")
+    (model_dir / ".git").mkdir()
+    (model_dir / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (model_dir / "extra").mkdir()
     (model_dir / "extra" / "notes.txt").write_text("kept\n")
     before = snapshot(model_dir)
@@ -229,15 +232,33 @@ def test_an_old_checkpoint_is_published_without_its_local_paths(hub, model_dir):
 
     remote = hub.files("alice/tiny-mesh")
     assert snapshot(model_dir) == before
-    assert set(before) | {".gitattributes"} == set(remote)
+    assert set(before) - {".git/HEAD"} | {".gitattributes"} == set(remote)
     assert not any(home.encode() in content for content in remote.values())
     published = json.loads(remote["conversion.json"])
-    assert (published["source"]["model"], published["output"]) == ("pythia-14m", "out")
-    assert published["command"] == "mesh-convert pythia-14m --loops 2 -o out"
+    assert published["source"] == {**record["source"], "model": "EleutherAI/pythia-14m", "revision": "0123abcd"}
+    assert (published["output"], published["command"]) == ("out", "mesh-convert 0123abcd --loops 2 -o out")
     assert json.loads(remote["config.json"])["provenance"]["source"]["model"] == "pythia-14m"
-    for name in set(before) - {"conversion.json", "config.json"}:
+    assert remote["README.md"] == b"# my own card\n\nConverted from `EleutherAI/pythia-14m` into `out`.\n"
+    for name in set(before) - {"conversion.json", "config.json", "README.md", ".git/HEAD"}:
         assert hashlib.sha256(remote[name]).hexdigest() == before[name], name
     assert len(hub.repos["alice/tiny-mesh"].commits) == 2  # the repo's first commit, then one upload
+
+
+def test_a_push_that_cannot_stage_its_upload_fails_before_any_request(hub, model_dir, monkeypatch, capfd):
+    from mesh_convert.hub import push
+
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    (model_dir / "conversion.json").write_text(json.dumps({**conversion_info(), "output": "/home/alice/out"}))
+    before = snapshot(model_dir)
+
+    def no_space(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(push, "link", no_space)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_clear_line(code, err, "cannot prepare the upload", "No space left on device")
+    assert hub.log == [] and "alice/tiny-mesh" not in hub.repos
+    assert snapshot(model_dir) == before
 
 
 def test_a_current_checkpoint_is_uploaded_as_it_is(hub, model_dir):

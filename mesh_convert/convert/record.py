@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UserError
+from .source import cache_snapshot
 
 FILENAME = "conversion.json"
 
@@ -159,8 +160,26 @@ class ConversionRecord(_Section):
             return section.model_copy(update={field: how(getattr(section, field))})
 
         record = cut(cut(self, "output"), "command", _command_without_local_paths)
-        sections = {name: cut(getattr(self, name), field) for name, field in (("source", "model"), ("training", "recipe"))}
+        sections = {"source": _published_source(self.source), "training": cut(self.training, "recipe")}
         return record.model_copy(update={name: value for name, value in sections.items() if name in self.model_fields_set})
+
+    def local_texts(self) -> dict[str, str]:
+        """Each text of this record that publishing cuts, with what it is published as (for
+        files written from the record before it was cut on writing, e.g. an older model card)."""
+        found = {}
+
+        def walk(held, published):
+            if isinstance(held, dict) and isinstance(published, dict):
+                for key in held.keys() & published.keys():
+                    walk(held[key], published[key])
+            elif isinstance(held, list) and isinstance(published, list):
+                for pair in zip(held, published):
+                    walk(*pair)
+            elif isinstance(held, str) and isinstance(published, str) and held != published:
+                found[held] = published
+
+        walk(self.model_dump(), self.published().model_dump())
+        return found
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / FILENAME
@@ -180,12 +199,28 @@ class ConversionRecord(_Section):
             raise UserError(f"cannot read {path}: {detail}") from None
 
 
+def _published_source(source: Source | None) -> Source | None:
+    """The source without its local path: a snapshot in the Hugging Face cache is published as
+    its repo id and revision (as conversions record it now), any other folder by its name."""
+    if source is None or "model" not in source.model_fields_set or not isinstance(source.model, str):
+        return source
+    snapshot = cache_snapshot(Path(source.model)) if PurePosixPath(source.model).is_absolute() else None
+    if snapshot is not None:
+        return source.model_copy(update={"model": snapshot[0], "revision": source.revision or snapshot[1]})
+    return source.model_copy(update={"model": _without_local_paths(source.model)})
+
+
 def published_config(config: dict) -> dict:
     """config.json as it is published: its provenance with the absolute paths cut like the
     record's (conversions before mesh-convert cut them on writing stored a local source's path)."""
-    if "provenance" not in config:
+    provenance = config.get("provenance")
+    if not isinstance(provenance, dict):
         return config
-    return {**config, "provenance": _without_local_paths(config["provenance"])}
+    source = provenance.get("source")
+    if isinstance(source, dict) and isinstance(source.get("model"), str):
+        published = _published_source(Source.model_validate(source))
+        provenance = {**provenance, "source": {**source, "model": published.model, "revision": published.revision}}
+    return {**config, "provenance": _without_local_paths(provenance)}
 
 
 def _first_problem(error: ValidationError) -> str:

@@ -34,7 +34,6 @@ DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 # Local clutter that is never part of a model (huggingface_hub already skips .git and its cache).
 IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "**/__pycache__/**", "*.pyc"]
-NEVER_UPLOADED_DIRS = {".git", ".cache", "__pycache__"}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -88,11 +87,18 @@ def hub_endpoint(endpoint: str) -> Iterator[None]:
 
 
 def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[str, str]:
-    """The metadata files whose published text differs from the folder's: conversion.json and
-    config.json written before local paths were cut on writing still hold them."""
+    """The metadata files whose published text differs from the folder's: conversion.json,
+    config.json and a model card written before local paths were cut on writing still hold them."""
     changed = {}
     if record is not None and record.published() != record:
         changed[FILENAME] = record.published().to_json()
+        card_path = folder / "README.md"
+        if card_path.is_file():
+            card = published_card = card_path.read_text(encoding="utf-8")
+            for local, published in sorted(record.local_texts().items(), key=lambda pair: -len(pair[0])):
+                published_card = published_card.replace(local, published)
+            if published_card != card:
+                changed["README.md"] = published_card
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -102,29 +108,44 @@ def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[st
     return changed
 
 
+def _never_uploaded(directory: str, name: str) -> bool:
+    """Folders huggingface_hub never uploads (.git, .cache/huggingface), and Python's caches."""
+    return name in (".git", "__pycache__") or (name == "huggingface" and Path(directory).name == ".cache")
+
+
+def link(source: Path, target: Path) -> None:
+    """`target` as `source`'s file without copying it where the system allows (a symbolic link,
+    else a hard link), else as a copy."""
+    for make in (lambda: target.symlink_to(source.resolve()), lambda: os.link(source, target)):
+        try:
+            return make()
+        except OSError:
+            continue
+    shutil.copy2(source, target)
+
+
 @contextmanager
 def staged(folder: Path, changed: dict[str, str]) -> Iterator[Path]:
     """The folder to upload: `folder` itself, or, where some files are published in another form,
-    a temporary mirror that holds those and links to every other file (the weights are not
-    copied, and `folder` is not touched)."""
+    a temporary mirror that holds those and links to every other file (`folder` is not touched)."""
     if not changed:
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="mesh-convert-push-") as staging:
-        for directory, subdirs, files in os.walk(folder):
-            subdirs[:] = [d for d in subdirs if d not in NEVER_UPLOADED_DIRS]
-            for name in files:
-                source = Path(directory, name)
-                relative = source.relative_to(folder).as_posix()
-                target = Path(staging, relative)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if relative in changed:
-                    target.write_text(changed[relative], encoding="utf-8")
-                    continue
-                try:
-                    target.symlink_to(source.resolve())
-                except OSError:  # no symlinks here (Windows without the privilege): a copy
-                    shutil.copy2(source, target)
+        try:
+            for directory, subdirs, files in os.walk(folder):
+                subdirs[:] = [d for d in subdirs if not _never_uploaded(directory, d)]
+                for name in files:
+                    source = Path(directory, name)
+                    relative = source.relative_to(folder).as_posix()
+                    target = Path(staging, relative)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if relative in changed:
+                        target.write_text(changed[relative], encoding="utf-8")
+                    else:
+                        link(source, target)
+        except OSError as error:
+            raise UserError(f"cannot prepare the upload of {folder} in {staging}: {error.strerror or error}") from None
         yield Path(staging)
 
 
@@ -139,15 +160,16 @@ def repo_url(endpoint: str, repo_id: str, revision: str | None) -> str:
 def _upload(
     api: HfApi,
     folder: Path,
+    upload: Path,
     repo_id: str,
     private: bool,
     revision: str | None,
     commit_message: str,
     record: ConversionRecord | None,
-    changed: dict[str, str],
 ) -> str:
-    """The network part: create the repo (and branch), then upload the folder in one commit.
-    Returns the full repo id, which the Hub completes with the user's namespace if it was left out."""
+    """The network part: create the repo (and branch), then upload `upload` (the folder, or its
+    staged mirror) in one commit. Returns the full repo id, which the Hub completes with the
+    user's namespace if it was left out."""
     # private=None, not False, so that a namespace whose default is private keeps that default.
     created = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
     full_id = getattr(created, "repo_id", None) or repo_id
@@ -169,7 +191,9 @@ def _upload(
                 "make the folder writable or add a model card"
             ) from None
     try:
-        with staged(folder, changed) as upload, hub_timeout(read=upload_answer_timeout()):
+        if wrote_card and upload != folder:
+            link(card_path, upload / "README.md")
+        with hub_timeout(read=upload_answer_timeout()):
             api.upload_folder(
                 repo_id=full_id,
                 folder_path=upload,
@@ -209,9 +233,10 @@ def push_folder(
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        with hub_endpoint(endpoint), hub_timeout():
-            full_id = _upload(api, folder, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE, record,
-                              changed)
+        # Staged before any request, so that a staging failure leaves no new repo behind.
+        with staged(folder, changed) as upload, hub_endpoint(endpoint), hub_timeout():
+            full_id = _upload(api, folder, upload, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE,
+                              record)
     except Exception as error:
         user_error = hub_error(error, repo_id, endpoint, token, upload_wait=upload_answer_timeout())
         if user_error is not None:
