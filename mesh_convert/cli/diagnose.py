@@ -146,9 +146,9 @@ def diagnose(
         samples=(samples, 1), seq_len=(seq_len, 2), loops=(loops, 1), top=(top, 1), batch_size=(batch_size, 1)
     )
     check_threshold(threshold)
-    data = _data_file(data)
     output = output or _default_output("diagnostics", model)
     check_output_directory(output)
+    data = _data_file(data)  # after the local checks: a built-in name may be downloaded
     lm = load_model(model, device=_default_device(device))
     chosen = resolve_layout(lm, layout, loops)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, lm.config.max_position_embeddings)
@@ -263,10 +263,10 @@ def inspect(
     from ..analysis.inspect import inspect_model, write_inspect_outputs
 
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
-    if data is not None:
-        data = _data_file(data)
     output = output or _default_output("inspect", str(model_dir))
     check_output_directory(output)
+    if data is not None:
+        data = _data_file(data)  # after the local checks: a built-in name may be downloaded
     report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
     paths = write_inspect_outputs(report, output)
     if as_json:
