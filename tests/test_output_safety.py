@@ -173,12 +173,13 @@ def test_the_default_output_of_dot_is_named_after_the_folder(source, tmp_path, c
 
 
 def test_default_outputs_of_two_variants_do_not_meet_and_their_cards_share_their_names(source, tmp_path, capsys, monkeypatch):
+    """Nor do those of two relaxation ranks, which differ in parameters."""
     monkeypatch.chdir(tmp_path)
-    for variant in ("mesh", "base"):
-        code, _, err = invoke(capsys, source, "-k", "2", "--variant", variant)
+    for flags in (["--variant", "mesh"], ["--variant", "base"], ["--relax-rank", "2"]):
+        code, _, err = invoke(capsys, source, "-k", "2", *flags)
         assert code == 0, err
     made = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert made == ["tiny-pythia-base-1_1R2_1", "tiny-pythia-mesh-1_1R2_1"]
+    assert made == ["tiny-pythia-base-1_1R2_1", "tiny-pythia-mesh-1_1R2_1", "tiny-pythia-mesh-1_1R2_1-relax2"]
     for name in made:
         assert f"\n# {name}\n" in (tmp_path / name / "README.md").read_text()
 

@@ -51,7 +51,7 @@ def default_model_name(record: ConversionRecord) -> str:
         layout = Layout.parse(layout).name if layout else None
     except ValueError:  # a record edited by hand: its layout as written
         pass
-    return converted_name(record.source_model or "model", record.variant or "mesh", layout)
+    return converted_name(record.source_model or "model", record.variant or "mesh", layout, record.relax_rank)
 
 
 def _count(value: int | None) -> str:

@@ -88,7 +88,7 @@ class ConvertOptions(BaseModel):
                          json_schema_extra=cli_option("--dtype"))
     revision: str | None = Field(default=None, description="Hub revision, e.g. step143000 for Pythia.",
                                  json_schema_extra=cli_option("--revision"))
-    output: Path | None = Field(default=None, description="Output directory (default ./<model>-<variant>-<layout>, the layout written P_CRK_Q).",
+    output: Path | None = Field(default=None, description="Output directory (default ./<model>-<variant>-<layout>[-relax<rank>], the layout written P_CRK_Q).",
                                 json_schema_extra=cli_option("--output", "-o"))
     overwrite: bool = Field(default=False, description="Replace a non-empty output directory.",
                             json_schema_extra=cli_option("--overwrite"))

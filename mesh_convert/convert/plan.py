@@ -80,12 +80,14 @@ class Layout:
         return self.text
 
 
-def converted_name(source: str, variant: str, layout_name: str | None) -> str:
+def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None = 0) -> str:
     """A converted model's default name, for its folder and its model card: the source's last
     part, the variant (so that conversions of one source into two variants do not meet), the
-    layout as `P_CRK_Q`. E.g. `pythia-160m-mesh-2_4R2_2`."""
+    layout as `P_CRK_Q`, and the relaxation rank where there are deltas (they change the
+    parameter count). E.g. `pythia-160m-mesh-2_4R2_2`, `pythia-160m-mesh-2_4R2_2-relax64`."""
     base = source.rstrip("/").rsplit("/", 1)[-1] or "model"
-    return "-".join(part for part in (base, variant, layout_name) if part)
+    relax = f"relax{relax_rank}" if relax_rank not in (0, None) else None
+    return "-".join(part for part in (base, variant, layout_name, relax) if part)
 
 
 def _layouts(num_layers: int, loops: int, min_outer: int = 1) -> list[Layout]:
@@ -341,7 +343,8 @@ class ConversionPlan:
         # The folder's own name, also for `.` or `..`; a Hub id's last part.
         # Named as the record names the source: a local folder by its name (also for `.`), a Hub
         # id or a snapshot in the Hugging Face cache by the model's name, not its revision's hash.
-        return Path(converted_name(self.source.recorded()[0], self.options.variant, self.layout.name))
+        return Path(converted_name(self.source.recorded()[0], self.options.variant, self.layout.name,
+                                   self.options.relax_rank))
 
     def record(self) -> ConversionRecord:
         """The conversion record (conversion.json) of this plan."""
