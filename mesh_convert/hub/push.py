@@ -2,9 +2,9 @@
 wrong talking to the Hub, here and when a source checkpoint is downloaded, are `errors.hub_error`).
 
 `push_to_hub` uploads a converted model's directory (weights, config, the remote-code `.py`
-files, tokenizer, README.md, conversion.json) in one commit, as it is, except that config.json
-and conversion.json are published without local paths even where an older converter wrote them
-there. Whatever goes wrong, the user gets one `UserError` line and the local directory is left as
+files, tokenizer, README.md, conversion.json) in one commit, as it is, except that config.json,
+conversion.json and the card are published without local paths even where an older converter
+wrote them there. Whatever goes wrong, the user gets one `UserError` line and the local directory is left as
 it was; the token is never printed, not even inside a server's error message.
 """
 
