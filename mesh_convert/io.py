@@ -50,6 +50,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- where things are
 
+# What `train` exports into a run's output_dir, first the one to use: a full run's model, a LoRA
+# run's merged model, its adapter.
+RUN_EXPORTS = ("model", "merged", "adapter")
+
 
 def is_hub_id(name: str) -> bool:
     """`namespace/name` that is a valid Hub repo id and not a local path."""
@@ -73,7 +77,7 @@ def check_model_dir(name: str | Path) -> Path:
     if not (path / "config.json").is_file():
         if (path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl")):
             run = path.parent.parent if path.parent.name == "checkpoints" else None
-            exports = [run / n for n in ("model", "merged", "adapter") if (run / n).is_dir()] if run else []
+            exports = [run / n for n in RUN_EXPORTS if (run / n).is_dir()] if run else []
             export = exports[0] if exports else "the model (LoRA: adapter) that the run exports when it ends"
             raise UserError(f"{name} is a training checkpoint (the state `train` resumes from), not a model: "
                             f"use {export}")

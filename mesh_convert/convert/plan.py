@@ -80,7 +80,7 @@ class Layout:
         return self.text
 
 
-def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None = 0) -> str:
+def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None) -> str:
     """A converted model's default name, for its folder and its model card: the source's last
     part, the variant (so that conversions of one source into two variants do not meet), the
     layout as `P_CRK_Q`, and the relaxation rank where there are deltas (they change the

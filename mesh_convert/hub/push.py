@@ -90,21 +90,23 @@ def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[st
     """The metadata files whose published text differs from the folder's: conversion.json,
     config.json and a model card written before local paths were cut on writing still hold them."""
     changed = {}
-    if record is not None and record.published() != record:
-        changed[FILENAME] = record.published().to_json()
+    published_record = record.published() if record is not None else None
+    if published_record != record:
+        changed[FILENAME] = published_record.to_json()
         card_path = folder / "README.md"
         if card_path.is_file():
             card = published_card = card_path.read_text(encoding="utf-8")
-            for local, published in sorted(record.local_texts().items(), key=lambda pair: -len(pair[0])):
-                published_card = published_card.replace(local, published)
+            for local, cut in sorted(record.local_texts().items(), key=lambda pair: -len(pair[0])):
+                published_card = published_card.replace(local, cut)
             if published_card != card:
                 changed["README.md"] = published_card
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read {folder / 'config.json'}: {str(error).splitlines()[0]}") from None
-    if isinstance(config, dict) and published_config(config) != config:
-        changed["config.json"] = json.dumps(published_config(config), indent=2, sort_keys=True) + "\n"
+    published = published_config(config) if isinstance(config, dict) else config
+    if published != config:
+        changed["config.json"] = json.dumps(published, indent=2, sort_keys=True) + "\n"
     return changed
 
 

@@ -86,7 +86,7 @@ class Annealer:
         if self.target != 0:
             return
         last_event = step if step >= self.section.steps else step - step % self.section.every
-        self.bias_scale = 1.0 - last_event / self.section.steps if last_event < self.section.steps else 0.0
+        self.bias_scale = 1.0 - min(1.0, last_event / self.section.steps)  # as `after_step` sets it
 
     def active(self, step: int) -> bool:
         return step < self.section.steps

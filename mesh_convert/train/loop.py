@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..io import (
+    RUN_EXPORTS,
     check_largest_id,
     check_model_dir,
     check_output_directory,
@@ -266,8 +267,8 @@ def train(
         return _train(recipe, console, overwrite, on_step)
 
 
-# What a run writes into its output_dir (the exports are `model`, `adapter` and `merged`).
-RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", "model", "adapter", "merged")
+# What a run writes into its output_dir.
+RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", *RUN_EXPORTS)
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and what of it
@@ -335,10 +336,11 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         else:
             what = "already holds a run and there is no checkpoint to resume from"
         raise UserError(f"output_dir {output} {what} (use --overwrite to replace it, or another output_dir)")
-    if resume is not None and resume.resolve().parent == checkpoints.resolve() and (changed := _changed_since_the_run_began(output, recipe)):
-        raise UserError(f"cannot resume from {resume}: {', '.join(changed)} differ from the run's {output / 'recipe.yaml'}; "
-                        "restore them, or start anew in another output_dir (or here, with checkpoint.resume=never "
-                        "and --overwrite)")
+    own_checkpoint = resume is not None and resume.resolve().parent == checkpoints.resolve()
+    if own_checkpoint and (changed := _changed_since_the_run_began(output, recipe)):
+        raise UserError(f"cannot resume from {resume}: {', '.join(changed)} differ from the run's "
+                        f"{output / 'recipe.yaml'}; restore them, or start anew in another output_dir (or here, "
+                        "with checkpoint.resume=never and --overwrite)")
     cpu = _cpu_requested()
     world = PartialState(cpu=cpu).num_processes
     _check_all_processes_started(world)
