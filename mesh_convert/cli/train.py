@@ -48,7 +48,7 @@ def _run(recipe_path: Path, overrides: list[str], dry_run: bool, method: str | N
         return
     from ..train.loop import report, train
 
-    report(train(recipe, console=console, overwrite=overwrite), console)
+    report(train(recipe, console=console, overwrite=overwrite, recipe_file=recipe_path), console)
 
 
 def _processes() -> int:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..io import (
-    RUN_EXPORTS,
     check_largest_id,
     check_model_dir,
     check_output_directory,
@@ -28,7 +28,8 @@ from ..io import (
     transformers_bars_hidden,
 )
 from .recipe import Recipe, lr_schedule, recipe_yaml
-from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
+from .checkpoint import MetricsLog, Resume, TrainState, accelerate_view, checkpoint_dirs, choose_checkpoint, save_checkpoint
+from .run_folder import check_inputs_apart, check_not_occupied, exclusive_run
 from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -257,18 +258,26 @@ def denormals_flushed() -> Iterator[None]:
 
 
 def train(
-    recipe: Recipe, console=None, overwrite: bool = False, on_step: Callable[[int, dict], None] | None = None
+    recipe: Recipe,
+    console=None,
+    overwrite: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
+    recipe_file: Path | None = None,
 ) -> dict:
     """Run the recipe; returns a summary (steps, tokens, final loss, output paths). An output_dir
     that already holds something is continued from its newest checkpoint (`checkpoint.resume`),
     or, with `overwrite`, replaced; otherwise it is refused. `on_step(step, record)` runs after
-    each optimizer step, once its metrics are logged and its checkpoint saved."""
-    with denormals_flushed():
+    each optimizer step, once its metrics are logged and its checkpoint saved. `recipe_file`: the
+    file the recipe was read from, which the run must not write over."""
+    from accelerate import PartialState
+
+    check_output_and_trackers(recipe)
+    check_inputs_apart(recipe, recipe_file, recipe_yaml(recipe))
+    world = PartialState(cpu=_cpu_requested()).num_processes
+    _check_all_processes_started(world)
+    plan_run(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
+    with denormals_flushed(), exclusive_run(Path(recipe.output_dir)):
         return _train(recipe, console, overwrite, on_step)
-
-
-# What a run writes into its output_dir.
-RUN_FILES = ("metrics.jsonl", "recipe.yaml", "checkpoints", *RUN_EXPORTS)
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and what of it
@@ -316,45 +325,43 @@ def _as_files(value):
     return value
 
 
+def _resume_point(recipe: Recipe, output: Path, overwrite: bool, console) -> tuple[Resume | None, bool]:
+    """The checkpoint this run starts from, once the output_dir is known to allow it, and whether
+    it is one of the run's own (the run then continues its metrics; otherwise they start anew)."""
+    checkpoints = output / "checkpoints"
+    resume = choose_checkpoint(checkpoints, recipe.checkpoint.resume)
+    own = resume is not None and resume.path.resolve().parent == checkpoints.resolve()
+    check_not_occupied(output, recipe.checkpoint.resume, own, overwrite)
+    if own and (changed := _changed_since_the_run_began(output, recipe)):
+        raise UserError(f"cannot resume from {resume.path}: {', '.join(changed)} differ from the run's "
+                        f"{output / 'recipe.yaml'}; restore them, or start anew in another output_dir (or here, "
+                        "with checkpoint.resume=never and --overwrite)")
+    if resume is not None and resume.skipped and console is not None:
+        console.print(f"[bold yellow]warning:[/] {escape('; '.join(resume.skipped))}: resuming from {escape(str(resume.path))}",
+                      highlight=False, soft_wrap=True)
+    return resume, own
+
+
 def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, set_seed
 
     from .data import PackedBlocks, build_data
 
-    from accelerate import PartialState
-
     output = Path(recipe.output_dir)
-    check_output_and_trackers(recipe)
     checkpoints = output / "checkpoints"
-    resume = resume_dir(checkpoints, recipe.checkpoint.resume)
-    if resume is None and not overwrite and output.is_dir() and any(output.iterdir()):
-        if not any((output / name).exists() for name in RUN_FILES):
-            what = "is not empty"
-        elif recipe.checkpoint.resume == "never":
-            what = "already holds a run, and checkpoint.resume is never"
-        else:
-            what = "already holds a run and there is no checkpoint to resume from"
-        raise UserError(f"output_dir {output} {what} (use --overwrite to replace it, or another output_dir)")
-    own_checkpoint = resume is not None and resume.resolve().parent == checkpoints.resolve()
-    if own_checkpoint and (changed := _changed_since_the_run_began(output, recipe)):
-        raise UserError(f"cannot resume from {resume}: {', '.join(changed)} differ from the run's "
-                        f"{output / 'recipe.yaml'}; restore them, or start anew in another output_dir (or here, "
-                        "with checkpoint.resume=never and --overwrite)")
-    cpu = _cpu_requested()
-    world = PartialState(cpu=cpu).num_processes
-    _check_all_processes_started(world)
-    plan_run(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
-        cpu=cpu,
+        cpu=_cpu_requested(),
         mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=plan_run(recipe, world, 1.0).grad_accum,
+        gradient_accumulation_steps=plan_run(recipe, PartialState().num_processes, 1.0).grad_accum,
         log_with=list(recipe.trackers) or None,
         project_dir=str(output),
     )
+    world = accelerator.num_processes
     main = accelerator.is_main_process
     rank = accelerator.process_index
+    resume, continues = _resume_point(recipe, output, overwrite, console if main else None)
     set_seed(recipe.seed)
 
     # Cheap checks first (files, config, tokenizer, data), so bad input fails before a long load.
@@ -387,7 +394,6 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     groups = param_groups(model, recipe.optim)
     optimizer = make_optimizer(groups, recipe.optim, plan.peak_lr)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.train.compile:
         # In place: the module keeps its class and parameter names, so checkpoints and the saved
@@ -402,16 +408,19 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
 
     if resume is not None:
+        state = resume.state
         try:
-            accelerator.load_state(str(resume))
-        except Exception as error:
-            raise UserError(f"cannot resume from {resume}: {type(error).__name__}: {error}") from None
+            with accelerate_view(resume.path) as view:
+                accelerator.load_state(str(view))
+        except (OSError, ValueError, KeyError, RuntimeError) as error:  # states of another model or optimizer
+            raise UserError(f"cannot resume from {resume.path}: it does not fit this run's model and optimizer "
+                            f"({type(error).__name__}: {first_line(error)})") from None
         if annealer is not None:
             annealer.restore(state.step)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.yaml").write_text(recipe_yaml(recipe))
-    metrics = MetricsLog(output / "metrics.jsonl", main, state.step if resume is not None else None)
+    metrics = MetricsLog(output / "metrics.jsonl", main, state.step if continues else None)
     if recipe.trackers:
         accelerator.init_trackers("mesh-convert", config=_flat(recipe.model_dump(mode="json")))
 
@@ -470,7 +479,7 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
             if not _weights_finite(model, accelerator):  # keep the checkpoints on disk usable
                 progress.close()
                 raise _diverged(f"the weights hold NaN or inf after step {state.step}", checkpoints)
-            save_checkpoint(accelerator, checkpoints, state.step, recipe.checkpoint.keep_last)
+            save_checkpoint(accelerator, checkpoints, state.step, state.tokens, recipe.checkpoint.keep_last)
         if on_step is not None:
             on_step(state.step, record)
     progress.close()
@@ -490,8 +499,8 @@ def _weights_finite(model, accelerator) -> bool:
 
 def _diverged(what: str, checkpoints: Path) -> UserError:
     """Training that has run into NaN or inf stops: nothing is exported from broken weights."""
-    last = resume_dir(checkpoints, "auto")
-    kept = f"the last checkpoint, {last}, is kept" if last is not None else "no checkpoint was saved"
+    saved = checkpoint_dirs(checkpoints)
+    kept = f"the last checkpoint, {saved[-1]}, is kept" if saved else "no checkpoint was saved"
     return UserError(f"training diverged: {what}; stopped without exporting a model ({kept}); "
                      "lower optim.lr")
 
