@@ -7,7 +7,9 @@ Light to import: huggingface_hub's error classes load when a Hub error is being 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+_PACKAGE = Path(__file__).resolve().parent
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _HF_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 
@@ -27,10 +29,33 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+def is_our_fault(error: BaseException) -> bool:
+    """Whether `error` arose in this package's own code below the frame that caught it: a bug of
+    ours, which must reach the user as one (`internal error`, the real frame under --debug), not
+    as a mistake of theirs. Where a library fails on what the user gave it, no frame of ours is
+    involved, except the configuration's ValueErrors, which are its checks of a user's config."""
+    frame = error.__traceback__.tb_next if error.__traceback__ is not None else None
+    while frame is not None:
+        file = Path(frame.tb_frame.f_code.co_filename)
+        if file.is_relative_to(_PACKAGE) and not (file.name == "configuration_mesh.py" and isinstance(error, ValueError)):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def unpickling_refusal(error: BaseException) -> str:
+    """Why a weights-only load failed, in one line: for torch's refusal, whose first line is
+    advice, the line that names what it refused (e.g. "unsupported GLOBAL posix.system")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        return lines[1].removeprefix("WeightsUnpickler error: ").rstrip(".")
+    return first_line(error)
 
 
 # ----------------------------------------------------------------------------- the Hub's errors

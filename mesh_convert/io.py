@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, is_our_fault
 
 if TYPE_CHECKING:
     import torch
@@ -194,6 +194,17 @@ def transformers_bars_hidden() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def model_file_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for model files it cannot use: missing or unreadable files and bad
+    JSON (OSError), unknown architectures (ValueError), fields of the wrong type or value
+    (huggingface_hub's strict-dataclass errors), damaged safetensors, and weights whose shapes do
+    not fit the config (RuntimeError)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, StrictDataclassError, SafetensorError)
+
+
 def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
     """A causal LM (MeSH checkpoints included) from a directory or Hub id, in eval mode.
 
@@ -210,7 +221,9 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype
             )
-    except Exception as error:  # corrupt weights, unknown architecture, ...: all the user's to fix
+    except model_file_errors() as error:  # corrupt weights, unknown architecture, weights that do not fit the config
+        if is_our_fault(error):
+            raise
         raise UserError(f"cannot load the model in {name}: {type(error).__name__}: {first_line(error)}") from None
     return model.to(device).eval()
 
@@ -232,7 +245,9 @@ def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
         raise UserError(f"no tokenizer files in {name}; {remedy}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as error:
+    except Exception as error:  # the tokenizers library fails on a damaged file with a plain Exception
+        if is_our_fault(error):
+            raise
         raise UserError(f"no usable tokenizer at {name} ({first_line(error)}); {remedy}") from None
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer at {name} encodes text to nothing; {remedy}")
@@ -251,6 +266,24 @@ def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; one line naming the file for anything else (not
+    UTF-8, not JSON, nested too deep for the parser, not an object, unreadable)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON: {error.msg} (line {error.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a configuration") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} does not hold a JSON object (it holds a {type(value).__name__})")
+    return value
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:

@@ -161,6 +161,8 @@ COMMANDS = [
     ("init --output a file", ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "-o", "{root}/a-file"],
      ["--output", "is a file"]),
     ("init --layers 0", ["init", "custom", "--layers", "0", "--hidden", "32", "--heads", "4", "-o", "{out}"], ["num_layers"]),
+    ("init too large for memory", ["init", "custom", "--layers", "4", "--hidden", "400000", "--heads", "4", "-o", "{out}"],
+     ["GiB in float32, more than the", "of memory available here"]),
     ("diagnose --threshold nan", ["diagnose", "{root}/mesh", "--data", "{root}/train.txt", "--threshold", "nan", "--output", "{out}"],
      ["--threshold", "nan"]),
     ("diagnose --threshold 1e10", ["diagnose", "{root}/mesh", "--data", "{root}/train.txt", "--threshold", "1e10", "--output", "{out}"],
@@ -186,3 +188,33 @@ def test_inspect_probes_no_further_than_the_models_context(work, tmp_path, capfd
     assert "--seq-len 1000 is above the model's context" in err
     routers = json.loads((out / "inspect.json").read_text())["routers"]
     assert routers["tokens"] == 2 * 64 and "2 x 64 tokens" in routers["source"]
+
+
+@pytest.mark.parametrize("fault", [RuntimeError, ValueError, ZeroDivisionError])
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_fault_of_ours_while_loading_is_an_internal_error_not_the_users(work, tmp_path, capfd, monkeypatch, fault, command):
+    """A bug in the model's memory module, met while loading a good checkpoint, is ours: `internal
+    error` with exit 2, and --debug shows the frame that raised it (it said "cannot load the model")."""
+    from mesh_convert.modeling.modeling_mesh import MeshMemory
+
+    def broken(self, *args, **kwargs):
+        raise fault("injected fault in MeshMemory")
+
+    monkeypatch.setattr(MeshMemory, "__init__", broken)
+    monkeypatch.chdir(tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], tmp_path / "run", train={"max_steps": 1}))
+    argv = ["eval", str(work["model"]), "--data", str(work["text"])] if command == "eval" else ["train", str(path)]
+    code, _, err = run(argv, capfd)
+    assert code == 2 and "internal error:" in err and "injected fault" in err and "cannot load" not in err, err
+    with pytest.raises(fault, match="injected fault"):
+        main(["--debug", *argv])
+    assert files_under(tmp_path) == {path}
+
+
+def test_weights_that_do_not_fit_their_config_are_still_the_users(work, tmp_path, capfd):
+    other = tiny_converted(tmp_path / "wide", char_tokenizer(tmp_path / "tok"), loops=3)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(work["model"], mixed)
+    shutil.copy(other / "model.safetensors", mixed / "model.safetensors")
+    code, _, err = run(["eval", str(mixed), "--data", str(work["text"])], capfd)
+    assert_one_error_line(code, err, "cannot load the model", "RuntimeError")

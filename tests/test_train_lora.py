@@ -121,6 +121,68 @@ def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "is not a LoRA adapter directory" in capsys.readouterr().err
 
 
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _pickled(adapter: Path, marker: Path) -> None:
+    (adapter / "adapter_model.safetensors").unlink()
+    torch.save({"weight": Payload(marker)}, adapter / "adapter_model.bin")
+
+
+def _config(**changes):
+    def change(adapter: Path, marker: Path) -> None:
+        path = adapter / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return change
+
+
+def _shapes(adapter: Path, marker: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    save_file({name: torch.zeros(3, 3) for name in weights}, adapter / "adapter_model.safetensors")
+
+
+BAD_ADAPTERS = [
+    ("pickled", _pickled, "adapter_model.bin does not load as weights only: Trying to load unsupported GLOBAL posix.system"),
+    ("no weights", lambda adapter, marker: (adapter / "adapter_model.safetensors").unlink(), "holds no adapter weights"),
+    ("truncated", lambda adapter, marker: (adapter / "adapter_model.safetensors").write_bytes(b"\x10" * 9),
+     "corrupt or truncated safetensors file"),
+    ("not json", lambda adapter, marker: (adapter / "adapter_config.json").write_text("{bad"), "is not valid JSON"),
+    ("a list", lambda adapter, marker: (adapter / "adapter_config.json").write_text("[1]"), "does not hold a JSON object"),
+    ("nested", lambda adapter, marker: (adapter / "adapter_config.json").write_text("[" * 100000 + "]" * 100000),
+     "nested too deeply"),
+    ("another method", _config(peft_type="PREFIX_TUNING"), "peft_type is 'PREFIX_TUNING'; merge takes LoRA adapters"),
+    ("rank of text", _config(r="abc"), "cannot be applied to the base model"),
+    ("targets a number", _config(target_modules=5), "cannot be applied to the base model"),
+    ("base of a number", _config(base_model_name_or_path=5), "base_model_name_or_path is not a path"),
+    ("other shapes", _shapes, "size mismatch for"),
+]
+
+
+@pytest.mark.parametrize("case, damage, wanted", BAD_ADAPTERS, ids=[case[0] for case in BAD_ADAPTERS])
+def test_merge_of_a_bad_adapter_is_one_line_and_runs_nothing(lora_run, tmp_path, capsys, case, damage, wanted):
+    """A pickled, truncated or mistyped adapter was an internal error (or a wait for the Hub)."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run["out"] / "adapter", adapter)
+    marker = tmp_path / "ran"
+    damage(adapter, marker)
+    capsys.readouterr()
+    assert run_cli(["merge", str(adapter), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert wanted in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_path, monkeypatch, capsys):
     from helpers import write_text as text
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.options import Variant
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, is_our_fault
 from ..io import check_output_directory
 
 console = Console(stderr=True)
@@ -130,7 +130,9 @@ def register(app: typer.Typer) -> None:
 
                 try:
                     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(staging)
-                except Exception as error:
+                except Exception as error:  # the tokenizers library fails on a damaged file with a plain Exception
+                    if is_our_fault(error):
+                        raise
                     raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
             record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
             record.write(staging)

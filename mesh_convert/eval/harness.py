@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, error_line
+from ..errors import UserError, error_line, is_our_fault
 from ..io import check_largest_id, read_jsonl, resolve_endpoint
 
 Progress = Callable[[int, int], None]
@@ -203,6 +203,8 @@ def fetch_hub_data(key: str, looked: str) -> Path:
         parquet = hf_hub_download(repo_id, filename, repo_type="dataset", endpoint=resolve_endpoint())
         text = "".join(pq.read_table(parquet, columns=["text"]).column(0).to_pylist())
     except Exception as error:  # no network, offline mode, a refused request, a damaged file
+        if is_our_fault(error):
+            raise
         raise UserError(
             f"data '{key}' is not on this machine (looked for {looked}) and fetching it from the Hub "
             f"dataset {repo_id} failed ({type(error).__name__}: {error_line(error)}); set {DATA_ENV} to a folder holding "

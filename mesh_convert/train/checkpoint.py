@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, unpickling_refusal
 
 PREFIX = "step-"
 STATE_FILE = "train_state.json"
-# Where versions before 0.1.0's train_state.json kept the state: Accelerate's registered-object
+# Where earlier versions kept the state: Accelerate's registered-object
 # file, which Accelerate unpickles with code allowed. Read here as data; never handed to Accelerate.
 LEGACY_STATE_FILE = "custom_checkpoint_0.pkl"
 
@@ -141,17 +141,8 @@ def checkpoint_problem(path: Path) -> str | None:
             elif file.name == ".metadata":  # torch.distributed.checkpoint's index, and its non-tensor entries
                 _check_distributed_checkpoint(file)
         except (SafetensorError, OSError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            return f"{name} does not load as data ({_why(error)})"
+            return f"{name} does not load as data ({unpickling_refusal(error)})"
     return None
-
-
-def _why(error: BaseException) -> str:
-    """An error's first line; for torch's weights-only refusal, whose first line is advice, the
-    line that names what it refused (e.g. "unsupported GLOBAL posix.system")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
-        return lines[1].removeprefix("WeightsUnpickler error: ").rstrip(".")
-    return first_line(error)
 
 
 # ----------------------------------------------------------------------------- loading as data

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, is_our_fault
 from ..io import (
     check_largest_id,
     check_model_dir,
     check_output_directory,
     load_model,
     load_tokenizer,
+    model_file_errors,
     transformers_bars_hidden,
 )
 from .recipe import Recipe, lr_schedule, recipe_yaml
@@ -124,8 +125,10 @@ def model_config(recipe: Recipe):
     check_model_dir(recipe.model)
     try:
         return AutoConfig.from_pretrained(recipe.model)
-    except Exception as error:
-        raise UserError(f"cannot read the model config in {recipe.model}: {error}") from None
+    except model_file_errors() as error:
+        if is_our_fault(error):
+            raise
+        raise UserError(f"cannot read the model config in {recipe.model}: {first_line(error)}") from None
 
 
 def apply_trainable(model, recipe: Recipe):

@@ -11,8 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from ..convert.record import ConversionRecord, with_training
-from ..errors import UserError
-from ..io import load_model, transformers_bars_hidden
+from ..errors import UserError, first_line, is_our_fault, unpickling_refusal
+from ..io import load_model, open_safetensors, read_json_object, transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -79,12 +79,58 @@ def copy_side_files(source: Path | None, target: Path, training: dict | None = N
         record.write(target)
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_adapter(adapter_dir: Path):
+    """The LoRA config of the adapter in `adapter_dir`, after its files are checked as data: the
+    config holds a valid LoRA config, and the weights open (a pickled `.bin` only as weights, and
+    a folder without weights is refused here, where peft would look for them on the Hub)."""
+    from peft import LoraConfig
+
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    fields = read_json_object(config_file)
+    if fields.get("peft_type") != "LORA":
+        raise UserError(f"{config_file}: peft_type is {fields.get('peft_type')!r}; merge takes LoRA adapters")
+    try:
+        config = LoraConfig.from_peft_type(**fields)
+    except (TypeError, ValueError, KeyError) as error:  # peft checks some fields as it builds the config
+        if is_our_fault(error):
+            raise
+        raise UserError(f"{config_file} is not a valid LoRA config: {first_line(error)}") from None
+    if not isinstance(config.base_model_name_or_path, (str, type(None))):
+        raise UserError(f"{config_file}: base_model_name_or_path is not a path")
+    weights = next((adapter_dir / name for name in ADAPTER_WEIGHTS if (adapter_dir / name).is_file()), None)
+    if weights is None:
+        raise UserError(f"{adapter_dir} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if weights.suffix == ".safetensors":
+        with open_safetensors(weights):
+            pass
+    else:
+        import pickle
+
+        import torch
+
+        try:
+            torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+            raise UserError(f"{weights} does not load as weights only: {unpickling_refusal(error)}") from None
+    return config
+
+
+def _mismatch(error: RuntimeError) -> str:
+    """The first of torch's "size mismatch for NAME: ..." lines (its first line only says where)."""
+    return next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), first_line(error))
+
+
 def merge_adapter(
     adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False
 ) -> Path:
     """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
     import torch
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoTokenizer
 
     import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
@@ -93,15 +139,19 @@ def merge_adapter(
     from ..convert.output import check_target, staged_directory
 
     adapter_dir, output = Path(adapter_dir), Path(output)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
-    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config = read_adapter(adapter_dir)
     base_path = Path(base or config.base_model_name_or_path or "")
     if not (base_path / "config.json").is_file():
         raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
     check_target(output, overwrite, (adapter_dir, base_path))  # before the slow load
     model = load_model(base_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
+    except (RuntimeError, TypeError, ValueError, KeyError) as error:  # peft failing on the adapter's values or shapes
+        if is_our_fault(error):
+            raise
+        raise UserError(f"the adapter in {adapter_dir} cannot be applied to the base model {base_path}: "
+                        f"{_mismatch(error)}") from None
     with staged_directory(output, overwrite, (adapter_dir, base_path)) as staging:
         with transformers_bars_hidden():
             merged.save_pretrained(staging)

@@ -6,6 +6,7 @@ Never used on converted models: their weights are pretrained and must not be res
 """
 
 import math
+import os
 
 import torch
 
@@ -74,6 +75,7 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
     (plus the gap's leak) and learns away from it."""
     from ..convert.conversion import _router_tensors
 
+    check_fits_in_memory(config)
     torch.manual_seed(seed)
     model = MeshForCausalLM(config)
     std = config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
@@ -83,6 +85,32 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
     if router_init == "base" and model.model.memory is not None:
         model.load_state_dict(_router_tensors(config, torch.float32), strict=False)
     return model
+
+
+def check_fits_in_memory(config: MeshConfig) -> None:
+    """Refuse, before allocating, a model whose float32 weights alone exceed the memory available
+    now: building it would end in the system's out-of-memory kill or an error deep inside torch."""
+    total = mesh_parameter_counts(config)["total"]
+    needed, available = 4 * total, available_memory()
+    if available is not None and needed > available:
+        raise UserError(f"a model of {total:,} parameters needs {needed / 2**30:,.1f} GiB in float32, more than the "
+                        f"{available / 2**30:,.1f} GiB of memory available here; choose smaller dimensions")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), else the physical
+    memory where the system tells it, else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str = "") -> ConversionRecord:
