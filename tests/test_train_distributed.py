@@ -25,10 +25,10 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import mesh_convert.modeling  # registers MeSH with the Auto classes
-from mesh_convert.train.data import build_data
+from mesh_convert.train.data import BatchPlan, build_data, model_inputs
 from mesh_convert.modeling.modeling_mesh import GPTNeoXLoopLayer
 from mesh_convert.train.recipe import load_recipe, lr_schedule
-from mesh_convert.train.loop import _rows, default_peak_lr, plan_run
+from mesh_convert.train.loop import default_peak_lr, plan_run
 from mesh_convert.train.optim import make_optimizer, param_groups, set_lr
 
 dist.init_process_group("gloo")
@@ -41,17 +41,16 @@ for module in model.modules():
         fully_shard(module)
 fully_shard(model)
 tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-data = build_data(recipe.data, tokenizer, recipe.seed, model.config.max_position_embeddings)
 plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
+rows = BatchPlan(plan.global_batch_size, plan.micro_batch_size, plan.steps, rank, world)
+data = build_data(recipe.data, tokenizer, recipe.seed, rows, model.config)
 optimizer = make_optimizer(param_groups(model, recipe.optim), recipe.optim, plan.peak_lr)
 losses = []
 for step in range(plan.steps):
     set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
-    batch = data.train.global_batch(step, plan.global_batch_size)
     total = torch.zeros(())
     for micro in range(plan.grad_accum):
-        ids = _rows(batch, micro, rank, world, plan.micro_batch_size)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(**model_inputs(data.train.rows(step, micro), plan.block_size), use_cache=False).loss
         (loss / plan.grad_accum).backward()
         total += loss.detach() / plan.grad_accum
     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)

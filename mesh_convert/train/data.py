@@ -99,7 +99,8 @@ def model_inputs(ids: torch.Tensor, block_size: int) -> dict:
     the first block_size tokens are the input and the last block_size the targets (`shift_labels`:
     already shifted), so the loss is the one GPT-NeoX trained with on that sample."""
     if ids.shape[1] == block_size + 1:
-        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "shift_labels": ids[:, 1:]}
+        targets = ids[:, 1:].contiguous()
+        return {"input_ids": ids[:, :-1], "labels": targets, "shift_labels": targets}
     return {"input_ids": ids, "labels": ids}
 
 

@@ -11,6 +11,7 @@ they come from are left out of training wherever they occur.
 """
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,9 @@ class StreamedOrder:
         if (step, micro) != self.next:
             raise RuntimeError(f"streamed data asked for step {step}.{micro} where {self.next} comes next")
         if self.batches is None:
-            self.batches = iter(self.loader)
+            with warnings.catch_warnings():  # torchdata 0.11 calls a torch function that now warns of itself
+                warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+                self.batches = iter(self.loader)
         try:
             ids = next(self.batches)
         except StopIteration:
