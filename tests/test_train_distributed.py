@@ -173,3 +173,38 @@ def test_ddp_with_reentrant_checkpointing_trains_the_looped_core(single, tmp_pat
     output = torchrun([str(script), str(single["root"] / "mesh"), json.dumps(kwargs)], tmp_path)
     assert output.count("trained") == 2, output[-3000:]
     assert ("use_reentrant=False" in output) == ("use_reentrant" in kwargs), output[-3000:]
+
+
+def test_streamed_hub_data_resumes_from_its_saved_position_on_two_processes(single, tmp_path):
+    """Each process streams its own shards of a local dataset folder, tokenized in a loader
+    worker; a run resumed from its step-2 checkpoint (the loaders' saved positions, not a replay)
+    trains on what the uninterrupted run trained on."""
+    import shutil
+
+    from helpers import corpus
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for shard in range(4):
+        (folder / f"part-{shard}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(shard, 120)))
+    whole = tmp_path / "whole"
+    data = {**single["recipe"], "output_dir": str(whole)}
+    data["data"] = {**data["data"], "train": [], "hub": {"path": str(folder), "streaming": True}, "loader_workers": 1}
+    data["train"] = {**data["train"], "max_steps": 6, "eval_every": 0}
+    data["checkpoint"] = {"every": 2, "keep_last": 3}
+    path = write_recipe(tmp_path / "r.yaml", data)
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no", "--main_process_port", "0"]
+    accelerate_launch(flags, path, tmp_path)
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert {p.name for p in (whole / "checkpoints" / "step-00000002").glob("data-state-*")} == {
+        "data-state-0.pt", "data-state-1.pt"}
+
+    resumed = tmp_path / "resumed"  # as if killed after its step-2 checkpoint
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    path = write_recipe(tmp_path / "r2.yaml", {**data, "output_dir": str(resumed)})
+    accelerate_launch(flags, path, tmp_path)
+    losses = [r["loss"] for r in metrics(resumed)]
+    assert len(losses) == 6 and losses == pytest.approx([r["loss"] for r in metrics(whole)], rel=1e-5)
