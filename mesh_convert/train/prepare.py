@@ -416,9 +416,11 @@ def prepare_store(
     overwrite: bool = False,
     console=None,
     chunk_bytes: int = CHUNK_BYTES,
+    transient: bool = False,
 ) -> dict:
     """Tokenize `chunks` into a store at `target`, published whole; the parts are kept beside it
-    (in `.NAME.parts-KEY`) until then, so that running it again after an interruption goes on."""
+    (in `.NAME.parts-KEY`) until then, so that running it again after an interruption goes on.
+    `transient`: the progress bar goes when done (a step of a longer command)."""
     from ..convert.output import resolve_target, staged_directory
 
     target = Path(target)
@@ -436,7 +438,8 @@ def prepare_store(
         reused = [chunk for chunk in chunks if _part_done(parts, chunk.index) is not None]
         todo = [chunk for chunk in chunks if _part_done(parts, chunk.index) is None]
         workers = max(1, min(workers or default_workers(), len(todo) or 1))
-        with _PrepareProgress(console, sum(c.size for c in chunks), sum(c.size for c in reused)) as progress:
+        with _PrepareProgress(console, sum(c.size for c in chunks), sum(c.size for c in reused), target.name,
+                              transient) as progress:
             try:
                 _run_workers(todo, settings, workers, progress)
             except KeyboardInterrupt:
@@ -500,14 +503,15 @@ def _assemble(chunks: list[Chunk], parts: Path, staging: Path, dtype: np.dtype) 
 class _PrepareProgress:
     """A rich progress bar over the input bytes, with the tokens made and their rate."""
 
-    def __init__(self, console, total: int, done: int):
+    def __init__(self, console, total: int, done: int, name: str, transient: bool):
         self.tokens, self.begun, self.bar = 0, time.perf_counter(), None
         if console is None:
             return
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]prepare"), BarColumn(), TaskProgressColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+        self.bar = Progress(TextColumn(f"[bold]preparing {name}"), BarColumn(), TaskProgressColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                            transient=transient)
         self.task = self.bar.add_task("prepare", total=max(total, 1), completed=done, info="")
 
     def __enter__(self):
@@ -561,9 +565,8 @@ def cached(sources, stem: str, make_chunks: Callable[[], list[Chunk]], tokenizer
             root.mkdir(parents=True, exist_ok=True)
             with FileLock(root / f"{target.name}.lock"):
                 if not (target / METADATA).is_file():
-                    if console is not None:
-                        console.print(f"preparing the data once, into {target}", highlight=False)
-                    prepare_store(make_chunks(), sources, target, tokenizer, tokenizer_id, text_field, console=console)
+                    prepare_store(make_chunks(), sources, target, tokenizer, tokenizer_id, text_field, console=console,
+                                  transient=True)
         except OSError as error:
             raise UserError(f"cannot prepare the data in the cache {root}: {error.strerror or error} (set "
                             "MESH_CONVERT_CACHE to a writable folder)") from None
