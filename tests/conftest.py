@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random checkpoints built in the tests, and `../shared` when present."""
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -13,6 +15,10 @@ import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classe
 from mesh_convert import MeshConfig, MeshForCausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Token stores that training prepares from data files go to a cache of this test session's own
+# (subprocesses inherit it), not the user's.
+os.environ["MESH_CONVERT_CACHE"] = tempfile.mkdtemp(prefix="mesh-convert-test-cache-")
 
 # Tiny models on 2 cores: one thread avoids oversubscription (the suite also runs subprocesses).
 torch.set_num_threads(1)

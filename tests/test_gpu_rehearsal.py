@@ -177,7 +177,7 @@ def test_hub_dataset_through_datasets_equals_the_same_file_given_directly(work, 
 def test_streamed_hub_dataset_trains_and_holds_out_its_first_blocks(work, dataset_folder, tmp_path):
     out = tmp_path / "streamed"
     data = with_data(recipe(work["model"], work["text"], out, train={"max_steps": 3, "eval_every": 3}),
-                     train=[], hub={"path": str(dataset_folder), "streaming": True}, shuffle_buffer=16)
+                     train=[], hub={"path": str(dataset_folder), "streaming": True})
     summary = train(Recipe.model_validate(data))
     log = metrics(out)
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]

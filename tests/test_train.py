@@ -11,12 +11,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from mesh_convert.train.data import PackedBlocks, ShuffledBlocks, StreamedBlocks, read_documents, tokenize_stream
+from mesh_convert.train.data import BatchPlan, PackedBlocks, ShuffledOrder, read_documents, shuffled, tokenize_stream
 from mesh_convert.errors import UserError
 from mesh_convert.train.recipe import Recipe
 from mesh_convert.train.loop import describe, flushes_denormals, train
@@ -126,25 +127,28 @@ def test_blocks_are_packed_with_eos_and_shuffled_from_the_seed(work):
     ids = [i for doc in tokenize_stream(["ab", "c"], tokenizer) for i in doc]
     assert ids == [*tokenizer("ab")["input_ids"], 0, *tokenizer("c")["input_ids"], 0]
     blocks = PackedBlocks(torch.arange(100).numpy(), 10)
-    first, again, other = ShuffledBlocks(blocks, 1), ShuffledBlocks(blocks, 1), ShuffledBlocks(blocks, 2)
-    batches = [first.global_batch(s, 4) for s in range(5)]  # 20 blocks: two epochs
-    assert all(torch.equal(b, again.global_batch(s, 4)) for s, b in enumerate(batches))
-    assert not all(torch.equal(b, other.global_batch(s, 4)) for s, b in enumerate(batches))
-    epoch = torch.cat(batches)[:10, 0].sort().values
-    assert torch.equal(epoch, torch.arange(0, 100, 10))  # each epoch is a permutation
+    plan = BatchPlan(global_batch=4, micro_batch=4, steps=5)
+    first, again, other = (ShuffledOrder(blocks, seed, plan) for seed in (1, 1, 2))
+    batches = [first.rows(s, 0) for s in range(5)]  # 20 blocks: two epochs
+    assert all(torch.equal(b, again.rows(s, 0)) for s, b in enumerate(batches))
+    assert not all(torch.equal(b, other.rows(s, 0)) for s, b in enumerate(batches))
+    epochs = torch.cat(batches)[:, 0].view(2, 10).sort().values
+    assert torch.equal(epochs, torch.arange(0, 100, 10).expand(2, 10))  # each epoch is a permutation
+    assert not torch.equal(torch.cat(batches)[:10, 0], torch.cat(batches)[10:, 0])  # in another order
     head, tail = blocks.split_tail(3)
     assert len(head) == 7 and len(tail) == 3 and tail.block(0)[0] == 70
 
 
-def test_streamed_blocks_resume_where_they_left_off():
-    def stream():
-        return ([i] * 3 for i in range(1, 200))
-
-    full = StreamedBlocks(stream(), 4, seed=3, buffer=8)
-    batches = [full.global_batch(s, 2) for s in range(6)]
-    resumed = StreamedBlocks(stream(), 4, seed=3, buffer=8)
-    assert torch.equal(resumed.global_batch(4, 2), batches[4])
-    assert torch.equal(resumed.global_batch(5, 2), batches[5])
+@pytest.mark.parametrize("count", [1, 2, 7, 1000, 65_537, 10**9 + 7])
+def test_the_shuffle_is_a_permutation_of_any_size_computed_per_position(count):
+    places = np.arange(min(count, 70_000))
+    sent = shuffled(places, count, seed=3, epoch=0)
+    assert sent.min() >= 0 and sent.max() < count and len(np.unique(sent)) == len(places)
+    if count <= 70_000:
+        assert np.array_equal(np.sort(sent), places)
+        if count > 2:
+            assert not np.array_equal(sent, places)
+    assert np.array_equal(shuffled(places[-5:], count, 3, 0), sent[-5:])  # one position alone: the same place
 
 
 def test_jsonl_and_parquet_text_fields(work, tmp_path):

@@ -25,10 +25,10 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import mesh_convert.modeling  # registers MeSH with the Auto classes
-from mesh_convert.train.data import build_data
+from mesh_convert.train.data import BatchPlan, build_data, model_inputs
 from mesh_convert.modeling.modeling_mesh import GPTNeoXLoopLayer
 from mesh_convert.train.recipe import load_recipe, lr_schedule
-from mesh_convert.train.loop import _rows, default_peak_lr, plan_run
+from mesh_convert.train.loop import default_peak_lr, plan_run
 from mesh_convert.train.optim import make_optimizer, param_groups, set_lr
 
 dist.init_process_group("gloo")
@@ -41,17 +41,16 @@ for module in model.modules():
         fully_shard(module)
 fully_shard(model)
 tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-data = build_data(recipe.data, tokenizer, recipe.seed, model.config.max_position_embeddings)
 plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
+rows = BatchPlan(plan.global_batch_size, plan.micro_batch_size, plan.steps, rank, world)
+data = build_data(recipe.data, tokenizer, recipe.seed, rows, model.config)
 optimizer = make_optimizer(param_groups(model, recipe.optim), recipe.optim, plan.peak_lr)
 losses = []
 for step in range(plan.steps):
     set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
-    batch = data.train.global_batch(step, plan.global_batch_size)
     total = torch.zeros(())
     for micro in range(plan.grad_accum):
-        ids = _rows(batch, micro, rank, world, plan.micro_batch_size)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = model(**model_inputs(data.train.rows(step, micro), plan.block_size), use_cache=False).loss
         (loss / plan.grad_accum).backward()
         total += loss.detach() / plan.grad_accum
     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
@@ -174,3 +173,38 @@ def test_ddp_with_reentrant_checkpointing_trains_the_looped_core(single, tmp_pat
     output = torchrun([str(script), str(single["root"] / "mesh"), json.dumps(kwargs)], tmp_path)
     assert output.count("trained") == 2, output[-3000:]
     assert ("use_reentrant=False" in output) == ("use_reentrant" in kwargs), output[-3000:]
+
+
+def test_streamed_hub_data_resumes_from_its_saved_position_on_two_processes(single, tmp_path):
+    """Each process streams its own shards of a local dataset folder, tokenized in a loader
+    worker; a run resumed from its step-2 checkpoint (the loaders' saved positions, not a replay)
+    trains on what the uninterrupted run trained on."""
+    import shutil
+
+    from helpers import corpus
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for shard in range(4):
+        (folder / f"part-{shard}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(shard, 120)))
+    whole = tmp_path / "whole"
+    data = {**single["recipe"], "output_dir": str(whole)}
+    data["data"] = {**data["data"], "train": [], "hub": {"path": str(folder), "streaming": True}, "loader_workers": 1}
+    data["train"] = {**data["train"], "max_steps": 6, "eval_every": 0}
+    data["checkpoint"] = {"every": 2, "keep_last": 3}
+    path = write_recipe(tmp_path / "r.yaml", data)
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+             "--dynamo_backend", "no", "--main_process_port", "0"]
+    accelerate_launch(flags, path, tmp_path)
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert {p.name for p in (whole / "checkpoints" / "step-00000002").glob("data-state-*")} == {
+        "data-state-0.pt", "data-state-1.pt"}
+
+    resumed = tmp_path / "resumed"  # as if killed after its step-2 checkpoint
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    path = write_recipe(tmp_path / "r2.yaml", {**data, "output_dir": str(resumed)})
+    accelerate_launch(flags, path, tmp_path)
+    losses = [r["loss"] for r in metrics(resumed)]
+    assert len(losses) == 6 and losses == pytest.approx([r["loss"] for r in metrics(whole)], rel=1e-5)

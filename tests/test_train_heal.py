@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_loads_as_remote_code
-from mesh_convert.train.data import build_data
+from mesh_convert.train.data import BatchPlan, build_data
 from mesh_convert.train.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train.loop import train
 from mesh_convert.train.anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank
@@ -75,7 +75,8 @@ def test_annealed_tying_exports_at_the_target_rank_with_the_same_function(work, 
     parsed = Recipe.model_validate(data)
     train(parsed)
     exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    blocks = build_data(parsed.data, AutoTokenizer.from_pretrained(out / "model"), parsed.seed, None).eval
+    plan = BatchPlan(parsed.train.global_batch_size, parsed.train.micro_batch_size, 6)
+    blocks = build_data(parsed.data, AutoTokenizer.from_pretrained(out / "model"), parsed.seed, plan).eval
     ids = blocks.stack(range(len(blocks)))
     with torch.no_grad():
         logits = exported(ids).logits[:, :-1]

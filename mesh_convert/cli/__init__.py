@@ -15,6 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from ..errors import UserError
 from . import convert as convert_commands
+from . import data as data_commands
 from . import diagnose as diagnose_commands
 from . import eval as eval_commands
 from . import push as push_commands
@@ -90,7 +91,7 @@ def root(
     pass  # `main` reads --debug from the arguments itself: a process-wide setting would leak into later calls
 
 
-for commands in (convert_commands, train_commands, eval_commands, push_commands, diagnose_commands):
+for commands in (convert_commands, train_commands, data_commands, eval_commands, push_commands, diagnose_commands):
     commands.register(app)
 for command in app.registered_commands:
     if command.cls in (None, TyperCommand):

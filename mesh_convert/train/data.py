@@ -1,12 +1,19 @@
-"""Training data: documents from local files or a Hub dataset, tokenised with the model's
-tokenizer and packed into fixed-length blocks with EOS between documents.
+"""Training data: token stores (store.py) read memory-mapped, or a Hub dataset streamed.
 
-The order of blocks is a pure function of (seed, position), so a resumed run sees exactly the
-batches that an uninterrupted run would, whatever the number of processes: global step s takes
-blocks [s*G, (s+1)*G) of an endless sequence of seeded per-epoch permutations.
+Global step s takes the rows at positions [s*G, (s+1)*G) of the data's order, and each process
+reads only its own rows of them (`BatchPlan`), so a resumed run sees exactly the batches that an
+uninterrupted one would, whatever the number of processes, and finding step s costs the same at
+any s. The orders:
+
+- shuffled (stores made from files, the default): the token stream cut into blocks of block_size
+  tokens, in a seeded permutation per epoch, evaluated per position (no table of the corpus's size);
+- stored (a store of equal sequences, e.g. Pythia's pre-shuffled Pile): the store's sequences in
+  their order, from data.start_step on; each is block_size + 1 tokens, as GPT-NeoX trains on them;
+- streamed (Hub datasets with streaming: true): each process reads its own shards, tokenized in
+  loader workers, and a checkpoint keeps its position in the stream.
 """
 
-import random
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,108 +22,31 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import read_jsonl
+from ..io import check_largest_id
+from .prepare import cached_store, check_data_file, chunk_documents, plan_file_chunks
 from .recipe import DataSection
-
-FORMATS = {".txt": "txt", ".text": "txt", ".raw": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-TXT_CHUNK_CHARS = 1 << 20  # tokenise big text files a megabyte of whole lines at a time
+from .store import IndexedTokens, TokenStore, open_store, tokenizer_identity
 
 
-def file_format(path: Path) -> str:
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unknown data format {path.suffix!r}; use .txt, .jsonl or .parquet")
-    return fmt
-
-
-def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a whole .txt file is one document (in line-aligned chunks),
-    each .jsonl record's `text_field` is one, each .parquet row's `text_field` column is one."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist")
-    fmt = file_format(path)
-    try:
-        if fmt == "txt":
-            yield from _read_txt(path)
-        elif fmt == "jsonl":
-            yield from _read_jsonl(path, text_field)
-        else:
-            yield from _read_parquet(path, text_field)
-    except UnicodeDecodeError:
-        raise UserError(f"data file {path} is not UTF-8 text") from None
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    # One document, yielded in pieces so a large file never becomes one huge string; the pieces are
-    # joined again by the packer (no EOS between them). Chunk boundaries fall after a newline.
-    with path.open(encoding="utf-8") as handle:
-        chunk: list[str] = []
-        size = 0
-        for line in handle:
-            chunk.append(line)
-            size += len(line)
-            if size >= TXT_CHUNK_CHARS:
-                yield _Piece("".join(chunk))
-                chunk, size = [], 0
-        yield "".join(chunk)
+# ---------------------------------------------------------------------------------------------
+# Documents and tokens (also what `diagnose` reads its text with).
+# ---------------------------------------------------------------------------------------------
 
 
 class _Piece(str):
     """A part of a document that continues in the next item (no EOS after it)."""
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    for number, record in read_jsonl(path):
-        if not isinstance(record, dict) or text_field not in record:
-            fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise UserError(f"{path} line {number} has no {text_field!r} field (it has: {fields}); set data.text_field")
-        if not isinstance(record[text_field], str):
-            kind = "null" if record[text_field] is None else type(record[text_field]).__name__
-            raise UserError(f"{path} line {number}: {text_field!r} is {kind}, not a string of text")
-        yield record[text_field]
-
-
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        raise UserError(f"cannot read parquet file {path}: {error}") from None
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise UserError(f"{path} has no {text_field!r} column (it has: {', '.join(columns)}); set data.text_field")
-    kind = parquet.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"{path}: column {text_field!r} holds {kind}, not strings of text")
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
-            if value is not None:
-                yield value
-
-
-def hub_documents(section: DataSection) -> Iterable[str]:
-    """Documents of a Hub dataset via the `datasets` library (streamed when asked)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("data.hub needs the `datasets` library: pip install datasets") from None
-    hub = section.hub
-    try:
-        dataset = datasets.load_dataset(
-            hub.path, hub.name, split=hub.split, revision=hub.revision, streaming=hub.streaming
-        )
-    except Exception as error:  # network, missing dataset, bad split: all user-facing
-        raise UserError(f"cannot load Hub dataset {hub.path!r}: {type(error).__name__}: {error}") from None
-    columns = dataset.column_names or []
-    if columns and section.text_field not in columns:
-        raise UserError(
-            f"Hub dataset {hub.path!r} has no {section.text_field!r} column (it has: {', '.join(columns)}); "
-            "set data.text_field"
-        )
-    return (str(row[section.text_field]) for row in dataset)
+def read_documents(path: str | Path, text_field: str = "text", max_record_mb: float = 64) -> Iterator[str]:
+    """Yield the documents of one file: a whole .txt file is one document (in pieces: all but the
+    last are `_Piece`s), each .jsonl record's `text_field` is one, each .parquet row's is one."""
+    for chunk in plan_file_chunks([str(path)]):
+        for document in chunk_documents(chunk, text_field, int(max_record_mb * 2**20)):
+            if isinstance(document, list):
+                for number, piece in enumerate(document):
+                    yield piece if chunk.last and number == len(document) - 1 else _Piece(piece)
+            else:
+                yield document
 
 
 def tokenize_stream(documents: Iterable[str], tokenizer, batch_docs: int = 256) -> Iterator[list[int]]:
@@ -140,14 +70,84 @@ def tokenize_stream(documents: Iterable[str], tokenizer, batch_docs: int = 256) 
         yield from flush()
 
 
-def tokenize_all(documents: Iterable[str], tokenizer) -> np.ndarray:
-    parts = [np.asarray(ids, dtype=np.int32) for ids in tokenize_stream(documents, tokenizer)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+# ---------------------------------------------------------------------------------------------
+# Which rows a process reads, and what the model gets of them.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A run's batches: `steps` optimizer steps of `global_batch` rows, of which this process
+    (`rank` of `world`) takes micro-batches of `micro_batch` rows: the accumulation steps take
+    consecutive slices of world x micro_batch rows, and process r the r-th part of each."""
+
+    global_batch: int
+    micro_batch: int
+    steps: int
+    rank: int = 0
+    world: int = 1
+
+    def positions(self, step: int, micro: int) -> np.ndarray:
+        start = step * self.global_batch + (micro * self.world + self.rank) * self.micro_batch
+        return np.arange(start, start + self.micro_batch, dtype=np.int64)
+
+
+def model_inputs(ids: torch.Tensor, block_size: int) -> dict:
+    """The model's arguments for the language-model loss on the rows `ids`. A block of block_size
+    tokens is its own input, and the loss predicts its tokens 2..L from those before them. A
+    sample of block_size + 1 tokens (GPT-NeoX's: Pythia's are 2049) is cut as GPT-NeoX cuts it:
+    the first block_size tokens are the input and the last block_size the targets (`shift_labels`:
+    already shifted), so the loss is the one GPT-NeoX trained with on that sample."""
+    if ids.shape[1] == block_size + 1:
+        targets = ids[:, 1:].contiguous()
+        return {"input_ids": ids[:, :-1], "labels": targets, "shift_labels": targets}
+    return {"input_ids": ids, "labels": ids}
+
+
+def _rows_tensor(rows: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def _key(seed: int, epoch: int, round_: int) -> np.uint64:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{round_}".encode(), digest_size=8).digest()
+    return np.uint64(int.from_bytes(digest, "little"))
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit mixing function (splitmix64's finaliser): every input bit affects every output bit."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffled(positions: np.ndarray, count: int, seed: int, epoch: int) -> np.ndarray:
+    """Where a seeded permutation of range(count) sends `positions`, in constant time and memory
+    whatever `count`: a 4-round Feistel network on the smallest even number of bits holding
+    count, re-applied to values that land past it (cycle walking, under 4 rounds on average)."""
+    half = max(1, ((count - 1).bit_length() + 1) // 2)
+    shift, mask = np.uint64(half), np.uint64((1 << half) - 1)
+    keys = [_key(seed, epoch, r) for r in range(4)]
+    values = positions.astype(np.uint64)
+    outside = np.ones(len(values), dtype=bool)
+    with np.errstate(over="ignore"):
+        while outside.any():
+            left, right = values[outside] >> shift, values[outside] & mask
+            for key in keys:
+                left, right = right, left ^ (_mix(right ^ key) & mask)
+            values[outside] = (left << shift) | right
+            outside = values >= np.uint64(count)
+    return values.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orders.
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class PackedBlocks:
-    """A token stream cut into `len(self)` blocks of `block_size` tokens (the remainder is dropped)."""
+    """A token stream (in memory or memory-mapped) cut into blocks of `block_size` tokens (the
+    remainder is dropped)."""
 
     tokens: np.ndarray
     block_size: int
@@ -155,12 +155,11 @@ class PackedBlocks:
     def __len__(self) -> int:
         return len(self.tokens) // self.block_size
 
-    def block(self, index: int) -> torch.Tensor:
-        start = index * self.block_size
-        return torch.from_numpy(self.tokens[start : start + self.block_size].astype(np.int64))
+    def block(self, index: int) -> np.ndarray:
+        return self.tokens[index * self.block_size : (index + 1) * self.block_size]
 
     def stack(self, indices: Iterable[int]) -> torch.Tensor:
-        return torch.stack([self.block(i) for i in indices])
+        return _rows_tensor([self.block(int(i)) for i in indices])
 
     def split_tail(self, count: int) -> tuple["PackedBlocks", "PackedBlocks"]:
         """(head, tail) with the last `count` blocks held out: contiguous, so no block is in both."""
@@ -170,135 +169,156 @@ class PackedBlocks:
         )
 
 
-class ShuffledBlocks:
-    """Global batches of an in-memory block set, in a seeded order that restarts each epoch."""
+@dataclass
+class StoredSequences:
+    """Sequences of a store, each one sample of block_size + 1 tokens (held-out ones, or those of
+    the stored order)."""
 
-    def __init__(self, blocks: PackedBlocks, seed: int):
-        self.blocks = blocks
-        self.seed = seed
-        self._epoch = -1
-        self._order = None
+    indexed: IndexedTokens
+    first: int
+    count: int
+    block_size: int
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = torch.randperm(len(self.blocks), generator=generator)
-            self._epoch = epoch
-        return self._order
+    def __len__(self) -> int:
+        return self.count
 
-    def global_batch(self, step: int, size: int) -> torch.Tensor:
-        """The `size` blocks of optimizer step `step`, as a [size, block_size] LongTensor."""
-        n = len(self.blocks)
-        indices = []
-        for position in range(step * size, (step + 1) * size):
-            indices.append(int(self._permutation(position // n)[position % n]))
+    def stack(self, indices: Iterable[int]) -> torch.Tensor:
+        rows = []
+        for index in indices:
+            row = self.indexed.sequence(self.first + int(index))
+            if len(row) != self.block_size + 1:
+                raise UserError(f"{self.indexed.name}: sequence {self.first + int(index)} has {len(row)} tokens, not "
+                                f"block_size + 1 = {self.block_size + 1} as order: stored needs")
+            rows.append(row)
+        return _rows_tensor(rows)
+
+
+class ShuffledOrder:
+    """Blocks in a seeded order that changes each epoch: position p is block
+    shuffled(p mod n) of epoch p div n."""
+
+    def __init__(self, blocks: PackedBlocks, seed: int, plan: BatchPlan):
+        self.blocks, self.seed, self.plan = blocks, seed, plan
+
+    def rows(self, step: int, micro: int) -> torch.Tensor:
+        positions = self.plan.positions(step, micro)
+        count = len(self.blocks)
+        epochs, places = np.divmod(positions, count)
+        indices = np.empty_like(places)
+        for epoch in np.unique(epochs):
+            mine = epochs == epoch
+            indices[mine] = shuffled(places[mine], count, self.seed, int(epoch))
         return self.blocks.stack(indices)
 
-    def epochs(self, steps: int, size: int) -> float:
-        return steps * size / len(self.blocks)
+    def epochs(self, steps: int) -> float:
+        return steps * self.plan.global_batch / len(self.blocks)
 
 
-class StreamedBlocks:
-    """Global batches packed on the fly from a (possibly endless) document stream, shuffled in a
-    seeded buffer. Steps must be asked for in order; resuming at step s skips s*G blocks."""
+class StoredOrder:
+    """The store's sequences in their stored order: step s takes sequences [s G, (s + 1) G) from
+    `start_step` on (for Pythia's pre-shuffled Pile, Pythia's own step s)."""
 
-    def __init__(self, token_stream: Iterator[list[int]], block_size: int, seed: int, buffer: int):
-        self.block_size = block_size
-        self.buffer_size = buffer
-        self.random = random.Random(seed)
-        self.blocks = self._pack(token_stream)
-        self.buffer: list[torch.Tensor] = []
-        self.next_step = 0
+    def __init__(self, sequences: StoredSequences, start_step: int, plan: BatchPlan, vocab_size: int | None):
+        self.sequences, self.start_step, self.plan, self.vocab_size = sequences, start_step, plan, vocab_size
 
-    def _pack(self, token_stream):
-        carry: list[int] = []
-        for ids in token_stream:
-            carry.extend(ids)
-            while len(carry) >= self.block_size:
-                yield torch.tensor(carry[: self.block_size], dtype=torch.long)
-                carry = carry[self.block_size :]
+    def rows(self, step: int, micro: int) -> torch.Tensor:
+        ids = self.sequences.stack(self.plan.positions(self.start_step + step, micro))
+        if self.vocab_size is not None:  # a store made elsewhere records no largest id: check as read
+            check_largest_id(int(ids.max()), self.vocab_size, "the recipe's `tokenizer` and data.store")
+        return ids
 
-    def _next_block(self) -> torch.Tensor:
-        for block in self.blocks:
-            self.buffer.append(block)
-            if len(self.buffer) >= self.buffer_size:
-                break
-        if not self.buffer:
-            raise UserError("the streamed dataset ran out of data; lower train.max_steps")
-        return self.buffer.pop(self.random.randrange(len(self.buffer)))
-
-    def global_batch(self, step: int, size: int) -> torch.Tensor:
-        while self.next_step < step:  # resuming: replay (and drop) the blocks already trained on
-            for _ in range(size):
-                self._next_block()
-            self.next_step += 1
-        if step != self.next_step:
-            raise RuntimeError(f"streamed data asked for step {step} after step {self.next_step - 1}")
-        self.next_step += 1
-        return torch.stack([self._next_block() for _ in range(size)])
-
-    def epochs(self, steps: int, size: int) -> float:
-        return float("nan")
+    def epochs(self, steps: int) -> float:
+        return steps * self.plan.global_batch / len(self.sequences)
 
 
 @dataclass
 class TrainData:
-    train: ShuffledBlocks | StreamedBlocks
-    eval: PackedBlocks | None
+    train: ShuffledOrder | StoredOrder
+    eval: PackedBlocks | StoredSequences | None
     train_blocks: int | None  # None when streamed (unknown)
 
 
-def build_data(section: DataSection, tokenizer, seed: int, max_positions: int | None) -> TrainData:
-    """Load, tokenise, pack and split the recipe's data."""
+# ---------------------------------------------------------------------------------------------
+# Building the recipe's data.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_sources(section: DataSection) -> None:
+    """What the recipe names exists and is of a kind we read: checked before any work."""
+    for path in [*section.train, *section.eval_files]:
+        check_data_file(path)
+    if section.store is not None:
+        open_store(section.store, None)
+
+
+def build_data(section: DataSection, tokenizer, seed: int, plan: BatchPlan, config=None, console=None) -> TrainData:
+    """The recipe's training and held-out data, from its store (files are prepared into one on first
+    use); `config`: the model's, whose context and vocabulary the data must fit."""
+    max_positions = getattr(config, "max_position_embeddings", None)
+    vocab_size = getattr(config, "vocab_size", None)
     if max_positions is not None and section.block_size > max_positions:
-        raise UserError(
-            f"data.block_size={section.block_size} is above the model's context of {max_positions} tokens"
-        )
+        raise UserError(f"data.block_size={section.block_size} is above the model's context of {max_positions} tokens")
+    identity = tokenizer_identity(tokenizer)
+
+    def checked(store: TokenStore) -> TokenStore:
+        if store.largest_id is not None:
+            check_largest_id(store.largest_id, vocab_size, "the recipe's `tokenizer`")
+        return store
+
     eval_blocks = None
     if section.eval_files:
-        eval_tokens = tokenize_all(_documents_of(section.eval_files, section.text_field), tokenizer)
-        eval_blocks = PackedBlocks(eval_tokens, section.block_size)
+        store = checked(open_store(cached_store(section.eval_files, tokenizer, identity, section.text_field, console),
+                                   identity))
+        eval_blocks = PackedBlocks(store.indexed.tokens, section.block_size)
         if len(eval_blocks) == 0:
             raise UserError(f"data.eval_files hold fewer than one block of {section.block_size} tokens")
 
     if section.hub is not None and section.hub.streaming:
-        stream = tokenize_stream(hub_documents(section), tokenizer)
-        if eval_blocks is None and section.eval_blocks:
-            # The first blocks of the stream are held out; training starts after them.
-            stream = _hold_out(stream, section.eval_blocks * section.block_size)
-            eval_blocks = PackedBlocks(next(stream), section.block_size)
-        return TrainData(StreamedBlocks(stream, section.block_size, seed, section.shuffle_buffer), eval_blocks, None)
+        from .stream import streamed_data
 
-    documents = hub_documents(section) if section.hub is not None else _documents_of(section.train, section.text_field)
-    blocks = PackedBlocks(tokenize_all(documents, tokenizer), section.block_size)
-    if eval_blocks is None and section.eval_blocks:
-        if len(blocks) < section.eval_blocks + 1:
-            raise UserError(
-                f"the data has {len(blocks)} blocks of {section.block_size} tokens: too few to hold out "
-                f"data.eval_blocks={section.eval_blocks} and still train"
-            )
-        blocks, eval_blocks = blocks.split_tail(section.eval_blocks)
-    if len(blocks) == 0:
-        raise UserError(f"the data holds fewer than one block of {section.block_size} tokens")
-    return TrainData(ShuffledBlocks(blocks, seed), eval_blocks, len(blocks))
+        return streamed_data(section, tokenizer, seed, plan, eval_blocks, console)
+    if section.store is not None:
+        store = checked(open_store(section.store, identity))
+    elif section.hub is not None:
+        from .stream import hub_store
+
+        store = checked(open_store(hub_store(section, tokenizer, identity, console), identity))
+    else:
+        store = checked(open_store(cached_store(section.train, tokenizer, identity, section.text_field, console),
+                                   identity))
+    if section.order == "stored":
+        return _stored(store, section, plan, eval_blocks, vocab_size if store.largest_id is None else None)
+    return _shuffled(store, section, seed, plan, eval_blocks)
 
 
-def _documents_of(files: list[str], text_field: str) -> Iterator[str]:
-    for path in files:
-        yield from read_documents(path, text_field)
+def _shuffled(store: TokenStore, section: DataSection, seed: int, plan: BatchPlan, eval_blocks) -> TrainData:
+    blocks = PackedBlocks(store.indexed.tokens, section.block_size)
+    held_out = 0 if eval_blocks is not None else section.eval_blocks
+    if len(blocks) < held_out + plan.global_batch:
+        kept = f", after holding out data.eval_blocks={held_out}," if held_out else ""
+        raise UserError(f"the data holds {len(blocks):,} blocks of {section.block_size} tokens{kept} too few for one "
+                        f"global batch of {plan.global_batch}")
+    if held_out:
+        blocks, eval_blocks = blocks.split_tail(held_out)
+    return TrainData(ShuffledOrder(blocks, seed, plan), eval_blocks, len(blocks))
 
 
-def _hold_out(stream: Iterator[list[int]], count: int):
-    """First yield an array of the stream's first `count` tokens, then the rest of the stream."""
-    head: list[int] = []
-    rest: list[int] = []
-    for ids in stream:
-        take = count - len(head)
-        head.extend(ids[:take])
-        if len(head) >= count:
-            rest = ids[take:]
-            break
-    yield np.asarray(head, dtype=np.int32)
-    if rest:
-        yield rest
-    yield from stream
+def _stored(store: TokenStore, section: DataSection, plan: BatchPlan, eval_blocks, vocab_size) -> TrainData:
+    indexed, sample = store.indexed, section.block_size + 1
+    if int(indexed.lengths[0]) != sample or len(indexed.tokens) != indexed.sequences * sample:
+        raise UserError(f"data.store {store.path} does not hold sequences of block_size + 1 = {sample} tokens (its "
+                        f"first has {int(indexed.lengths[0])}), which order: stored reads one per sample: set "
+                        f"data.block_size to {int(indexed.lengths[0]) - 1} for a store of equal sequences, or use "
+                        "order: shuffled")
+    held_out = 0 if eval_blocks is not None else section.eval_blocks
+    usable = indexed.sequences - held_out
+    needed = (section.start_step + plan.steps) * plan.global_batch
+    if usable < plan.global_batch or needed > usable:
+        kept = f" ({held_out} of them held out for evaluation at its end)" if held_out else ""
+        raise UserError(f"data.store {store.path} holds {indexed.sequences:,} sequences{kept}: steps "
+                        f"{section.start_step:,} to {section.start_step + plan.steps - 1:,} of "
+                        f"{plan.global_batch} need {needed:,}; lower data.start_step or the run's steps")
+    if held_out:
+        eval_blocks = StoredSequences(indexed, usable, held_out, section.block_size)
+    train = StoredSequences(indexed, 0, usable, section.block_size)
+    return TrainData(StoredOrder(train, section.start_step, plan, vocab_size), eval_blocks, usable)

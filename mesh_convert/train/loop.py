@@ -20,7 +20,6 @@ from rich.markup import escape
 
 from ..errors import UserError, first_line, is_our_fault
 from ..io import (
-    check_largest_id,
     check_model_dir,
     check_output_directory,
     load_model,
@@ -155,12 +154,9 @@ def check_output_and_trackers(recipe: Recipe) -> None:
 
 
 def check_data_files(recipe: Recipe) -> None:
-    from .data import file_format
+    from .data import check_sources
 
-    for path in [*recipe.data.train, *recipe.data.eval_files]:
-        if not Path(path).is_file():
-            raise UserError(f"data file {path} does not exist")
-        file_format(Path(path))
+    check_sources(recipe.data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,16 +198,11 @@ def describe(recipe: Recipe, processes: int = 1) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rows(batch: torch.Tensor, micro: int, rank: int, world: int, size: int) -> torch.Tensor:
-    """This process's share of micro-step `micro` of a global batch: the accumulation steps take
-    consecutive slices of world*size rows, and process r the r-th part of each."""
-    start = (micro * world + rank) * size
-    return batch[start : start + size]
-
-
 def validation_loss(model, accelerator, blocks, micro_batch_size: int, max_batches: int | None) -> dict:
     """Mean token loss and perplexity over held-out blocks, split across processes. Every process
     runs the same number of forward passes (padding with weight 0), which sharded models need."""
+    from .data import model_inputs
+
     world, rank = accelerator.num_processes, accelerator.process_index
     indices = list(range(len(blocks)))
     if max_batches is not None:
@@ -226,9 +217,11 @@ def validation_loss(model, accelerator, blocks, micro_batch_size: int, max_batch
     with torch.no_grad():
         for start in range(0, per_process, micro_batch_size):
             ids = blocks.stack(mine[start : start + micro_batch_size]).to(accelerator.device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, 1:]  # the next token of each position (see `model_inputs`)
+            inputs = model_inputs(ids, blocks.block_size)["input_ids"]
+            logits = model(input_ids=inputs, use_cache=False).logits[:, : targets.shape[1]].float()
             losses = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
             ).view(ids.shape[0], -1)
             weight = torch.tensor(weights[start : start + micro_batch_size], device=losses.device)
             total[0] += (losses.sum(1).double() * weight).sum()
@@ -349,15 +342,16 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import PackedBlocks, build_data
+    from .data import BatchPlan, build_data, model_inputs
 
     output = Path(recipe.output_dir)
     checkpoints = output / "checkpoints"
+    batches = plan_run(recipe, PartialState().num_processes, 1.0)
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
         cpu=_cpu_requested(),
         mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=plan_run(recipe, PartialState().num_processes, 1.0).grad_accum,
+        gradient_accumulation_steps=batches.grad_accum,
         log_with=list(recipe.trackers) or None,
         project_dir=str(output),
     )
@@ -371,11 +365,11 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     check_data_files(recipe)
     config = model_config(recipe)
     tokenizer = load_tokenizer(recipe.tokenizer_path, remedy="set `tokenizer` to a tokenizer directory")
-    data = build_data(recipe.data, tokenizer, recipe.seed, getattr(config, "max_position_embeddings", None))
-    # The training blocks held in memory, and the held-out ones (for streamed data, the stream's head).
-    for blocks in (getattr(data.train, "blocks", None), data.eval):
-        if isinstance(blocks, PackedBlocks) and len(blocks.tokens):
-            check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
+    rows = BatchPlan(batches.global_batch_size, batches.micro_batch_size, batches.steps, rank, world)
+    data = build_data(recipe.data, tokenizer, recipe.seed, rows, config, console if main else None)
+    if hasattr(data.train, "save"):  # a streamed position, one per process, kept in each checkpoint
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: data.train.save(folder))
+        accelerator.register_load_state_pre_hook(lambda models, folder: data.train.load(folder))
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         # transformers 5.2x renamed it activation checkpointing; the old name warns that it goes in v6.
@@ -434,17 +428,16 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     while state.step < plan.steps:
         step = state.step
         set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
-        batch = data.train.global_batch(step, plan.global_batch_size)
         step_loss = torch.zeros((), device=accelerator.device)
         grad_norm = None
         for micro in range(plan.grad_accum):
-            ids = _rows(batch, micro, rank, world, plan.micro_batch_size).to(accelerator.device)
+            inputs = model_inputs(data.train.rows(step, micro).to(accelerator.device), plan.block_size)
             with accelerator.accumulate(model):  # no gradient sync until the last micro-batch
-                out = model(input_ids=ids, labels=ids, use_cache=False)
+                out = model(**inputs, use_cache=False)
                 loss = out.loss
                 step_loss += loss.detach() / plan.grad_accum
                 if distiller is not None:
-                    loss = loss + distiller.loss(out.logits, ids)
+                    loss = loss + distiller.loss(out.logits, inputs["input_ids"])
                 if annealer is not None and (penalty := annealer.penalty(step)) is not None:
                     loss = loss + penalty
                 del out

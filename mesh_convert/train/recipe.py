@@ -72,13 +72,19 @@ class HubData(Strict):
 
 
 class DataSection(Strict):
-    train: list[str] = Field(default_factory=list, description=".txt / .jsonl / .parquet files")
+    train: list[str] = Field(default_factory=list, description=".txt / .jsonl / .parquet files, prepared once into a "
+                             "cached token store")
+    store: str | None = Field(None, description="a store made by `mesh-convert prepare-data`, or a Megatron .bin/.idx prefix")
     hub: HubData | None = None
     text_field: str = "text"
     block_size: int = Field(2048, ge=2)
+    order: Literal["shuffled", "stored"] = Field(
+        "shuffled", description="shuffled: blocks of block_size tokens in a seeded order; stored: the store's "
+        "sequences of block_size + 1 tokens in their order (Pythia's pre-shuffled Pile)")
+    start_step: int = Field(0, ge=0, description="order: stored: the first step's sequences are [start_step G, (start_step + 1) G)")
     eval_files: list[str] = Field(default_factory=list, description="held-out files; else a slice of train")
     eval_blocks: int = Field(64, ge=0, description="blocks held out from train when eval_files is empty")
-    shuffle_buffer: int = Field(10_000, ge=1, description="streaming Hub datasets only")
+    loader_workers: int = Field(2, ge=1, description="streamed Hub datasets: tokenizing processes per training process")
 
     @field_validator("train", "eval_files", mode="before")
     @classmethod
@@ -88,10 +94,15 @@ class DataSection(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if not self.train and self.hub is None:
-            raise ValueError("data needs `train` files or a `hub` dataset")
-        if self.train and self.hub is not None:
-            raise ValueError("give data.train files or data.hub, not both")
+        given = [name for name, value in (("train", self.train), ("store", self.store), ("hub", self.hub)) if value]
+        if not given:
+            raise ValueError("data needs `train` files, a `store` or a `hub` dataset")
+        if len(given) > 1:
+            raise ValueError(f"give one of data.train, data.store and data.hub, not {' and '.join(given)}")
+        if self.order == "stored" and self.store is None:
+            raise ValueError("order: stored reads a data.store (files and Hub datasets are shuffled)")
+        if self.start_step and self.order != "stored":
+            raise ValueError("data.start_step needs order: stored")
         return self
 
 
