@@ -87,6 +87,8 @@ def test_inconsistent_recipes_are_one_line_errors(tmp_path):
         load_recipe(write(tmp_path, {**MINIMAL, "trainable": "lora"}))
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match="data.shuffle_buffer is gone: streamed data is read in its stored order"):
+        load_recipe(write(tmp_path, {**MINIMAL, "data": {"hub": {"path": "a/b", "streaming": True}, "shuffle_buffer": 9}}))
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")

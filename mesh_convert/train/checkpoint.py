@@ -93,6 +93,11 @@ class Resume:
     state: TrainState
     skipped: list[str]  # newer checkpoints passed over, each with why
 
+    @property
+    def from_earlier_version(self) -> bool:
+        """Written before the state was JSON, when the data had another (randperm) order."""
+        return not (self.path / STATE_FILE).is_file()
+
 
 def choose_checkpoint(root: Path, resume: str) -> Resume | None:
     """The checkpoint to resume from, checked to load as data: `auto` = the newest that does (the

@@ -332,9 +332,14 @@ def _resume_point(recipe: Recipe, output: Path, overwrite: bool, console) -> tup
         raise UserError(f"cannot resume from {resume.path}: {', '.join(changed)} differ from the run's "
                         f"{output / 'recipe.yaml'}; restore them, or start anew in another output_dir (or here, "
                         "with checkpoint.resume=never and --overwrite)")
-    if resume is not None and resume.skipped and console is not None:
-        console.print(f"[bold yellow]warning:[/] {escape('; '.join(resume.skipped))}: resuming from {escape(str(resume.path))}",
-                      highlight=False, soft_wrap=True)
+    warnings = []
+    if resume is not None and resume.skipped:
+        warnings.append(f"{'; '.join(resume.skipped)}: resuming from {resume.path}")
+    if resume is not None and resume.from_earlier_version:
+        warnings.append(f"{resume.path} was written by an earlier mesh-convert, which ordered the data otherwise: "
+                        "the run goes on over the same data in this version's order")
+    for warning in warnings if console is not None else ():
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     return resume, own
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import Interrupted, UserError
+from ..errors import Interrupted, UserError, first_line
 from .store import METADATA, TOKENS, token_dtype, write_index, write_metadata
 
 FORMATS = {".txt": "txt", ".text": "txt", ".raw": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -120,12 +120,13 @@ def _line_cuts(path: Path, chunk_bytes: int) -> list[int]:
 
 
 def _row_group_spans(path: Path) -> list[tuple[int, int, int, int]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         metadata = pq.ParquetFile(path).metadata
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        raise UserError(f"cannot read parquet file {path}: {error}") from None
+    except (OSError, ValueError, pa.ArrowException) as error:  # the kinds pyarrow raises for a damaged file
+        raise UserError(f"cannot read parquet file {path}: {first_line(error)}") from None
     spans, rows = [], 0
     for group in range(metadata.num_row_groups):
         spans.append((group, group + 1, metadata.row_group(group).total_byte_size, rows))

@@ -86,6 +86,14 @@ class DataSection(Strict):
     eval_blocks: int = Field(64, ge=0, description="blocks held out from train when eval_files is empty")
     loader_workers: int = Field(2, ge=1, description="streamed Hub datasets: tokenizing processes per training process")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data):
+        if isinstance(data, dict) and "shuffle_buffer" in data:
+            raise ValueError("data.shuffle_buffer is gone: streamed data is read in its stored order, so that a resumed "
+                             "run sees the batches it would have seen; remove the key")
+        return data
+
     @field_validator("train", "eval_files", mode="before")
     @classmethod
     def _one_file(cls, value):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, is_our_fault
 from .data import BatchPlan, PackedBlocks, TrainData
 from .prepare import cached, plan_arrow_chunks
 from .recipe import DataSection
@@ -33,7 +33,9 @@ def load_hub(section: DataSection, streaming: bool):
     hub = section.hub
     try:
         dataset = datasets.load_dataset(hub.path, hub.name, split=hub.split, revision=hub.revision, streaming=streaming)
-    except Exception as error:  # network, missing dataset, bad split: all user-facing
+    except Exception as error:  # network, missing dataset, bad split: the datasets library raises many kinds
+        if is_our_fault(error):
+            raise
         raise UserError(f"cannot load Hub dataset {hub.path!r}: {type(error).__name__}: {error}") from None
     columns = dataset.column_names or []
     if columns and section.text_field not in columns:
