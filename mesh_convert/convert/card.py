@@ -148,6 +148,8 @@ def _layer_rows(r: ConversionRecord) -> list[tuple[str, int, str]]:
 
 def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref: str) -> dict:
     """The template's variables, from the record."""
+    from ..modeling.configuration_mesh import REQUIRES_TRANSFORMERS  # transformers: only when a card is made
+
     source = r.source_model
     if hub_model_id(source):
         origin = f"converted from [`{source}`](https://huggingface.co/{source}) by mesh-convert"
@@ -196,6 +198,7 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         # config is remote code: without trust_remote_code AutoTokenizer asks on stdin (the
         # template adds it when the tokenizer comes from the converted model).
         "tokenizer_ref": tokenizer_ref,
+        "requires_transformers": REQUIRES_TRANSFORMERS,  # what the remote code needs (it checks it itself)
     }
 
 
