@@ -111,9 +111,21 @@ def test_merge_and_peft_find_the_base_model_from_any_folder(lora_run, monkeypatc
 
     card = ModelCard.load(tmp_path / "merged-here" / "README.md")
     assert card.data.library_name == "transformers" and "mesh" in card.data.tags
+    assert card.text.lstrip().startswith("# merged-here\n")  # its own name, not its base model's
     assert "## Training" in card.text and "- method: lora" in card.text
     assert "{" not in card.text.split("## Training")[1].split("##")[0]  # the recipe is not dumped as a dict
     assert (lora_run["out"] / "merged" / "README.md").is_file()  # `lora.merge: true` writes one too
+
+
+def test_the_run_titles_its_exports_and_the_adapter_card_names_no_local_base(lora_run):
+    """peft's adapter card named the base by its local path (`base_model: mesh`, a
+    `base_model:adapter:mesh` tag) under "Model Card for Model ID"; the merged model had its base's title."""
+    adapter = ModelCard.load(lora_run["out"] / "adapter" / "README.md")
+    assert adapter.data.library_name == "peft" and adapter.data.base_model is None
+    assert not [tag for tag in adapter.data.tags if tag.startswith("base_model:")]
+    assert adapter.text.lstrip().startswith("# run (LoRA adapter)\n")
+    merged = ModelCard.load(lora_run["out"] / "merged" / "README.md")
+    assert merged.text.lstrip().startswith("# run\n")
 
 
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ train as full copies through `modules_to_save`: peft refuses a ModuleList there,
 Linear is named individually (`write_routers.0`, ...).
 """
 
+import re
 from pathlib import Path
 
 from torch import nn
@@ -79,10 +80,31 @@ def copy_side_files(source: Path | None, target: Path, training: dict | None = N
         record.write(target)
 
 
+def retitle_adapter_card(directory: Path, title: str, base: str | None) -> None:
+    """peft's card for an adapter (README.md), titled `title` and naming its base model only by a
+    Hub id: peft writes the path the base was loaded from as `base_model` (and into a
+    `base_model:adapter:` tag), for a local model the user's directory, under the title "Model
+    Card for Model ID"."""
+    from huggingface_hub import ModelCard
+
+    from ..convert.card import hub_model_id
+
+    path = directory / "README.md"
+    card = ModelCard.load(path)
+    hub_id = hub_model_id(base)
+    card.data.base_model = hub_id
+    tags = [tag for tag in card.data.tags or [] if not tag.startswith("base_model:")]
+    card.data.tags = tags + ([f"base_model:adapter:{hub_id}"] if hub_id else [])
+    card.text = re.sub(r"^# .*$", lambda _: f"# {title}", card.text, count=1, flags=re.M)
+    card.save(path)
+
+
 def merge_adapter(
-    adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False
+    adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
-    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
+    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone
+    checkpoint; `name` titles its card (default: the output folder's name)."""
     import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
@@ -112,8 +134,8 @@ def merge_adapter(
         adapter_record = ConversionRecord.read(adapter_dir)
         training = adapter_record.training if adapter_record is not None else None
         copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
-        write_model_card(staging, ConversionRecord.read(staging))
+        write_model_card(staging, ConversionRecord.read(staging), name=name or output.resolve().name)
     return output
 
 
-__all__ = ["copy_side_files", "merge_adapter", "router_module_names", "wrap_lora"]
+__all__ = ["copy_side_files", "merge_adapter", "retitle_adapter_card", "router_module_names", "wrap_lora"]
