@@ -368,7 +368,8 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
             check_largest_id(int(blocks.tokens.max()), config.vocab_size, "the recipe's `tokenizer`")
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
-        # transformers 5.2x renamed it activation checkpointing; the old name warns that it goes in v6.
+        # transformers 5.23 renamed it activation checkpointing (the old name warns that it goes in v6);
+        # 5.20-5.22, which this package supports, know only the old name, which warns nothing there.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:

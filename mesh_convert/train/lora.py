@@ -7,6 +7,9 @@ Linear is named individually (`write_routers.0`, ...).
 """
 
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +25,15 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+
+
+@contextmanager
+def peft_deprecation_hidden() -> Iterator[None]:
+    """Inside the block, hide the FutureWarning that transformers (5.23 on) gives when peft reads
+    `model.is_gradient_checkpointing` while it wraps a model: it is for peft to act on, not the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def linear_layer_names(model: nn.Module) -> set[str]:
@@ -63,7 +75,8 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
         modules_to_save=routers or None,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with peft_deprecation_hidden():
+        peft_model = get_peft_model(model, config)
     # peft records the base as it was loaded, often relative to the training folder; the adapter
     # (`merge`, peft's AutoPeftModel) must find it from anywhere. A Hub id is kept as it is.
     base = model.name_or_path
@@ -123,7 +136,8 @@ def merge_adapter(
         raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
     check_target(output, overwrite, (adapter_dir, base_path))  # before the slow load
     model = load_model(base_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with peft_deprecation_hidden():
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with staged_directory(output, overwrite, (adapter_dir, base_path)) as staging:
         with transformers_bars_hidden():
             merged.save_pretrained(staging)
