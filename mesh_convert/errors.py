@@ -165,17 +165,37 @@ def _fetch_message(error: BaseException, repo_id: str, endpoint: str, revision: 
     return None
 
 
+def _httpx():
+    """The HTTP library huggingface_hub talks through: `httpx2` from 2.x on, `httpx` before."""
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+        import httpx
+
+        return httpx
+    return httpx2
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether `error` says that the Hub gave no answer about the repository: offline mode, no
+    connection or no answer in time, or the Hub failing (a server error, too many requests).
+    An answer about the repository itself (not found, gated, no such revision, a bad token) is not
+    this, and must not be hidden behind a cached copy."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, (OfflineModeIsEnabled, _httpx().TransportError)):
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return isinstance(error, HfHubHTTPError) and isinstance(status, int) and (status >= 500 or status in (408, 429))
+
+
 def _message(
     error: BaseException, repo_id: str, endpoint: str, token: str | None, fetching: bool, upload_wait: float | None = None
 ) -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    try:  # huggingface_hub 2.x talks through `httpx2`; older releases used `httpx`.
-        import httpx2 as httpx
-    except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-        import httpx
-
+    httpx = _httpx()
     doing = f"fetching {repo_id}" if fetching else f"pushing to {repo_id}"
     if isinstance(error, UnicodeEncodeError):  # HTTP headers are Latin-1 at most; tokens are ASCII
         return "the Hugging Face token has characters that are not ASCII: check HF_TOKEN or run `hf auth login`"

@@ -1,6 +1,7 @@
 """The model card built from conversion.json."""
 
 import copy
+import io
 import json
 import re
 
@@ -148,6 +149,13 @@ def test_a_malformed_record_is_one_clear_error(tmp_path, content, problem):
     (tmp_path / "conversion.json").write_text(content)
     with pytest.raises(UserError, match=re.escape(problem)):
         ConversionRecord.read(tmp_path)
+
+
+def test_a_null_command_is_published_as_null(monkeypatch):
+    """Cutting the paths out of a command line must not take a null one for "read standard input"."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("typed on stdin\n"))
+    record = ConversionRecord.model_validate({"command": None, "layout": "1+1R2+1"})
+    assert record.published().command is None
 
 
 def test_records_of_the_old_init_command_still_read(tmp_path):

@@ -204,7 +204,7 @@ def test_readme_dry_run_example_is_the_real_output():
     assert [line.rstrip() for line in block.splitlines()] == [line.rstrip() for line in real.splitlines()]
 
 
-def test_readme_names_only_keys_the_dry_run_json_has(capsys, monkeypatch):
+def test_readme_names_the_keys_the_dry_run_json_has(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = README.read_text()
     paragraph = re.search(r"and `--dry-run --json` one JSON object(.*?)\n\n", text, re.S).group(1)
@@ -214,6 +214,7 @@ def test_readme_names_only_keys_the_dry_run_json_has(capsys, monkeypatch):
     keys = set(plan) | {f"params.{key}" for key in plan["params"]} | set(plan["params"])
     named = set(re.findall(r"`([a-z_.]+)`", paragraph)) - {"conversion.json"}
     assert named and named <= keys, named - keys
+    assert set(plan) <= named, set(plan) - named
     assert "provenance" not in paragraph or "provenance" in plan
 
 

@@ -6,13 +6,15 @@ the remote code. New checkpoints carry the same remote-code file and class names
 The fixture is an archive so that its copy of the old remote code stays what it was: as loose
 files, identical to the package's, git could take them for the package's own when merging."""
 
+import importlib.util
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.cli import main
@@ -78,3 +80,49 @@ def test_new_checkpoints_keep_the_remote_code_file_and_class_names(old, tmp_path
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
     assert torch.allclose(logits[0, -1], last, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the transformers they need
+
+REMOTE_CONFIG = Path(__file__).resolve().parents[1] / "mesh_convert" / "modeling" / "configuration_mesh.py"
+
+
+def import_remote_config():
+    """configuration_mesh.py imported from its file as transformers imports remote code (the
+    version it checks is the one that `transformers.__version__` says)."""
+    spec = importlib.util.spec_from_file_location("remote_configuration_mesh", REMOTE_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("installed", ["4.57.6", "5.0.0", "5.8.1"])
+def test_the_remote_code_names_the_transformers_it_needs_in_one_line(monkeypatch, installed):
+    """Measured: 4.57 fails on `PreTrainedConfig`, 5.0-5.8 deep inside `forward` (README)."""
+    monkeypatch.setattr(transformers, "__version__", installed)
+    with pytest.raises(ImportError) as info:
+        import_remote_config()
+    message = str(info.value)
+    assert "\n" not in message and f"transformers {installed} is installed" in message
+    assert "pip install -U 'transformers>=5.9'" in message
+
+
+@pytest.mark.parametrize("installed", ["5.9.0", "5.10.0.dev0", "6.0.0"])
+def test_the_remote_code_loads_on_the_transformers_it_needs(monkeypatch, installed):
+    monkeypatch.setattr(transformers, "__version__", installed)
+    assert import_remote_config().REQUIRES_TRANSFORMERS == ">=5.9"
+
+
+def test_config_and_card_state_the_transformers_the_remote_code_needs(old, tmp_path):
+    """config.json's `transformers_version` is the saving one's; `requires_transformers` is the
+    code's, also when an older checkpoint's config (without it) is saved again."""
+    source = tmp_path / "src"
+    make_tiny_pythia(source, num_layers=4)
+    out = tmp_path / "new"
+    assert main([str(source), "--loops", "2", "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["requires_transformers"] == ">=5.9"
+    assert "and transformers >=5.9 (`pip install -U \"transformers>=5.9\"`" in (out / "README.md").read_text()
+    resaved = tmp_path / "resaved"
+    AutoConfig.from_pretrained(old).save_pretrained(resaved)
+    assert "requires_transformers" not in json.loads((old / "config.json").read_text())
+    assert json.loads((resaved / "config.json").read_text())["requires_transformers"] == ">=5.9"

@@ -74,6 +74,7 @@ def test_continue_pretraining_lowers_the_loss_and_saves_a_converted_checkpoint(w
     assert str(tmp_path) not in published and str(work["root"]) not in published
     card = ModelCard.load(model_dir / "README.md")  # the trained model has its own card, as every output
     assert "- method: full" in card.text and "- steps: 30" in card.text
+    assert card.text.lstrip().startswith("# run\n")  # titled with the run's name, not its folder's (`model`)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.use_cache  # generation still uses the cache
     generated = model.generate(torch.tensor([[60, 61]]), max_new_tokens=5, do_sample=False)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from mesh_convert.convert.plan import mesh_parameter_counts
 from mesh_convert.train.recipe import InitSpec
 from mesh_convert.train.scratch import init_scratch_model, scratch_config
-from helpers import ROOT, metrics, run_cli
+from helpers import ROOT, char_tokenizer, metrics, recipe, run_cli, write_recipe, write_text
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,30 @@ def test_init_command_writes_a_loadable_model(tmp_path, monkeypatch):
     nonembedding = record["params"]["converted_nonembedding"]
     assert "## Parameters" in card and f"| converted layers (stored once), non-embedding | {nonembedding:,} |" in card
     assert "original model" not in card and "`1+1R2+1`" in card
+    assert card.startswith("---") and "\n# scratch\n" in card  # the name the user gave it
     assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 5)
+
+
+def test_a_run_from_a_recipes_init_records_the_model_it_made(tmp_path):
+    """The exported model's conversion.json has what `init` records (layout, counts, spec, seed),
+    and its training; the card is titled with the run's name."""
+    from mesh_convert.train.loop import train
+    from mesh_convert.train.recipe import load_recipe
+
+    tokenizer = char_tokenizer(tmp_path / "tokenizer")
+    text = write_text(tmp_path / "train.txt", lines=60)
+    out = tmp_path / "scratch-run"
+    init = {"size": "custom", "num_layers": 4, "hidden_size": 32, "num_heads": 4, "loops": 2, "vocab_size": 128,
+            "max_position_embeddings": 64}
+    data = recipe(None, text, out, init=init, tokenizer=str(tokenizer), train={"max_steps": 1})
+    del data["model"]
+    train(load_recipe(write_recipe(tmp_path / "scratch.yaml", data), []))
+    record = json.loads((out / "model" / "conversion.json").read_text())
+    assert record["layout"] == "1+1R2+1" and (record["prelude"], record["core"], record["loops"]) == (1, 1, 2)
+    assert record["params"]["routers"] == 2 * 3 * (32 * 5 + 5) and record["seed"] == 7
+    assert record["init"]["num_layers"] == 4 and record["training"]["steps"] == 1
+    assert "source" not in record and "command" not in record  # from scratch, made by no conversion
+    assert "\n# scratch-run\n" in (out / "model" / "README.md").read_text()
 
 
 def test_init_rejects_an_unknown_size(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 change, merged == unmerged, the adapter loads with PeftModel, and `merge` writes a checkpoint."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from mesh_convert.modeling.modeling_mesh import LoopLinear
 from mesh_convert.train.recipe import LoraSection, Recipe
 from mesh_convert.train.loop import train
-from mesh_convert.train.lora import DEFAULT_TARGETS, wrap_lora
+from mesh_convert.train.lora import DEFAULT_TARGETS, merge_adapter, wrap_lora
 from helpers import ROOT, char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
 
 
@@ -111,9 +112,31 @@ def test_merge_and_peft_find_the_base_model_from_any_folder(lora_run, monkeypatc
 
     card = ModelCard.load(tmp_path / "merged-here" / "README.md")
     assert card.data.library_name == "transformers" and "mesh" in card.data.tags
+    assert card.text.lstrip().startswith("# merged-here\n")  # its own name, not its base model's
     assert "## Training" in card.text and "- method: lora" in card.text
     assert "{" not in card.text.split("## Training")[1].split("##")[0]  # the recipe is not dumped as a dict
     assert (lora_run["out"] / "merged" / "README.md").is_file()  # `lora.merge: true` writes one too
+
+
+def test_the_run_titles_its_exports_and_the_adapter_card_names_no_local_base(lora_run):
+    """peft's adapter card named the base by its local path (`base_model: mesh`, a
+    `base_model:adapter:mesh` tag) under "Model Card for Model ID"; the merged model had its base's title."""
+    adapter = ModelCard.load(lora_run["out"] / "adapter" / "README.md")
+    assert adapter.data.library_name == "peft" and adapter.data.base_model is None
+    assert not [tag for tag in adapter.data.tags if tag.startswith("base_model:")]
+    assert adapter.text.lstrip().startswith("# run (LoRA adapter)\n")
+    merged = ModelCard.load(lora_run["out"] / "merged" / "README.md")
+    assert merged.text.lstrip().startswith("# run\n")
+
+
+def test_peft_reading_a_deprecated_transformers_property_shows_no_warning(lora_run, tiny_mesh_model, tmp_path):
+    """peft reads `is_gradient_checkpointing` when it wraps a model, which transformers deprecated:
+    `finetune` and `merge` printed that FutureWarning, which the user can do nothing about."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrap_lora(tiny_mesh_model, LoraSection(r=2), train_routers=True)
+        merge_adapter(lora_run["out"] / "adapter", tmp_path / "merged")
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
 
 
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
                     raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
             record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
             record.write(staging)
-            write_model_card(staging, record)
+            write_model_card(staging, record, name=output.resolve().name)  # the name the user gave it
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {output}", highlight=False)
 

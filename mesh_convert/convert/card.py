@@ -148,6 +148,8 @@ def _layer_rows(r: ConversionRecord) -> list[tuple[str, int, str]]:
 
 def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref: str) -> dict:
     """The template's variables, from the record."""
+    from ..modeling.configuration_mesh import REQUIRES_TRANSFORMERS  # transformers: only when a card is made
+
     source = r.source_model
     if hub_model_id(source):
         origin = f"converted from [`{source}`](https://huggingface.co/{source}) by mesh-convert"
@@ -196,6 +198,7 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         # config is remote code: without trust_remote_code AutoTokenizer asks on stdin (the
         # template adds it when the tokenizer comes from the converted model).
         "tokenizer_ref": tokenizer_ref,
+        "requires_transformers": REQUIRES_TRANSFORMERS,  # what the remote code needs (it checks it itself)
     }
 
 
@@ -204,17 +207,19 @@ def build_model_card(
     *,
     repo_id: str | None = None,
     has_tokenizer: bool = True,
+    name: str | None = None,
 ) -> ModelCard:
     """The model card of a converted model, from its conversion record.
 
     `repo_id` (where the model is or will be published) names the card and goes into the usage
-    snippet; without it the snippet points at a local directory. `has_tokenizer=False` makes the
-    snippet load the tokenizer from the source model instead.
+    snippet; without it the snippet points at a local directory, and `name` (the model's own name:
+    a run's, the folder the user chose) or else the name a conversion gives its folder titles the
+    card. `has_tokenizer=False` makes the snippet load the tokenizer from the source model instead.
     """
     if not isinstance(record, ConversionRecord):
         record = ConversionRecord.model_validate(record or {})
     record = record.published()
-    model_name = repo_id.split("/")[-1] if repo_id else default_model_name(record)
+    model_name = repo_id.split("/")[-1] if repo_id else name or default_model_name(record)
     model_ref = repo_id or "path/to/converted-model"
     source_id = hub_model_id(record.source_model)
     tokenizer_ref = model_ref if has_tokenizer or not source_id else source_id
@@ -222,8 +227,10 @@ def build_model_card(
     return ModelCard.from_template(build_card_data(record, model_name), template_path=str(TEMPLATE), **context)
 
 
-def write_model_card(output_dir: Path, record: ConversionRecord | dict | None, *, repo_id: str | None = None) -> None:
-    """Write README.md into a converted model's directory."""
+def write_model_card(
+    output_dir: Path, record: ConversionRecord | dict | None, *, repo_id: str | None = None, name: str | None = None
+) -> None:
+    """Write README.md into a converted model's directory (`repo_id`, `name`: see `build_model_card`)."""
     output_dir = Path(output_dir)
-    card = build_model_card(record, repo_id=repo_id, has_tokenizer=io.has_tokenizer(output_dir))
+    card = build_model_card(record, repo_id=repo_id, has_tokenizer=io.has_tokenizer(output_dir), name=name)
     (output_dir / "README.md").write_text(str(card), encoding="utf-8")

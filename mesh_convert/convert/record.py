@@ -155,7 +155,8 @@ class ConversionRecord(_Section):
         last part; the user's directory layout stays theirs."""
 
         def cut(section: BaseModel | None, field: str, how=_without_local_paths):
-            if section is None or field not in section.model_fields_set:  # unset fields stay unwritten
+            # Unset fields stay unwritten, null ones null (shlex.split(None) would read stdin).
+            if section is None or field not in section.model_fields_set or getattr(section, field) is None:
                 return section
             return section.model_copy(update={field: how(getattr(section, field))})
 

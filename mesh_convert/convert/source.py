@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError, hub_error
+from ..errors import UserError, hub_error, hub_unreachable
 from ..io import TOKENIZER_FILES, hub_timeout, is_hub_id, resolve_endpoint
 from .pythia import parse_alias
 
@@ -88,16 +88,68 @@ def _from_hub(ref: SourceRef, action):
         with hub_timeout():
             return action()
     except Exception as error:
-        user_error = hub_error(error, ref.repo_id, resolve_endpoint(), fetching=True, revision=ref.revision)
+        user_error = _fetch_error(ref, error)
         if user_error is None:
             raise
         raise user_error from None
+
+
+def _fetch_error(ref: SourceRef, error: Exception, suffix: str = "") -> UserError | None:
+    """The one line for a failed fetch of `ref` (`suffix` appended); None when no user can cause the error."""
+    user_error = hub_error(error, ref.repo_id, resolve_endpoint(), fetching=True, revision=ref.revision)
+    return UserError(f"{user_error}{suffix}") if user_error is not None else None
+
+
+def _hub_files_or_cache(ref: SourceRef) -> list[str] | Path:
+    """The repo's files at the revision, when the Hub answers; the snapshot in the local Hugging
+    Face cache when it gives no answer (HF_HUB_OFFLINE, no network, the Hub failing), as
+    transformers then loads the model; a UserError when neither.
+
+    One request, not retried: huggingface_hub retries a connection that fails for some 23 s
+    (five times, backing off) before it gives up, so without a network each later call would wait
+    that long. Once the Hub has answered, downloads keep huggingface_hub's retries."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.is_offline_mode():
+        cached = _cached_snapshot(ref)
+        if cached is None:
+            raise UserError(
+                f"cannot fetch {ref.repo_id}: offline mode is on (HF_HUB_OFFLINE) and it is not in the local "
+                f"cache ({constants.HF_HUB_CACHE}); fetch it once with network access"
+            )
+        return cached
+    try:
+        with hub_timeout():
+            # A new client reads the endpoint now, as the downloads that follow do.
+            info = HfApi().model_info(ref.repo_id, revision=ref.revision, expand=["siblings"])
+    except Exception as error:
+        unreachable = hub_unreachable(error)
+        cached = _cached_snapshot(ref) if unreachable else None
+        if cached is not None:
+            return cached
+        user_error = _fetch_error(ref, error, " (and it is not in the local cache)" if unreachable else "")
+        if user_error is None:
+            raise
+        raise user_error from None
+    return [sibling.rfilename for sibling in info.siblings or ()]
+
+
+def _cached_snapshot(ref: SourceRef) -> Path | None:
+    """The snapshot of `ref` in the local Hugging Face cache (HF_HUB_CACHE), found as transformers
+    finds it offline: through the revision's ref (`refs/main` by default) or its commit hash."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(ref.repo_id, "config.json", revision=ref.revision)
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def fetch_config(ref: SourceRef) -> Path:
     """Directory holding the source's config.json (for plans that need no weights)."""
     if ref.local_dir is not None:
         return ref.local_dir
+    found = _hub_files_or_cache(ref)
+    if isinstance(found, Path):
+        return found
     from huggingface_hub import hf_hub_download
 
     path = _from_hub(ref, lambda: hf_hub_download(ref.repo_id, "config.json", revision=ref.revision))
@@ -106,13 +158,20 @@ def fetch_config(ref: SourceRef) -> Path:
 
 def fetch_checkpoint(ref: SourceRef) -> Path:
     """Local directory with the source's config, tokenizer and weights (downloading what is needed:
-    safetensors when the repo has them, else `.bin`)."""
+    safetensors when the repo has them, else `.bin`; offline, the cached snapshot as it is)."""
     if ref.local_dir is not None:
         return ref.local_dir
-    from huggingface_hub import list_repo_files, snapshot_download
+    found = _hub_files_or_cache(ref)
+    if isinstance(found, Path):
+        if not any(any(found.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+            raise UserError(
+                f"the local cache holds {ref.repo_id} without its weights ({found}) and the Hub gives no answer: "
+                "fetch the model once with network access"
+            )
+        return found
+    from huggingface_hub import snapshot_download
 
-    files = _from_hub(ref, lambda: list_repo_files(ref.repo_id, revision=ref.revision))
-    weights = ["*.safetensors", SAFETENSORS_INDEX] if any(f.endswith(".safetensors") for f in files) else ["*.bin", BIN_INDEX]
+    weights = ["*.safetensors", SAFETENSORS_INDEX] if any(f.endswith(".safetensors") for f in found) else ["*.bin", BIN_INDEX]
     patterns = [*CONFIG_FILES, *TOKENIZER_FILES, *weights]
     return Path(_from_hub(ref, lambda: snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns)))
 

@@ -11,7 +11,21 @@ must create.
 
 from typing import Any
 
-from transformers import PreTrainedConfig
+import transformers
+
+# The oldest transformers these two files run on, measured from 4.57 up: older ones fail deep inside
+# (4.57 has no PreTrainedConfig; 5.0-5.8 take create_causal_mask's arguments differently, and 5.0-5.2
+# also lack AttentionInterface.get_interface). Checked before anything else is imported, so that an
+# older transformers gets one line that says so. Also written into config.json (`to_dict`) and the card.
+MIN_TRANSFORMERS_VERSION = (5, 9)
+REQUIRES_TRANSFORMERS = ">=" + ".".join(map(str, MIN_TRANSFORMERS_VERSION))
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS_VERSION:
+    raise ImportError(
+        f"MeSH models need transformers{REQUIRES_TRANSFORMERS}, but transformers {transformers.__version__} is "
+        f"installed: pip install -U 'transformers{REQUIRES_TRANSFORMERS}'"
+    )
+
+from transformers import PreTrainedConfig  # noqa: E402  (after the version check)
 
 VARIANTS = ("mesh", "base", "residual", "anchor", "anchor_emb")
 FAMILIES = ("gpt_neox", "llama")
@@ -98,6 +112,13 @@ class MeshConfig(PreTrainedConfig):
             raise ValueError("MeSH needs at least 2 memory slots")
         if not (self.relax_rank == "full" or (isinstance(self.relax_rank, int) and self.relax_rank >= 0)):
             raise ValueError(f"relax_rank must be a non-negative integer or 'full', not {self.relax_rank!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers' (which adds `transformers_version`, the version that saved the config), plus
+        `requires_transformers`, what this code needs: always this code's, whatever a loaded config said."""
+        output = super().to_dict()
+        output["requires_transformers"] = REQUIRES_TRANSFORMERS
+        return output
 
     @property
     def layout(self) -> str:

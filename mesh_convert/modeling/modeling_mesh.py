@@ -20,6 +20,10 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# First: it checks that the installed transformers is recent enough, before the imports below fail
+# on an older one with errors that do not say so.
+from .configuration_mesh import MeshConfig  # isort: skip
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +42,6 @@ from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb 
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as apply_full_rotary
 from transformers.utils import logging
-
-from .configuration_mesh import MeshConfig
 
 logger = logging.get_logger(__name__)
 

@@ -377,7 +377,8 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         accelerator.register_load_state_pre_hook(lambda models, folder: data.train.load(folder))
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
-        # transformers 5.2x renamed it activation checkpointing; the old name warns that it goes in v6.
+        # transformers 5.23 renamed it activation checkpointing (the old name warns that it goes in v6);
+        # 5.20-5.22, which this package supports, know only the old name, which warns nothing there.
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -543,10 +544,12 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
     section, each staged and published whole; `replace` allows replacing an earlier export."""
     from ..convert.card import write_model_card
     from ..convert.output import staged_directory
-    from ..convert.record import ConversionRecord
-    from .lora import copy_side_files
+    from ..convert.record import ConversionRecord, with_training
+    from .lora import copy_side_files, retitle_adapter_card
+    from .scratch import scratch_record
 
     output = Path(recipe.output_dir)
+    run = output.resolve().name  # titles the exports' cards
     training = {
         "recipe": recipe.model_dump(mode="json"),
         "method": recipe.method,
@@ -568,11 +571,12 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                 unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
                 copy_side_files(source, staging, training)
+                retitle_adapter_card(staging, f"{run} (LoRA adapter)", recipe.model)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
                 from .lora import merge_adapter
 
-                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace))
+                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace, name=run))
         else:
             target = output / "model"
             if recipe.init is not None:
@@ -587,7 +591,10 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                 else:
                     unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
-                copy_side_files(source, staging, training)
+                if recipe.init is not None:  # from scratch: the record `init` writes, continued
+                    with_training(scratch_record(unwrapped.config, recipe.init, recipe.seed), training).write(staging)
+                else:
+                    copy_side_files(source, staging, training)
                 record = ConversionRecord.read(staging)
                 if record is not None and recipe.anneal.target_rank is not None:
                     from ..convert.plan import mesh_parameter_counts
@@ -595,7 +602,7 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                     relax = mesh_parameter_counts(annealed.config)["relax"]
                     record = record.relaxed_to(recipe.anneal.target_rank, relax)
                     record.write(staging)
-                write_model_card(staging, record)  # like every other output
+                write_model_card(staging, record, name=run)  # like every other output
             paths["model"] = str(target)
     accelerator.wait_for_everyone()
     return paths

@@ -6,6 +6,10 @@ train as full copies through `modules_to_save`: peft refuses a ModuleList there,
 Linear is named individually (`write_routers.0`, ...).
 """
 
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -21,6 +25,15 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+
+
+@contextmanager
+def peft_deprecation_hidden() -> Iterator[None]:
+    """Inside the block, hide the FutureWarning that transformers (5.23 on) gives when peft reads
+    `model.is_gradient_checkpointing` while it wraps a model: it is for peft to act on, not the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def linear_layer_names(model: nn.Module) -> set[str]:
@@ -62,7 +75,8 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
         modules_to_save=routers or None,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with peft_deprecation_hidden():
+        peft_model = get_peft_model(model, config)
     # peft records the base as it was loaded, often relative to the training folder; the adapter
     # (`merge`, peft's AutoPeftModel) must find it from anywhere. A Hub id is kept as it is.
     base = model.name_or_path
@@ -125,10 +139,31 @@ def _mismatch(error: RuntimeError) -> str:
     return next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), first_line(error))
 
 
+def retitle_adapter_card(directory: Path, title: str, base: str | None) -> None:
+    """peft's card for an adapter (README.md), titled `title` and naming its base model only by a
+    Hub id: peft writes the path the base was loaded from as `base_model` (and into a
+    `base_model:adapter:` tag), for a local model the user's directory, under the title "Model
+    Card for Model ID"."""
+    from huggingface_hub import ModelCard
+
+    from ..convert.card import hub_model_id
+
+    path = directory / "README.md"
+    card = ModelCard.load(path)
+    hub_id = hub_model_id(base)
+    card.data.base_model = hub_id
+    tags = [tag for tag in card.data.tags or [] if not tag.startswith("base_model:")]
+    card.data.tags = tags + ([f"base_model:adapter:{hub_id}"] if hub_id else [])
+    card.text = re.sub(r"^# .*$", lambda _: f"# {title}", card.text, count=1, flags=re.M)
+    card.save(path)
+
+
 def merge_adapter(
-    adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False
+    adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
-    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
+    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone
+    checkpoint; `name` titles its card (default: the output folder's name)."""
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -146,7 +181,8 @@ def merge_adapter(
     check_target(output, overwrite, (adapter_dir, base_path))  # before the slow load
     model = load_model(base_path, dtype=torch.float32)
     try:
-        merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
+        with peft_deprecation_hidden():
+            merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
     except (RuntimeError, TypeError, ValueError, KeyError) as error:  # peft failing on the adapter's values or shapes
         if is_our_fault(error):
             raise
@@ -162,8 +198,8 @@ def merge_adapter(
         adapter_record = ConversionRecord.read(adapter_dir)
         training = adapter_record.training if adapter_record is not None else None
         copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
-        write_model_card(staging, ConversionRecord.read(staging))
+        write_model_card(staging, ConversionRecord.read(staging), name=name or output.resolve().name)
     return output
 
 
-__all__ = ["copy_side_files", "merge_adapter", "router_module_names", "wrap_lora"]
+__all__ = ["copy_side_files", "merge_adapter", "retitle_adapter_card", "router_module_names", "wrap_lora"]

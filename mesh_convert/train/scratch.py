@@ -113,13 +113,14 @@ def available_memory() -> int | None:
         return None
 
 
-def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str = "") -> ConversionRecord:
+def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str | None = None) -> ConversionRecord:
     """The conversion record of a from-scratch model: its layout, its parameter counts (there is no
-    original model to compare with), the spec and the seed."""
+    original model to compare with), the spec, the seed and the `init` command that made it (none
+    for a model that a training run made from its recipe's `init`)."""
     counts = mesh_parameter_counts(config)
     return ConversionRecord(
         mesh_convert_version=__version__,
-        command=command or None,
+        **({"command": command} if command else {}),
         layout=config.layout,
         prelude=config.num_prelude_layers,
         core=config.num_core_layers,
