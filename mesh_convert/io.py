@@ -137,6 +137,49 @@ def hub_timeout(read: float | None = None) -> Iterator[None]:
         session.timeout = previous
 
 
+class HubUnreachable(UserError):
+    """The Hub gave no answer (offline mode, no network, no answer in time, the Hub failing): a
+    caller may turn to the local cache, as transformers does."""
+
+
+def hub_info(repo_id: str, revision: str | None = None, repo_type: str = "model"):
+    """The Hub's info of the model (or dataset) `repo_id`, with its files, asked once and not retried:
+    huggingface_hub retries a failing connection for some 23 s (five times, backing off), so
+    without a network every call would wait that long. HubUnreachable where the Hub gives no
+    answer; an answer about the repository itself (not found, gated, no such revision, a refused
+    token) is a UserError, never hidden behind a cached copy."""
+    from huggingface_hub import HfApi, constants
+
+    from .errors import hub_error, hub_unreachable
+
+    if constants.is_offline_mode():
+        raise HubUnreachable(f"cannot fetch {repo_id}: offline mode is on (HF_HUB_OFFLINE)")
+    endpoint = resolve_endpoint()
+    try:
+        with hub_timeout():
+            return HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, expand=["siblings"])
+    except Exception as error:
+        user_error = hub_error(error, repo_id, endpoint, fetching=True, revision=revision)
+        if user_error is None:
+            raise
+        if hub_unreachable(error):
+            raise HubUnreachable(str(user_error)) from None
+        raise user_error from None
+
+
+def pretrained_source(name: str | Path) -> tuple[str, HubUnreachable | None]:
+    """What `from_pretrained` should get for `name` (a Hub id as it is, else the checked local
+    directory), and, for a Hub id the Hub gives no answer about, why: the caller then loads with
+    `local_files_only=True`, from the local cache, at once."""
+    if not is_hub_id(str(name)):
+        return str(check_model_dir(name)), None
+    try:
+        hub_info(str(name))
+    except HubUnreachable as unreachable:
+        return str(name), unreachable
+    return str(name), None
+
+
 def check_output_directory(path: str | Path, what: str = "--output") -> None:
     """Refuse an output directory that cannot be one (it, or a folder above it, is a file),
     before any work whose results would then have nowhere to go."""
@@ -215,15 +258,19 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
 
     import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 
-    source = model_source(name)
+    source, unreachable = pretrained_source(name)
     try:
         with transformers_bars_hidden():
+            # transformers does not pass local_files_only on to its look for a peft adapter: say it twice.
+            offline = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if unreachable else {}
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype
+                source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype, **offline
             )
     except model_file_errors() as error:  # corrupt weights, unknown architecture, weights that do not fit the config
         if is_our_fault(error):
             raise
+        if unreachable and isinstance(error, OSError):
+            raise UserError(f"{unreachable} (and it is not in the local cache)") from None
         raise UserError(f"cannot load the model in {name}: {type(error).__name__}: {first_line(error)}") from None
     return model.to(device).eval()
 
@@ -243,11 +290,14 @@ def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
     # transformers 5 quietly builds an empty tokenizer from a bare config.json: look first.
     if not has_tokenizer(name):
         raise UserError(f"no tokenizer files in {name}; {remedy}")
+    unreachable = pretrained_source(name)[1] if hub else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(unreachable))
     except Exception as error:  # the tokenizers library fails on a damaged file with a plain Exception
         if is_our_fault(error):
             raise
+        if unreachable and isinstance(error, OSError):
+            raise UserError(f"{unreachable} (and it is not in the local cache); {remedy}") from None
         raise UserError(f"no usable tokenizer at {name} ({first_line(error)}); {remedy}") from None
     if not tokenizer("a b", add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer at {name} encodes text to nothing; {remedy}")

@@ -497,6 +497,26 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
     assert not path.exists() and not list(path.parent.glob("*.partial"))
 
 
+def test_wikitext2_without_network_is_one_line_at_once(tmp_path, monkeypatch, capfd):
+    """No network and no copy: the Hub is asked once (its download retried for some 25 s, printing
+    ten lines) and the answer is one line."""
+    import socket
+
+    from mesh_convert.eval import harness as ev
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(ev, "data_dirs", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "mesh-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(UserError, match=f"cannot reach the Hub at {endpoint}"):
+        ev.resolve_data("wikitext2")
+    assert "Retrying" not in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- a failing or silent Hub
 
 

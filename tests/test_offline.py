@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_pythia
 from helpers import ROOT, SUBPROCESS_ENV, char_tokenizer, invoke
 from hub_standin import HubStandin, User
+from mesh_convert.errors import UserError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # A conversion that keeps the source's function (dense deltas, routers near one-hot), so that the
@@ -157,3 +158,39 @@ def test_without_network_or_cache_the_error_comes_at_once(tmp_path):
     assert len(errors) == 1 and done.stderr.strip() == errors[0], done.stderr
     assert "cannot reach the Hub" in errors[0] and "not in the local cache" in errors[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("offline_flag", [True, False], ids=["HF_HUB_OFFLINE", "no-network"])
+def test_a_cached_model_and_tokenizer_load_by_hub_id_without_the_hub(cached_model, monkeypatch, capfd, offline_flag):
+    """eval, train and inspect load a Hub id's model and tokenizer through transformers, which
+    retried a refused connection for some 25 s per file (56 s for a tokenizer) before it turned to
+    the cache: the Hub is asked once, and without an answer the cache is used at once."""
+    from mesh_convert.io import load_model, load_tokenizer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_flag)
+    tokenizer = load_tokenizer("alice/tiny")
+    model = load_model("alice/tiny")
+    ids = torch.tensor([tokenizer("the king")["input_ids"]])
+    assert torch.allclose(model(ids).logits, cached_model(ids).logits, atol=1e-5)
+    assert "Retrying" not in capfd.readouterr().err
+
+
+def test_a_hub_id_neither_reachable_nor_cached_is_one_line_at_once(cache):
+    from mesh_convert.io import load_model, load_tokenizer
+
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(UserError, match=r"cannot reach the Hub at .* \(and it is not in the local cache\)"):
+            load("alice/elsewhere")
+
+
+def test_the_hubs_answer_about_a_tokenizer_is_not_called_an_unusable_tokenizer(cache, tmp_path, monkeypatch):
+    """A refused token or a missing repo is what the Hub said, not "no usable tokenizer"."""
+    from mesh_convert.io import load_tokenizer
+
+    with HubStandin(tmp_path / "standin", {}) as standin:
+        monkeypatch.setattr(constants, "ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_unknownToken012345")
+        with pytest.raises(UserError, match="401") as refused:
+            load_tokenizer("alice/tiny")
+    assert "no usable tokenizer" not in str(refused.value) and "hf_unknownToken012345" not in str(refused.value)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError, hub_error, hub_unreachable
-from ..io import TOKENIZER_FILES, hub_timeout, is_hub_id, resolve_endpoint
+from ..errors import UserError, hub_error
+from ..io import TOKENIZER_FILES, HubUnreachable, hub_info, hub_timeout, is_hub_id, resolve_endpoint
 from .pythia import parse_alias
 
 if TYPE_CHECKING:
@@ -103,34 +103,20 @@ def _fetch_error(ref: SourceRef, error: Exception, suffix: str = "") -> UserErro
 def _hub_files_or_cache(ref: SourceRef) -> list[str] | Path:
     """The repo's files at the revision, when the Hub answers; the snapshot in the local Hugging
     Face cache when it gives no answer (HF_HUB_OFFLINE, no network, the Hub failing), as
-    transformers then loads the model; a UserError when neither.
+    transformers then loads the model; a UserError when neither. Once the Hub has answered,
+    downloads keep huggingface_hub's retries."""
+    from huggingface_hub import constants
 
-    One request, not retried: huggingface_hub retries a connection that fails for some 23 s
-    (five times, backing off) before it gives up, so without a network each later call would wait
-    that long. Once the Hub has answered, downloads keep huggingface_hub's retries."""
-    from huggingface_hub import HfApi, constants
-
-    if constants.is_offline_mode():
-        cached = _cached_snapshot(ref)
-        if cached is None:
-            raise UserError(
-                f"cannot fetch {ref.repo_id}: offline mode is on (HF_HUB_OFFLINE) and it is not in the local "
-                f"cache ({constants.HF_HUB_CACHE}); fetch it once with network access"
-            )
-        return cached
     try:
-        with hub_timeout():
-            # A new client reads the endpoint now, as the downloads that follow do.
-            info = HfApi().model_info(ref.repo_id, revision=ref.revision, expand=["siblings"])
-    except Exception as error:
-        unreachable = hub_unreachable(error)
-        cached = _cached_snapshot(ref) if unreachable else None
+        info = hub_info(ref.repo_id, ref.revision)
+    except HubUnreachable as unreachable:
+        cached = _cached_snapshot(ref)
         if cached is not None:
             return cached
-        user_error = _fetch_error(ref, error, " (and it is not in the local cache)" if unreachable else "")
-        if user_error is None:
-            raise
-        raise user_error from None
+        if constants.is_offline_mode():
+            raise UserError(f"{unreachable} and it is not in the local cache ({constants.HF_HUB_CACHE}); fetch it once "
+                            "with network access") from None
+        raise UserError(f"{unreachable} (and it is not in the local cache)") from None
     return [sibling.rfilename for sibling in info.siblings or ()]
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, error_line, is_our_fault
-from ..io import check_largest_id, read_jsonl, resolve_endpoint
+from ..io import HubUnreachable, check_largest_id, hub_info, read_jsonl, resolve_endpoint
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -194,9 +194,13 @@ def fetch_hub_data(key: str, looked: str) -> Path:
     `cache_data_dir()`, so later runs (and offline ones) find it without the Hub."""
     from huggingface_hub import hf_hub_download
 
-
     repo_id, filename = HUB_DATA[key]
     target = cache_data_dir() / DATA_NAMES[key][0]
+    remedy = f"set {DATA_ENV} to a folder holding {DATA_NAMES[key][0]}, or pass a file path"
+    try:
+        hub_info(repo_id, repo_type="dataset")  # asked once: without an answer, the download would retry for 25 s
+    except HubUnreachable as unreachable:
+        raise UserError(f"data '{key}' is not on this machine (looked for {looked}) and {unreachable}; {remedy}") from None
     try:
         import pyarrow.parquet as pq
 
@@ -207,8 +211,7 @@ def fetch_hub_data(key: str, looked: str) -> Path:
             raise
         raise UserError(
             f"data '{key}' is not on this machine (looked for {looked}) and fetching it from the Hub "
-            f"dataset {repo_id} failed ({type(error).__name__}: {error_line(error)}); set {DATA_ENV} to a folder holding "
-            f"{DATA_NAMES[key][0]}, or pass a file path"
+            f"dataset {repo_id} failed ({type(error).__name__}: {error_line(error)}); {remedy}"
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
