@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..errors import shown
+
 console = Console()
 
 
@@ -44,4 +46,4 @@ def register(app: typer.Typer) -> None:
             # Plain stdout, no rich markup, so that scripts can parse it.
             typer.echo(json.dumps({"url": result.url, "repo_id": result.repo_id, "revision": result.revision}))
         else:
-            console.print(f"pushed {directory} to {result.url}", highlight=False, soft_wrap=True)
+            console.print(f"pushed {shown(directory)} to {shown(result.url)}", highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.options import Variant
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, shown
 from ..io import check_output_directory
 
 console = Console(stderr=True)
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
             record.write(staging)
             write_model_card(staging, record)
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
-                      f"{counts['routers']:,} router parameters -> {output}", highlight=False)
+                      f"{counts['routers']:,} router parameters -> {shown(output)}", highlight=False)
 
     @app.command("merge")
     def merge_command(
@@ -149,4 +149,4 @@ def register(app: typer.Typer) -> None:
         from ..train.lora import merge_adapter
 
         path = merge_adapter(adapter, output, base, overwrite=overwrite)
-        console.print(f"merged {adapter} -> {path}", highlight=False)
+        console.print(f"merged {shown(adapter)} -> {shown(path)}", highlight=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from ..io import (
     RUN_EXPORTS,
     check_largest_id,
@@ -632,7 +632,7 @@ def report(summary: dict, console) -> None:
     where = summary.get("model") or summary.get("adapter")
     if where:
         console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
-                      f"{summary['final_loss']:.4f} -> {where}", highlight=False, soft_wrap=True)
+                      f"{summary['final_loss']:.4f} -> {shown(where)}", highlight=False, soft_wrap=True)
 
 
 __all__ = ["RunPlan", "describe", "plan_run", "report", "train", "validation_loss"]
