@@ -11,6 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from ..convert.options import ConvertOptions
+from ..convert.remote_code import warn_removed
 from ..errors import UserError, shown
 from .params import flag, with_options
 
@@ -123,9 +124,11 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
             highlight=False,
             soft_wrap=True,
         )
+    warn_removed(err_console, result.removed_code)
     url = _push(result.output_dir, push_to_hub) if push_to_hub else None
     if as_json:
-        info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
+        info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3),
+                                 "removed_remote_code": result.removed_code}
         typer.echo(json.dumps(info | ({"url": url} if url else {}), indent=2))
         return
     summary, counts, _ = _plan_tables(plan)

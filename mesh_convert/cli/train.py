@@ -11,6 +11,7 @@ from rich.table import Table
 from ..convert.options import Variant
 from ..errors import UserError, first_line, shown
 from ..io import check_output_directory
+from ..convert.remote_code import strip_foreign_code, warn_removed
 
 console = Console(stderr=True)
 OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
@@ -107,6 +108,7 @@ def register(app: typer.Typer) -> None:
         from ..convert.card import write_model_card
         from ..convert.output import check_target, staged_directory
         from ..convert.plan import mesh_parameter_counts
+        from ..convert.record import with_removed_code
         from ..train.recipe import InitSpec, explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
@@ -132,11 +134,14 @@ def register(app: typer.Typer) -> None:
                     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(staging)
                 except Exception as error:
                     raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
+            removed = strip_foreign_code(staging)  # a tokenizer's own auto_map, saved from its config
             record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
+            record = with_removed_code(record, removed)
             record.write(staging)
             write_model_card(staging, record)
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {shown(output)}", highlight=False)
+        warn_removed(console, removed)
 
     @app.command("merge")
     def merge_command(
@@ -148,5 +153,6 @@ def register(app: typer.Typer) -> None:
         """Merge a LoRA adapter (and its routers) into a standalone checkpoint."""
         from ..train.lora import merge_adapter
 
-        path = merge_adapter(adapter, output, base, overwrite=overwrite)
+        path, removed = merge_adapter(adapter, output, base, overwrite=overwrite)
         console.print(f"merged {shown(adapter)} -> {shown(path)}", highlight=False)
+        warn_removed(console, removed)

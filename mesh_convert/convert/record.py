@@ -114,6 +114,8 @@ class ConversionRecord(_Section):
     seed: int | None = None  # `init`: the seed of the random weights
     training: Training | None = None
     eval_results: list[EvalEntry] | None = None
+    # What the source's files named as remote code and we did not carry over (`remote_code.py`).
+    removed_remote_code: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -268,4 +270,15 @@ def with_training(record: ConversionRecord | None, training: dict | None) -> Con
     return base.model_copy(update={"training": Training.model_validate(training)})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_config", "with_training"]
+def with_removed_code(record: ConversionRecord | None, removed: list[str]) -> ConversionRecord | None:
+    """`record` that also names the remote code `removed` from the folder it describes (after what
+    earlier steps, e.g. the conversion before a training run, removed)."""
+    if not removed:
+        return record
+    base = record or ConversionRecord()
+    earlier = base.removed_remote_code or []
+    return base.model_copy(update={"removed_remote_code": earlier + [item for item in removed if item not in earlier]})
+
+
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_config",
+           "with_removed_code", "with_training"]

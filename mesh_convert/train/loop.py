@@ -27,6 +27,7 @@ from ..io import (
     load_tokenizer,
     transformers_bars_hidden,
 )
+from ..convert.remote_code import warn_removed
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, TrainState, resume_dir, save_checkpoint
 from .optim import count_trainable, make_optimizer, param_groups, select_trainable, set_lr
@@ -557,12 +558,14 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
             with staged_directory(adapter, replace) as staging:
                 unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
-                copy_side_files(source, staging, training)
+                removed = copy_side_files(source, staging, training)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
                 from .lora import merge_adapter
 
-                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace))
+                merged, removed_on_merge = merge_adapter(adapter, output / "merged", base=source, overwrite=replace)
+                paths["merged"] = str(merged)
+                removed += [item for item in removed_on_merge if item not in removed]
         else:
             target = output / "model"
             if recipe.init is not None:
@@ -577,7 +580,7 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                 else:
                     unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
-                copy_side_files(source, staging, training)
+                removed = copy_side_files(source, staging, training)
                 record = ConversionRecord.read(staging)
                 if record is not None and recipe.anneal.target_rank is not None:
                     from ..convert.plan import mesh_parameter_counts
@@ -587,6 +590,8 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                     record.write(staging)
                 write_model_card(staging, record)  # like every other output
             paths["model"] = str(target)
+        if removed:
+            paths["removed_remote_code"] = removed
     accelerator.wait_for_everyone()
     return paths
 
@@ -633,6 +638,7 @@ def report(summary: dict, console) -> None:
     if where:
         console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
                       f"{summary['final_loss']:.4f} -> {shown(where)}", highlight=False, soft_wrap=True)
+    warn_removed(console, summary.get("removed_remote_code", []))
 
 
 __all__ = ["RunPlan", "describe", "plan_run", "report", "train", "validation_loss"]

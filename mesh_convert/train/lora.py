@@ -10,9 +10,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..convert.record import ConversionRecord, with_training
+from ..convert.record import ConversionRecord, with_removed_code, with_training
 from ..errors import UserError
 from ..io import load_model, transformers_bars_hidden
+from ..convert.remote_code import strip_foreign_code
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -71,18 +72,23 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
     return peft_model
 
 
-def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
-    """Carry the source model's conversion record (if any) over to `target`, with a `training` section."""
+def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> list[str]:
+    """Carry the source model's conversion record (if any) over to `target`, with a `training`
+    section, once everything else is written there: the remote code not ours that those files name
+    (a tokenizer's or config's `auto_map`, see `remote_code.py`) is dropped, recorded and returned."""
+    removed = strip_foreign_code(target)
     record = ConversionRecord.read(source) if source is not None else None
-    record = with_training(record, training)
+    record = with_removed_code(with_training(record, training), removed)
     if record is not None:
         record.write(target)
+    return removed
 
 
 def merge_adapter(
     adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False
-) -> Path:
-    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone checkpoint."""
+) -> tuple[Path, list[str]]:
+    """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone
+    checkpoint; returns it with the remote code not ours that was left out of it (`copy_side_files`)."""
     import torch
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
@@ -111,9 +117,9 @@ def merge_adapter(
                 break
         adapter_record = ConversionRecord.read(adapter_dir)
         training = adapter_record.training if adapter_record is not None else None
-        copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
+        removed = copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
         write_model_card(staging, ConversionRecord.read(staging))
-    return output
+    return output, removed
 
 
 __all__ = ["copy_side_files", "merge_adapter", "router_module_names", "wrap_lora"]
