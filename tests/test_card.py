@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import shlex
 
 import pytest
 from huggingface_hub import ModelCard
@@ -231,3 +232,18 @@ def test_markdown_and_html_in_names_are_shown_as_text():
     front = yaml.safe_load(str(hostile).split("---\n")[1])
     assert front["model-index"][0]["name"].startswith(name)
 
+
+@pytest.mark.parametrize(
+    ("path", "published"),
+    [("../../clients/acme/model", "model"), ("./out/", "out"), ("~/models/m", "m"), ("runs/acme/model", "model"),
+     ("..\\clients\\acme", "acme"), ("..", ".."),
+     # Left as they are: a name, DIR/NAME (a Hub id is written so), a URL.
+     ("pythia-14m", "pythia-14m"), ("EleutherAI/pythia-14m", "EleutherAI/pythia-14m"),
+     ("https://example.com/a/b", "https://example.com/a/b")],
+)
+def test_published_records_cut_relative_paths_to_their_last_part(path, published):
+    """A relative path that climbs or goes down several folders tells where the user keeps their
+    work (`../../clients/<name>/model`): published, it is the folder's name."""
+    record = ConversionRecord.model_validate({"output": path, "command": shlex.join(["mesh-convert", path, "-o", path])})
+    assert record.published().output == published
+    assert record.published().command == shlex.join(["mesh-convert", published, "-o", published])
