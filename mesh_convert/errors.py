@@ -1,8 +1,10 @@
 """The one exception type that reaches users as a one-line message (see `cli.main`), the cut of
-other errors to one line for such messages, and the one table that turns the Hugging Face Hub's
-errors (downloads and uploads) into such lines, without ever showing a token.
+other errors to one line for such messages, the one table that turns the Hugging Face Hub's
+errors (downloads and uploads) into such lines, without ever showing a token, and what makes text
+from elsewhere (a folder's name, a value in a checkpoint) safe to show in them and in any output.
 
-Light to import: huggingface_hub's error classes load when a Hub error is being explained."""
+Light to import: huggingface_hub's error classes load when a Hub error is being explained, rich's
+markup when text is shown through it."""
 
 from __future__ import annotations
 
@@ -223,3 +225,29 @@ def _message(
         # huggingface_hub raises ValueError for content the Hub rejects (README metadata, LFS batch).
         return f"the Hub rejected the upload to {repo_id}: {first_line(error)}"
     return None
+
+
+# ----------------------------------------------------------------------------- text from elsewhere
+
+# A folder's name, a tensor's name in a safetensors header, a value in a config: any may hold
+# control characters. Printed as they are, an escape sequence can retitle the terminal, move the
+# cursor, rewrite what was printed before or hide what follows, and a newline can forge a line of
+# our output.
+
+
+def printable(value: object) -> str:
+    """`value` as text, each character that is not printable (control and format characters such
+    as ESC or a right-to-left override, line and paragraph separators, spaces other than ' ')
+    written as Python writes it in a string's repr: `\\x1b`, `\\n`, `\\u202e`."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
+
+
+def shown(value: object) -> str:
+    """`printable(value)` with rich's markup escaped, for `Console.print` and rich tables (where a
+    `[link=...]` in a name would otherwise become a hyperlink)."""
+    from rich.markup import escape
+
+    return escape(printable(value))

@@ -1,8 +1,12 @@
 """Helpers shared by the tests (no tests here): a character tokenizer whose ids fit the tiny
-models' 128-token vocabulary, learnable text, converted tiny checkpoints and a CLI runner."""
+models' 128-token vocabulary, learnable text, converted tiny checkpoints, a CLI runner, and
+folders that name foreign remote code, with the check that a written model runs none of it."""
 
 import json
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -12,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import make_tiny_llama, make_tiny_pythia
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
+from mesh_convert.convert.remote_code import AUTO_MAP, REMOTE_CODE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses get one thread each too (conftest sets it for this process).
@@ -103,3 +108,73 @@ def metrics(output: Path) -> list[dict]:
 
 def state_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- foreign code
+
+FOREIGN_TOKENIZER = [None, "attacker/repo--evil.EvilTok"]  # code in another Hub repo
+FOREIGN_CONFIG = {"AutoTokenizer": [None, "evil.EvilTok"],  # code planted next to the weights
+                  "AutoModelForSequenceClassification": "attacker/repo--evil.Evil"}
+FOREIGN_PIPELINES = {"text-generation": {"impl": "evil.EvilPipeline", "pt": ["AutoModelForCausalLM"]}}
+
+
+def plant(folder: Path, marker: Path) -> Path:
+    """Make `folder` (a model or tokenizer) name foreign code, and hold it: evil.py, which leaves
+    `marker` behind when it runs."""
+    tokenizer_config = folder / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_config.read_text())
+    tokenizer_config.write_text(json.dumps({**tokenizer, "auto_map": {"AutoTokenizer": FOREIGN_TOKENIZER}}))
+    if (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text())
+        auto_map = {**config.get("auto_map", {}), **FOREIGN_CONFIG}
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map,
+                                                        "custom_pipelines": FOREIGN_PIPELINES}))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                    "class EvilTok: pass\nclass Evil: pass\nclass EvilPipeline: pass\n")
+    return folder
+
+
+def foreign_references(folder: Path) -> list[str]:
+    """Every code reference in `folder` that is not ours: .py files but our two, and any auto_map
+    entry or custom_pipelines in its JSON files."""
+    found = [p.name for p in folder.rglob("*.py") if p.name not in REMOTE_CODE_FILES]
+    for path in folder.glob("*.json"):
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        ours = AUTO_MAP if path.name == "config.json" else {}
+        found += [f"{path.name}: {key}" for key, value in data.get("auto_map", {}).items() if ours.get(key) != value]
+        found += [f"{path.name}: custom_pipelines"] if "custom_pipelines" in data else []
+    return found
+
+
+LOAD_TRUSTING = textwrap.dedent(
+    """
+    import sys
+    sys.modules["mesh_convert"] = None  # the folder's own remote code must be all that runs
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    for folder in sys.argv[1:]:  # a folder or a repo id
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert type(tokenizer).__module__.startswith("transformers."), type(tokenizer).__module__
+        assert tokenizer("a b")["input_ids"]
+        generate = pipeline("text-generation", model=folder, trust_remote_code=True)
+        assert type(generate).__module__.startswith("transformers."), type(generate).__module__
+        print("loaded", folder)
+    """
+)
+
+
+def assert_loads_trusting_only_our_code(models: list, marker: Path, workdir: Path, endpoint: str | None = None) -> None:
+    """Load each model (a folder, or a repo on the Hub at `endpoint`) as its card says, in a process
+    that cannot import mesh_convert: it must load (a reference to another repo would need a download
+    that the Hub, or offline mode, refuses) and leave no `marker` (evil.py would)."""
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "0" if endpoint else "1", "HF_ENDPOINT": endpoint or "http://127.0.0.1:9",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(workdir / "hf-home"),
+           "HF_MODULES_CACHE": str(workdir / "modules"), "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", LOAD_TRUSTING, *map(str, models)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loaded") == len(models)
+    assert not marker.exists(), "the planted code ran"

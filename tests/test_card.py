@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import re
+import shlex
 
 import pytest
 from huggingface_hub import ModelCard
@@ -212,3 +213,45 @@ def test_published_records_cut_absolute_paths_to_their_last_part():
         "source": {"model": "pythia-160m"},
         "training": {"recipe": {"model": "m", "data": {"train": ["a.txt", "b.txt"]}, "lr": 1e-3}},
     }
+
+
+def test_markdown_and_html_in_names_are_shown_as_text():
+    """A folder's name (or a task's) goes into the card's title, body and tables: its markdown and
+    HTML show as the characters they are (the card renders to the same HTML elements as with plain
+    names), its newlines start no blocks, and the YAML metadata still parses to the same name."""
+    import yaml
+    from markdown_it import MarkdownIt
+
+    def card_with(name: str, tie: str, command: str) -> ModelCard:
+        info = copy.deepcopy(INFO)
+        info["source"]["model"] = f"/data/{name}"
+        info.update(tie=tie, command=command, eval_results=[{"task": f"task | {name}", "metric": "acc", "value": 0.5}],
+                    training={"recipe": name, "method": "lora", "steps": 3})
+        return build_model_card(info)
+
+    def elements(card: ModelCard) -> list[str]:
+        return re.findall(r"<(/?[a-z0-9]+)", MarkdownIt("commonmark").enable("table").render(card.text))
+
+    name = "<script>alert(1) <img src=x onerror=alert(2)> **b** [a](javascript:alert(3)) `c` | ~s~ &amp;\n# Forged"
+    hostile = card_with(name, "``` <b>tie", f"mesh-convert '{name}' --loops 2\n```\n<b>outside")
+    assert elements(hostile) == elements(card_with("plain", "plain", "mesh-convert plain --loops 2"))
+    html = MarkdownIt("commonmark").enable("table").render(hostile.text)
+    assert "&lt;script&gt;alert(1)" in html and "&amp;amp;" in html
+    front = yaml.safe_load(str(hostile).split("---\n")[1])
+    assert front["model-index"][0]["name"].startswith(name)
+
+
+@pytest.mark.parametrize(
+    ("path", "published"),
+    [("../../clients/acme/model", "model"), ("./out/", "out"), ("~/models/m", "m"), ("runs/acme/model", "model"),
+     ("..\\clients\\acme", "acme"), ("..", ".."),
+     # Left as they are: a name, DIR/NAME (a Hub id is written so), a URL.
+     ("pythia-14m", "pythia-14m"), ("EleutherAI/pythia-14m", "EleutherAI/pythia-14m"),
+     ("https://example.com/a/b", "https://example.com/a/b")],
+)
+def test_published_records_cut_relative_paths_to_their_last_part(path, published):
+    """A relative path that climbs or goes down several folders tells where the user keeps their
+    work (`../../clients/<name>/model`): published, it is the folder's name."""
+    record = ConversionRecord.model_validate({"output": path, "command": shlex.join(["mesh-convert", path, "-o", path])})
+    assert record.published().output == published
+    assert record.published().command == shlex.join(["mesh-convert", published, "-o", published])

@@ -100,3 +100,38 @@ def test_the_launchers_entry_point_is_the_train_command(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         assert wanted in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "text.txt", "tok"]  # a dry run writes nothing
+
+
+# ----------------------------------------------------------------------------- untrusted text
+
+# A name that, printed as it is, clears the screen, retitles the terminal, turns text around and
+# forges a line; and rich markup that would become a hyperlink.
+HOSTILE_NAME = "m\x1b[2J\x1b]0;pwned\x07\u202e[link=evil.example]x\nerror: forged"
+
+
+def test_control_characters_are_shown_escaped():
+    from mesh_convert.errors import printable, shown
+
+    assert printable("a\x1bb\n\t\x9b\u202ec\u2028") == "a\\x1bb\\n\\t\\x9b\\u202ec\\u2028"
+    assert printable("Zürich 東京 ok [x] \\ 'q'") == "Zürich 東京 ok [x] \\ 'q'"
+    assert shown("[bold]x\x1b") == "\\[bold]x\\x1b"
+
+
+def test_untrusted_names_reach_the_terminal_escaped(tiny_pythia, tmp_path, capfd):
+    """Paths in results, tables and errors: no control character reaches the terminal, and a
+    name's markup is shown, not applied."""
+    from helpers import invoke
+
+    output = tmp_path / HOSTILE_NAME
+    code, out, err = invoke(capfd, tiny_pythia, "--loops", "2", "-o", output)
+    assert code == 0, err
+    code, _, missing = invoke(capfd, tmp_path / HOSTILE_NAME / "nowhere", "--loops", "2")
+    assert code == 1
+    code, _, merged = invoke(capfd, "merge", output, "-o", tmp_path / "merged")
+    assert code == 1
+    for text in (out, err, missing, merged):
+        assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) < 0xa0 or c == "\u202e" for c in text), repr(text)
+    assert "[link=evil.example]x" in out.replace("\n", "")  # shown, not a hyperlink
+    assert "\\x1b[2J" in out and "\\nerror: forged" in out.replace("\n", "")
+    for text in (missing, merged):
+        assert len(text.strip().splitlines()) == 1 and "\\x1b[2J" in text and "\\nerror: forged" in text

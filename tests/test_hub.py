@@ -136,7 +136,8 @@ def test_round_trip_through_the_cli(hub, model_dir, tiny_mesh_model, tmp_path, m
     code, out, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result == {"url": f"{hub.endpoint}/alice/tiny-mesh", "repo_id": "alice/tiny-mesh", "revision": "main"}
+    assert result == {"url": f"{hub.endpoint}/alice/tiny-mesh", "repo_id": "alice/tiny-mesh", "revision": "main",
+                      "left_out": [], "removed_remote_code": []}
     assert WRITE_TOKEN not in out + err
 
     # Everything in the folder was uploaded, weights through LFS, plus the generated card,
@@ -203,7 +204,7 @@ def test_pushing_again_reuses_the_repo(hub, model_dir):
     first = push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
     commits = len(hub.repos["alice/tiny-mesh"].commits)
     (model_dir / "notes.txt").write_text("second upload\n")
-    second = push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+    second = push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN, include=["notes.txt"])
     assert first == second
     assert len(hub.repos["alice/tiny-mesh"].commits) == commits + 1
     assert hub.files("alice/tiny-mesh")["notes.txt"] == b"second upload\n"
@@ -211,7 +212,8 @@ def test_pushing_again_reuses_the_repo(hub, model_dir):
 
 def test_an_old_checkpoint_is_published_without_its_local_paths(hub, model_dir):
     """Converters before paths were cut on writing stored them in conversion.json and config.json;
-    the push publishes both cut, uploads every other file as it is, and leaves the folder alone."""
+    the push publishes both cut, uploads every other file of the model as it is, and leaves the
+    folder alone."""
     home = "/home/alice/work"
     cached = f"{home}/hf/models--EleutherAI--pythia-14m/snapshots/0123abcd"  # a source in the HF cache
     record = {**conversion_info(), "command": f"mesh-convert {cached} --loops 2 -o {home}/out",
@@ -232,14 +234,14 @@ def test_an_old_checkpoint_is_published_without_its_local_paths(hub, model_dir):
 
     remote = hub.files("alice/tiny-mesh")
     assert snapshot(model_dir) == before
-    assert set(before) - {".git/HEAD"} | {".gitattributes"} == set(remote)
+    assert set(before) - {".git/HEAD", "extra/notes.txt"} | {".gitattributes"} == set(remote)
     assert not any(home.encode() in content for content in remote.values())
     published = json.loads(remote["conversion.json"])
     assert published["source"] == {**record["source"], "model": "EleutherAI/pythia-14m", "revision": "0123abcd"}
     assert (published["output"], published["command"]) == ("out", "mesh-convert 0123abcd --loops 2 -o out")
     assert json.loads(remote["config.json"])["provenance"]["source"]["model"] == "pythia-14m"
     assert remote["README.md"] == b"# my own card\n\nConverted from `EleutherAI/pythia-14m` into `out`.\n"
-    for name in set(before) - {"conversion.json", "config.json", "README.md", ".git/HEAD"}:
+    for name in set(before) - {"conversion.json", "config.json", "README.md", ".git/HEAD", "extra/notes.txt"}:
         assert hashlib.sha256(remote[name]).hexdigest() == before[name], name
     assert len(hub.repos["alice/tiny-mesh"].commits) == 2  # the repo's first commit, then one upload
 
@@ -267,6 +269,93 @@ def test_a_current_checkpoint_is_uploaded_as_it_is(hub, model_dir):
     push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
     remote = hub.files("alice/tiny-mesh")
     assert {name: hashlib.sha256(remote[name]).hexdigest() for name in before} == before
+
+
+# ----------------------------------------------------------------------------- what is published
+
+
+def test_only_what_a_model_repo_needs_is_published(hub, model_dir, monkeypatch, capfd):
+    """A model folder also holds what was never meant for the Hub: push publishes the model, says in
+    one line what it left out, and publishes more only where --include names it."""
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    (model_dir / "README.md").write_text("# my own card\n")
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")
+    (model_dir / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/home/alice/runs/base"}))
+    model = snapshot(model_dir)
+    (model_dir / ".env").write_text("OPENAI_API_KEY=sk-not-for-the-hub\n")
+    (model_dir / "notes.md").write_text("for the client only\n")
+    (model_dir / ".ipynb_checkpoints").mkdir()
+    (model_dir / ".ipynb_checkpoints" / "explore-checkpoint.ipynb").write_text("{}")
+    (model_dir / "eval").mkdir()
+    (model_dir / "eval" / "results.json").write_text("{}")
+    before = snapshot(model_dir)
+
+    code, out, err = invoke(capfd, "push", model_dir, "alice/tiny-mesh", "--json")
+    assert code == 0, err
+    remote = hub.files("alice/tiny-mesh")
+    assert set(remote) == set(model) | {".gitattributes"}
+    assert json.loads(out)["left_out"] == [".env", ".ipynb_checkpoints/", "eval/", "notes.md"]
+    notes = [line for line in err.splitlines() if "--include" in line]
+    assert len(notes) == 1 and all(name in notes[0] for name in (".env", ".ipynb_checkpoints/", "eval/", "notes.md"))
+    # An adapter names its base by the path it was trained from: published as the folder's name.
+    assert json.loads(remote["adapter_config.json"]) == {"base_model_name_or_path": "base"}
+    assert snapshot(model_dir) == before
+
+    code, out, err = invoke(capfd, "push", model_dir, "alice/tiny-mesh", "--include", "eval/", "--include", "notes.md",
+                            "--json")
+    assert code == 0, err
+    remote = hub.files("alice/tiny-mesh")
+    assert {"eval/results.json", "notes.md"} <= set(remote) and ".env" not in remote
+    assert json.loads(out)["left_out"] == [".env", ".ipynb_checkpoints/"]
+
+
+def test_relative_paths_are_published_as_folder_names(hub, model_dir):
+    """A conversion run from elsewhere records where it read and wrote: the push publishes the
+    folders' names, not the way there."""
+    record = {**conversion_info(), "output": "../../clients/acme/model",
+              "command": "mesh-convert ../../clients/acme/pythia --loops 2 -o ../../clients/acme/model"}
+    record["source"] = {**record["source"], "model": "../../clients/acme/pythia"}
+    (model_dir / "conversion.json").write_text(json.dumps(record))
+    (model_dir / "README.md").write_text("Converted from `../../clients/acme/pythia` into `../../clients/acme/model`.\n")
+
+    push_to_hub(model_dir, "alice/tiny-mesh", token=WRITE_TOKEN)
+
+    remote = hub.files("alice/tiny-mesh")
+    assert not any(b"clients" in content or b"acme" in content for content in remote.values())
+    published = json.loads(remote["conversion.json"])
+    assert (published["output"], published["source"]["model"]) == ("model", "pythia")
+    assert published["command"] == "mesh-convert pythia --loops 2 -o model"
+    assert remote["README.md"] == b"Converted from `pythia` into `model`.\n"
+
+
+def test_push_publishes_no_code_but_ours(hub, model_dir, tmp_path, monkeypatch, capfd):
+    """A folder whose tokenizer and config name foreign code, and that holds code of its own, is
+    published naming none of it, even when asked to include every file, and the published model
+    loads with trust_remote_code running nothing but our two files."""
+    from helpers import assert_loads_trusting_only_our_code, char_tokenizer, foreign_references, plant
+
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    marker = tmp_path / "PLANTED-CODE-RAN"
+    plant(char_tokenizer(model_dir), marker)
+    (model_dir / "custom_generate").mkdir()
+    (model_dir / "custom_generate" / "generate.py").write_text("raise SystemExit('ran')\n")
+    (model_dir / "README.md").write_text("# my own card\n")
+    before = snapshot(model_dir)
+
+    code, out, err = invoke(capfd, "push", model_dir, "alice/tiny-mesh", "--include", "*", "--json")
+    assert code == 0, err
+    removed = json.loads(out)["removed_remote_code"]
+    assert "evil.py" in removed and "custom_generate/generate.py" in removed
+    assert any("attacker/repo--evil.EvilTok" in item for item in removed)
+    assert "removed remote code" in err
+    assert snapshot(model_dir) == before  # published cleaned, the folder as it was
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, content in hub.files("alice/tiny-mesh").items():
+        (download / name).parent.mkdir(parents=True, exist_ok=True)
+        (download / name).write_bytes(content)
+    assert foreign_references(download) == []
+    assert_loads_trusting_only_our_code(["alice/tiny-mesh"], marker, tmp_path, endpoint=hub.endpoint)
 
 
 # ----------------------------------------------------------------------------- failures

@@ -10,10 +10,9 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from ..errors import UserError
+from ..errors import UserError, printable, shown
 from . import convert as convert_commands
 from . import data as data_commands
 from . import diagnose as diagnose_commands
@@ -111,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         # Under a launcher every process reports; the others' lines are tagged, so that one line
         # reads as the error and an error only one process met is not lost.
         rank = os.environ.get("RANK", "0")
-        tag = "" if rank == "0" else escape(f"[rank {rank}] ")
-        err_console.print(f"{tag}[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        tag = "" if rank == "0" else shown(f"[rank {rank}] ")
+        err_console.print(f"{tag}[bold red]error:[/] {shown(error)}", highlight=False, soft_wrap=True)
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
     except typer.TyperException as error:  # usage errors (a bad flag, value or choice): as typer shows them, exit 2
+        error.message = printable(error.message)  # they quote arguments, which a shell glob may have filled
         error.show()
         return error.exit_code
     except typer.Abort:
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))} (rerun with --debug for the traceback)",
+            f"[bold red]internal error:[/] {type(error).__name__}: {shown(error)} (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..convert.options import ConvertOptions
-from ..errors import UserError
+from ..convert.remote_code import warn_removed
+from ..errors import UserError, shown
 from .params import flag, with_options
 
 console = Console()
@@ -28,11 +28,11 @@ def _options_error(error: ValidationError) -> UserError:
 def _plan_tables(plan) -> list[Table]:
     params, layout = plan.params, plan.layout
     recurrence = "MeSH" if plan.options.variant == "mesh" else f"recursive ({plan.options.variant})"
-    summary = Table(title=f"{plan.options.model} -> {recurrence} {layout.text}", show_header=False, title_justify="left")
+    summary = Table(title=f"{shown(plan.options.model)} -> {recurrence} {layout.text}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
     fields = plan.mesh_fields
-    summary.add_row("source", fields["provenance"]["source"]["model"])
+    summary.add_row("source", shown(fields["provenance"]["source"]["model"]))
     summary.add_row("layout", f"{layout.text}  (prelude {layout.prelude}, core {layout.core} x {layout.loops} loops, coda {layout.coda})")
     summary.add_row("variant", fields["variant"])
     if fields["variant"] == "mesh":
@@ -41,7 +41,7 @@ def _plan_tables(plan) -> list[Table]:
     relax_init = fields["provenance"]["relax_init"]
     summary.add_row("relax rank", f"{fields['relax_rank']} ({relax_init} start)" if relax_init else str(fields["relax_rank"]))
     summary.add_row("dtype", plan.dtype_name)
-    summary.add_row("output", str(plan.output_dir))
+    summary.add_row("output", shown(plan.output_dir))
 
     counts = Table(title="parameters", title_justify="left")
     counts.add_column("")
@@ -120,22 +120,24 @@ def convert_command(ctx: typer.Context, dry_run: bool = False, as_json: bool = F
         result = convert(plan, progress)
     if result.non_finite:
         err_console.print(
-            f"[bold yellow]warning:[/] NaN or inf in source tensors {escape(', '.join(result.non_finite))} (converted as they are)",
+            f"[bold yellow]warning:[/] NaN or inf in source tensors {shown(', '.join(result.non_finite))} (converted as they are)",
             highlight=False,
             soft_wrap=True,
         )
+    warn_removed(err_console, result.removed_code)
     url = _push(result.output_dir, push_to_hub) if push_to_hub else None
     if as_json:
-        info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3)}
+        info = plan.to_dict() | {"shards": result.shards, "bytes": result.bytes_written, "seconds": round(result.seconds, 3),
+                                 "removed_remote_code": result.removed_code}
         typer.echo(json.dumps(info | ({"url": url} if url else {}), indent=2))
         return
     summary, counts, _ = _plan_tables(plan)
     summary.add_row("written", f"{len(result.shards)} shard(s), {result.bytes_written / 2**20:,.1f} MiB in {result.seconds:.1f} s")
     console.print(summary)
     console.print(counts)
-    console.print(f"[green]done:[/] {result.output_dir}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
+    console.print(f"[green]done:[/] {shown(result.output_dir)}  (load with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
     if url:
-        console.print(f"[green]pushed:[/] {url}")
+        console.print(f"[green]pushed:[/] {shown(url)}")
 
 
 def _check_push_target(repo_id: str) -> None:

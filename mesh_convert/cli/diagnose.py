@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from ..io import check_output_directory
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
@@ -70,7 +70,7 @@ def _print_json(record: dict) -> None:
 
 def _print_written(paths: dict[str, Path]) -> None:
     for path in paths.values():
-        err_console.print(f"wrote {path}", highlight=False)
+        err_console.print(f"wrote {shown(path)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def diagnose(
         _print_json(result.to_dict())
     else:
         console.print(
-            f"[bold]{model}[/]: {result.variant}, layout {result.layout}; "
+            f"[bold]{shown(model)}[/]: {shown(result.variant)}, layout {shown(result.layout)}; "
             f"mean ± std over {result.samples} samples of {result.seq_len} tokens",
             highlight=False,
         )
@@ -201,23 +201,23 @@ def inspect_tables(report) -> list[Table]:
     """Model summary, provenance, parameters, and the routers' mean weights."""
     from ..analysis.inspect import provenance_rows
 
-    summary = Table(title=f"{report.model_dir}", show_header=False)
+    summary = Table(title=shown(report.model_dir), show_header=False)
     summary.add_column("field")
     summary.add_column("value")
-    summary.add_row("model type", report.model_type)
-    summary.add_row("layout", report.layout)
-    summary.add_row("variant", report.variant)
+    summary.add_row("model type", shown(report.model_type))
+    summary.add_row("layout", shown(report.layout))
+    summary.add_row("variant", shown(report.variant))
     if report.num_slots is not None:
         summary.add_row("memory slots (B)", str(report.num_slots))
     if report.relax_rank is not None:
-        summary.add_row("relax rank", str(report.relax_rank))
+        summary.add_row("relax rank", shown(report.relax_rank))
     tables = [summary]
 
     provenance = Table(title="Provenance", show_header=False)
     provenance.add_column("key", overflow="fold")
     provenance.add_column("value", overflow="fold")
     for key, value in provenance_rows(report.provenance) or [("(none)", "no provenance recorded")]:
-        provenance.add_row(key, value)
+        provenance.add_row(shown(key), shown(value))
     tables.append(provenance)
 
     total = report.parameters["total"] or 1
@@ -275,7 +275,7 @@ def inspect(
         for table in inspect_tables(report):
             console.print(table)
     for note in report.notes + ([f"routers probed on {report.routers.source}"] if report.routers else []):
-        err_console.print(f"note: {note}", highlight=False)
+        err_console.print(f"note: {shown(note)}", highlight=False)
     _print_written(paths)
 
 

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..eval.options import EvalOptions
+from ..errors import shown
 from .params import with_options
 
 
@@ -86,7 +87,7 @@ def _ratio(value: float, first: float) -> str:
 def perplexity_table(data_name: str, results: list[dict]) -> Table:
     rows = [r["perplexity"] for r in results]
     windows = {(row["context"], row["stride"]) for row in rows}
-    title = f"Perplexity on {data_name}"
+    title = f"Perplexity on {shown(data_name)}"
     if len(windows) == 1:
         context, stride = windows.pop()
         title += f" (context {context}, stride {stride})"
@@ -97,7 +98,7 @@ def perplexity_table(data_name: str, results: list[dict]) -> Table:
     if len(rows) > 1:
         table.add_column("ppl vs first", justify="right")
     for result, row in zip(results, rows):
-        cells = [result["model"], f"{row['tokens']:,}", f"{row['nats']:,.1f}", _format_ppl(row["perplexity"]),
+        cells = [shown(result["model"]), f"{row['tokens']:,}", f"{row['nats']:,.1f}", _format_ppl(row["perplexity"]),
                  f"{row['bits_per_byte']:.4f}"]
         if len(rows) > 1:
             cells.append(_ratio(row["perplexity"], rows[0]["perplexity"]))
@@ -107,7 +108,7 @@ def perplexity_table(data_name: str, results: list[dict]) -> Table:
 
 def lambada_table(data_name: str, results: list[dict]) -> Table:
     rows = [r["lambada"] for r in results]
-    table = Table(title=f"LAMBADA ({data_name}, lm-eval lambada_openai protocol)", title_justify="left")
+    table = Table(title=f"LAMBADA ({shown(data_name)}, lm-eval lambada_openai protocol)", title_justify="left")
     table.add_column("model", overflow="fold")
     for name in ("examples", "accuracy", "perplexity"):
         table.add_column(name, justify="right")
@@ -115,7 +116,7 @@ def lambada_table(data_name: str, results: list[dict]) -> Table:
         table.add_column("ppl vs first", justify="right")
     for result, row in zip(results, rows):
         accuracy = f"{100 * row['accuracy']:.2f}%"
-        cells = [result["model"], f"{row['count']:,}", accuracy, _format_ppl(row["perplexity"])]
+        cells = [shown(result["model"]), f"{row['count']:,}", accuracy, _format_ppl(row["perplexity"])]
         if len(rows) > 1:
             cells.append(_ratio(row["perplexity"], rows[0]["perplexity"]))
         table.add_row(*cells)
@@ -134,10 +135,10 @@ def lm_eval_table(results: list[dict]) -> Table:
     table = Table(title="lm-eval tasks", title_justify="left")
     table.add_column("model", overflow="fold")
     for task, metric in columns:
-        table.add_column(f"{task}\n{metric}", justify="right")
+        table.add_column(f"{shown(task)}\n{shown(metric)}", justify="right")
     for result in results:
         values = result.get("lm_eval", {})
-        table.add_row(result["model"], *[_format_metric(values.get(t, {}).get(m)) for t, m in columns])
+        table.add_row(shown(result["model"]), *[_format_metric(values.get(t, {}).get(m)) for t, m in columns])
     return table
 
 

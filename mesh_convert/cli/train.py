@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..convert.options import Variant
-from ..errors import UserError, first_line, is_our_fault
+from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import check_output_directory
+from ..convert.remote_code import strip_foreign_code, warn_removed
 
 console = Console(stderr=True)
 OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
@@ -107,6 +108,7 @@ def register(app: typer.Typer) -> None:
         from ..convert.card import write_model_card
         from ..convert.output import check_target, staged_directory
         from ..convert.plan import mesh_parameter_counts
+        from ..convert.record import with_removed_code
         from ..train.recipe import InitSpec, explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
@@ -134,11 +136,14 @@ def register(app: typer.Typer) -> None:
                     if is_our_fault(error):
                         raise
                     raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
+            removed = strip_foreign_code(staging)  # a tokenizer's own auto_map, saved from its config
             record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
+            record = with_removed_code(record, removed)
             record.write(staging)
             write_model_card(staging, record, name=output.resolve().name)  # the name the user gave it
         console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
-                      f"{counts['routers']:,} router parameters -> {output}", highlight=False)
+                      f"{counts['routers']:,} router parameters -> {shown(output)}", highlight=False)
+        warn_removed(console, removed)
 
     @app.command("merge")
     def merge_command(
@@ -150,5 +155,6 @@ def register(app: typer.Typer) -> None:
         """Merge a LoRA adapter (and its routers) into a standalone checkpoint."""
         from ..train.lora import merge_adapter
 
-        path = merge_adapter(adapter, output, base, overwrite=overwrite)
-        console.print(f"merged {adapter} -> {path}", highlight=False)
+        path, removed = merge_adapter(adapter, output, base, overwrite=overwrite)
+        console.print(f"merged {shown(adapter)} -> {shown(path)}", highlight=False)
+        warn_removed(console, removed)

@@ -7,6 +7,7 @@ a fact the record lacks leaves its line or section out.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -14,6 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .. import io
 from ..convert.plan import Layout, converted_name
 from ..convert.record import ConversionRecord, Params
+from ..errors import printable
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2510.07739"
@@ -36,7 +38,33 @@ _TASK_DATASETS: dict[str, tuple[str, str, str | None]] = {
     "sciq": ("allenai/sciq", "SciQ", None),
 }
 
+# Characters that start markdown (emphasis, code, links, headings' closing, GFM tables and
+# strikethrough) or HTML (tags, entities) inside a line of text; `_` only where it may (inside a
+# word, as in `pythia-160m-mesh-2_4R2_2`, it cannot).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>&|~#]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
 
+
+def _text(value: object) -> str:
+    """Text from the record (a folder's name, a task's) as markdown shows it literally: on one
+    line (control characters escaped), its markdown and HTML characters backslash-escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(value))
+
+
+def _code(value: object) -> str:
+    """Text from the record as an inline code span, which shows HTML and markdown literally: on one
+    line, between more backticks than any run of them inside it."""
+    text = printable(value)
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _code_block(value: object, language: str) -> str:
+    """Text from the record as a fenced code block (one line), fenced by more backticks than any
+    run of them inside it, so that nothing in it can close the block."""
+    text = printable(value)
+    fence = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def hub_model_id(name: str | None) -> str | None:
@@ -142,7 +170,7 @@ def _layer_rows(r: ConversionRecord) -> list[tuple[str, int, str]]:
     rows = []
     for block, groups in (r.layer_map or {}).items():
         label = f"core (×{r.loops})" if block == "core" and r.loops is not None else block
-        rows += [(label, position, ", ".join(map(str, sources))) for position, sources in enumerate(groups)]
+        rows += [(_text(label), position, ", ".join(map(str, sources))) for position, sources in enumerate(groups)]
     return rows
 
 
@@ -151,12 +179,12 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
     from ..modeling.configuration_mesh import REQUIRES_TRANSFORMERS  # transformers: only when a card is made
 
     source = r.source_model
-    if hub_model_id(source):
+    if hub_model_id(source):  # a Hub id holds no markdown: letters, digits and - _ . only
         origin = f"converted from [`{source}`](https://huggingface.co/{source}) by mesh-convert"
     else:
         # A local source is named by its folder alone: the card is published, the user's paths are not.
         source = source.rstrip("/").rsplit("/", 1)[-1] if source else None
-        origin = f"converted from `{source}` by mesh-convert" if source else "built with mesh-convert"
+        origin = f"converted from {_code(source)} by mesh-convert" if source else "built with mesh-convert"
     complete = None not in (r.prelude, r.core, r.loops, r.coda)
     relax = f"{r.relax_rank} (none)" if r.relax_rank == 0 else r.relax_rank
     if r.relax_init is not None:  # recorded only where there are deltas
@@ -168,8 +196,9 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
     if r.training is not None:
         t = r.training
         # Training records the whole resolved recipe (a dict); only a recipe's name reads well here.
-        training = [("recipe", t.recipe if isinstance(t.recipe, str) else None), ("method", t.method),
-                    ("trainable", t.trainable),
+        training = [("recipe", _text(t.recipe) if isinstance(t.recipe, str) else None),
+                    ("method", _text(t.method) if t.method is not None else None),
+                    ("trainable", _text(t.trainable) if t.trainable is not None else None),
                     ("tokens", _count(t.tokens) if t.tokens is not None else None),
                     ("steps", _count(t.steps) if t.steps is not None else None),
                     ("final loss", _metric(t.final_loss) if t.final_loss is not None else None)]
@@ -177,22 +206,25 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
     show_params = params is not None and (params.original_nonembedding, params.converted_nonembedding) != (None, None)
     return {
         "r": r,
-        "model_name": model_name,
+        "model_name": _text(model_name),
         "paper_url": PAPER_URL,
-        "layout": r.layout_text(),
+        "layout": _code(r.layout_text()) if r.layout_text() else None,
+        "variant": _code(r.variant) if r.variant else None,
+        "tie": _code(r.tie) if r.tie else None,
+        "command_block": _code_block(r.command, "bash") if r.command else None,
         "origin": origin,
         "layout_lines": _layout_lines(r),
         "unrolled": r.prelude + r.core * r.loops + r.coda if complete else None,
         "stored": r.prelude + r.core + r.coda if complete else None,
         "layout_extras": [line for line, value in (
-            (f"- recurrence between loops: `{r.variant}`", r.variant),
+            (f"- recurrence between loops: {_code(r.variant)}", r.variant),
             (f"- memory slots: {r.slots}", r.slots),
-            (f"- weights stored as `{r.dtype}`", r.dtype)) if value is not None],
+            (f"- weights stored as {_code(r.dtype)}", r.dtype)) if value is not None],
         "parameter_rows": parameter_rows(params) if show_params else [],
         "layer_rows": _layer_rows(r),
-        "conversion_facts": [(name, value) for name, value in conversion if value is not None],
+        "conversion_facts": [(name, _code(value)) for name, value in conversion if value is not None],
         "training_facts": [(name, value) for name, value in training if value is not None],
-        "eval_rows": [(e.task, e.metric, _metric(e.value)) for e in r.eval_results or []],
+        "eval_rows": [(_text(e.task), _text(e.metric), _metric(e.value)) for e in r.eval_results or []],
         "model_ref": model_ref,
         # transformers 5 reads the model's config.json before choosing a tokenizer class, and this
         # config is remote code: without trust_remote_code AutoTokenizer asks on stdin (the

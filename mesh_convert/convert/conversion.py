@@ -25,21 +25,16 @@ from ..errors import UserError
 from ..io import torch_dtype
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
+from .remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
 from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
 from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
 from .output import check_target, staged_directory
 from .reader import CheckpointReader, one_thread
+from .record import with_removed_code
 from .shards import ShardWriter, TensorSpan
 from .source import fetch_checkpoint, tokenizer_files
-
-REMOTE_CODE_FILES = ("configuration_mesh.py", "modeling_mesh.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_mesh.MeshConfig",
-    "AutoModel": "modeling_mesh.MeshModel",
-    "AutoModelForCausalLM": "modeling_mesh.MeshForCausalLM",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +251,7 @@ class ConversionResult:
     bytes_written: int = 0
     seconds: float = 0.0
     non_finite: list[str] = field(default_factory=list)  # source tensors read with NaN or inf in them
+    removed_code: list[str] = field(default_factory=list)  # the source's remote code, not carried over
 
 
 def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan, progress) -> tuple[list[str], int]:
@@ -284,8 +280,9 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
     return list(split.filename_to_tensors), total
 
 
-def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokenizers: list[Path]) -> None:
-    """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card."""
+def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokenizers: list[Path]) -> list[str]:
+    """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card;
+    returns what of the source's own remote code was dropped (and recorded in conversion.json)."""
     config = plan.mesh_config
     config.dtype = torch_dtype(plan.dtype_name)
     config.auto_map = dict(AUTO_MAP)
@@ -300,9 +297,11 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokeni
     generation.save_pretrained(staging)
     for path in tokenizers:
         shutil.copyfile(path, staging / path.name)
-    record = plan.record()
+    removed = strip_foreign_code(staging)
+    record = with_removed_code(plan.record(), removed)
     record.write(staging)
     write_model_card(staging, record, repo_id=plan.options.push_to_hub)
+    return removed
 
 
 def convert(plan: ConversionPlan, progress) -> ConversionResult:
@@ -317,5 +316,5 @@ def convert(plan: ConversionPlan, progress) -> ConversionResult:
     tokenizers = tokenizer_files(source_dir, local=plan.source.local_dir is not None)
     with staged_directory(target, plan.options.overwrite, sources) as staging:
         shards, total = write_weights(staging, reader, plan, progress)
-        write_metadata(staging, source_dir, plan, tokenizers)
-    return ConversionResult(target, plan, shards, total, time.perf_counter() - started, reader.non_finite)
+        removed = write_metadata(staging, source_dir, plan, tokenizers)
+    return ConversionResult(target, plan, shards, total, time.perf_counter() - started, reader.non_finite, removed)

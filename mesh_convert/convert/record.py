@@ -10,6 +10,7 @@ wrote its counts under `parameters`.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -114,6 +115,8 @@ class ConversionRecord(_Section):
     seed: int | None = None  # `init`: the seed of the random weights
     training: Training | None = None
     eval_results: list[EvalEntry] | None = None
+    # What the source's files named as remote code and we did not carry over (`remote_code.py`).
+    removed_remote_code: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -224,6 +227,14 @@ def published_config(config: dict) -> dict:
     return {**config, "provenance": _without_local_paths(provenance)}
 
 
+def published_adapter_config(config: dict) -> dict:
+    """A LoRA adapter's adapter_config.json as it is published: peft names the base model by the
+    path it was trained from (`train` makes it absolute), cut like the record's paths."""
+    if not isinstance(config.get("base_model_name_or_path"), str):
+        return config
+    return {**config, "base_model_name_or_path": _without_local_paths(config["base_model_name_or_path"])}
+
+
 def _first_problem(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "the record"
@@ -231,16 +242,21 @@ def _first_problem(error: ValidationError) -> str:
 
 
 def _without_local_paths(value: Any) -> Any:
-    """`value` (text, or lists and dicts of it) with every absolute path, POSIX or Windows, cut to
-    its last part. Relative paths stay: they tell nothing of the user's directories."""
+    """`value` (text, or lists and dicts of it) with every path on the user's machine cut to its
+    last part: absolute ones (POSIX or Windows), from home (`~/...`), and relative ones that climb
+    (`../../clients/acme/model`) or go down more than one folder. `NAME` and `DIR/NAME` stay: they
+    tell nothing of the user's directories, and the latter is also how a Hub id is written."""
     if isinstance(value, dict):
         return {key: _without_local_paths(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_without_local_paths(item) for item in value]
-    if isinstance(value, str):
+    if isinstance(value, str) and "://" not in value:  # a URL is no path
         for flavour in (PurePosixPath, PureWindowsPath):
             if flavour(value).is_absolute():
                 return flavour(value).name
+        parts = re.split(r"[\\/]", value)
+        if value.startswith("~") or len(parts) > 2 or any(part in (".", "..") for part in parts):
+            return next((part for part in reversed(parts) if part not in ("", ".")), value)
     return value
 
 
@@ -269,4 +285,15 @@ def with_training(record: ConversionRecord | None, training: dict | None) -> Con
     return base.model_copy(update={"training": Training.model_validate(training)})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_config", "with_training"]
+def with_removed_code(record: ConversionRecord | None, removed: list[str]) -> ConversionRecord | None:
+    """`record` that also names the remote code `removed` from the folder it describes (after what
+    earlier steps, e.g. the conversion before a training run, removed)."""
+    if not removed:
+        return record
+    base = record or ConversionRecord()
+    earlier = base.removed_remote_code or []
+    return base.model_copy(update={"removed_remote_code": earlier + [item for item in removed if item not in earlier]})
+
+
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_adapter_config",
+           "published_config", "with_removed_code", "with_training"]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from ..io import load_model, load_tokenizer, model_source, transformers_bars_hidden
 from . import harness as ev
 from .options import EvalOptions
@@ -43,14 +43,14 @@ def evaluate_model(
     try:
         if dataset is not None:
             kind = choose_task(options, dataset)
-            bar = progress.add_task(f"{model_name} · {dataset.name} {kind}", total=None)
+            bar = progress.add_task(f"{shown(model_name)} · {shown(dataset.name)} {kind}", total=None)
 
             def advance(done: int, total: int) -> None:
                 progress.update(bar, completed=done, total=total)
 
             result[kind] = _run_data_task(kind, model, tokenizer, dataset, options, advance).to_dict()
         if options.tasks:
-            bar = progress.add_task(f"{model_name} · lm-eval {','.join(options.tasks)}", total=None)
+            bar = progress.add_task(f"{shown(model_name)} · lm-eval {shown(','.join(options.tasks))}", total=None)
             result["lm_eval"] = ev.lm_eval_tasks(
                 model,
                 tokenizer,

@@ -1,20 +1,23 @@
 """Publishing a converted model to the Hugging Face Hub (the one-line messages for what can go
 wrong talking to the Hub, here and when a source checkpoint is downloaded, are `errors.hub_error`).
 
-`push_to_hub` uploads a converted model's directory (weights, config, the remote-code `.py`
-files, tokenizer, README.md, conversion.json) in one commit, as it is, except that config.json,
-conversion.json and the card are published without local paths even where an older converter
-wrote them there. Whatever goes wrong, the user gets one `UserError` line and the local directory is left as
-it was; the token is never printed, not even inside a server's error message.
+`push_to_hub` uploads what a model repo needs from a converted model's directory (weights,
+config, the remote-code `.py` files, tokenizer, README.md, conversion.json, adapter files) in one
+commit, and other files only where the user names them; it says what it left out. The files go as
+they are, except that config.json, conversion.json and the card are published without local paths
+even where an older converter wrote them there, and no JSON file names remote code but ours.
+Whatever goes wrong, the user gets one `UserError` line and the local directory is left as it
+was; the token is never printed, not even inside a server's error message.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +25,17 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from ..convert.record import FILENAME, ConversionRecord, published_config
+from ..convert.record import FILENAME, ConversionRecord, published_adapter_config, published_config
 from ..convert.card import write_model_card
 from ..errors import UserError, hub_error, scrub
-from ..io import hub_timeout, resolve_endpoint, upload_answer_timeout
+from ..io import TOKENIZER_FILES, hub_timeout, resolve_endpoint, upload_answer_timeout
+from ..convert.remote_code import REMOTE_CODE_FILES, may_name_code, without_foreign_code
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
 DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
-# Local clutter that is never part of a model (huggingface_hub already skips .git and its cache).
-IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "**/__pycache__/**", "*.pyc"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -85,10 +87,77 @@ def hub_endpoint(endpoint: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- what is published
 
+# What a model repo needs, at the top of the folder: weights (shards and their index, an adapter's
+# too), configs, the tokenizer, our remote code, the card and the conversion record. Anything else
+# in the folder (notes, a .env, notebooks' checkpoints, training checkpoints) is published only
+# where the user names it (--include).
+MODEL_FILES = (*WEIGHT_PATTERNS, "pytorch_model.bin.index.json", "config.json", "generation_config.json",
+               "adapter_config.json", *TOKENIZER_FILES, *REMOTE_CODE_FILES, "README.md", FILENAME)
+# Chat templates besides the default one (transformers' CHAT_TEMPLATE_DIR).
+MODEL_SUBFOLDER_FILES = ("additional_chat_templates/*.jinja",)
+# JSON files published with the local paths in them cut, each by what knows its fields.
+PATH_CUTS = {"config.json": published_config, "adapter_config.json": published_adapter_config}
 
-def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[str, str]:
-    """The metadata files whose published text differs from the folder's: conversion.json,
-    config.json and a model card written before local paths were cut on writing still hold them."""
+
+@dataclass(frozen=True)
+class Published:
+    """A folder as it is published: the files (relative POSIX paths), those published in another
+    form than the folder's (path -> text), what was left out (top-level files by name, folders as
+    `name/`), and what remote code not ours was dropped (`remote_code.py`)."""
+
+    files: list[str]
+    changed: dict[str, str]
+    left_out: list[str]
+    removed_code: list[str]
+
+
+def _folder_files(folder: Path) -> list[str]:
+    """Every file below `folder`, as relative POSIX paths, but those in the folders that are never
+    uploaded."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(d for d in subdirs if not _never_uploaded(directory, d))
+        found += [Path(directory, name).relative_to(folder).as_posix() for name in sorted(files)]
+    return found
+
+
+def _is_model_file(relative: str) -> bool:
+    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in MODEL_SUBFOLDER_FILES) or (
+        "/" not in relative and any(fnmatch.fnmatchcase(relative, pattern) for pattern in MODEL_FILES)
+    )
+
+
+def published_form(folder: Path, record: ConversionRecord | None, include: Sequence[str] = ()) -> Published:
+    """What publishing `folder` uploads: the files a model repo needs and those matching `include`
+    (huggingface_hub's `allow_patterns`), never code but our two files, with the local paths cut
+    from conversion.json, config.json, adapter_config.json and a card written before paths were cut
+    on writing, and the code references not ours dropped from every JSON file."""
+    every = _folder_files(folder)
+    included = set(filter_repo_objects(every, allow_patterns=list(include))) if include else set()
+    files = [relative for relative in every if _is_model_file(relative) or relative in included]
+    chosen = set(files)
+    left_out = {relative.split("/")[0] + ("/" if "/" in relative else "") for relative in every if relative not in chosen}
+    changed = _published_metadata(folder, record, files)
+    removed, kept = [], []
+    for relative in files:
+        if not may_name_code(relative):
+            kept.append(relative)
+            continue
+        text = changed.get(relative)
+        content = text.encode() if text is not None else (folder / relative).read_bytes()
+        cleaned, dropped = without_foreign_code(relative, content)
+        removed += dropped
+        if cleaned is not None:
+            kept.append(relative)
+            if cleaned != content:
+                changed[relative] = cleaned.decode()
+    return Published(kept, changed, sorted(left_out), removed)
+
+
+def _published_metadata(folder: Path, record: ConversionRecord | None, files: list[str]) -> dict[str, str]:
+    """The files among `files` whose published text differs from the folder's by local paths:
+    conversion.json, config.json and a model card written before paths were cut on writing still
+    hold them, and adapter_config.json names its base model by its path."""
     changed = {}
     published_record = record.published() if record is not None else None
     if published_record != record:
@@ -100,13 +169,16 @@ def published_metadata(folder: Path, record: ConversionRecord | None) -> dict[st
                 published_card = published_card.replace(local, cut)
             if published_card != card:
                 changed["README.md"] = published_card
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {folder / 'config.json'}: {str(error).splitlines()[0]}") from None
-    published = published_config(config) if isinstance(config, dict) else config
-    if published != config:
-        changed["config.json"] = json.dumps(published, indent=2, sort_keys=True) + "\n"
+    for name, cut in PATH_CUTS.items():
+        if name not in files:
+            continue
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read {folder / name}: {str(error).splitlines()[0]}") from None
+        published = cut(data) if isinstance(data, dict) else data
+        if published != data:
+            changed[name] = json.dumps(published, indent=2, sort_keys=True) + "\n"
     return changed
 
 
@@ -127,25 +199,18 @@ def link(source: Path, target: Path) -> None:
 
 
 @contextmanager
-def staged(folder: Path, changed: dict[str, str]) -> Iterator[Path]:
-    """The folder to upload: `folder` itself, or, where some files are published in another form,
-    a temporary mirror that holds those and links to every other file (`folder` is not touched)."""
-    if not changed:
-        yield folder
-        return
+def staged(folder: Path, published: Published) -> Iterator[Path]:
+    """A temporary mirror of what is published from `folder`: the files published in another form,
+    and links to the others (`folder` is not touched)."""
     with tempfile.TemporaryDirectory(prefix="mesh-convert-push-") as staging:
         try:
-            for directory, subdirs, files in os.walk(folder):
-                subdirs[:] = [d for d in subdirs if not _never_uploaded(directory, d)]
-                for name in files:
-                    source = Path(directory, name)
-                    relative = source.relative_to(folder).as_posix()
-                    target = Path(staging, relative)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if relative in changed:
-                        target.write_text(changed[relative], encoding="utf-8")
-                    else:
-                        link(source, target)
+            for relative in published.files:
+                target = Path(staging, relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if relative in published.changed:
+                    target.write_text(published.changed[relative], encoding="utf-8")
+                else:
+                    link(folder / relative, target)
         except OSError as error:
             raise UserError(f"cannot prepare the upload of {folder} in {staging}: {error.strerror or error}") from None
         yield Path(staging)
@@ -169,8 +234,8 @@ def _upload(
     commit_message: str,
     record: ConversionRecord | None,
 ) -> str:
-    """The network part: create the repo (and branch), then upload `upload` (the folder, or its
-    staged mirror) in one commit. Returns the full repo id, which the Hub completes with the
+    """The network part: create the repo (and branch), then upload `upload` (the folder's staged
+    mirror) in one commit. Returns the full repo id, which the Hub completes with the
     user's namespace if it was left out."""
     # private=None, not False, so that a namespace whose default is private keeps that default.
     created = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
@@ -193,7 +258,7 @@ def _upload(
                 "make the folder writable or add a model card"
             ) from None
     try:
-        if wrote_card and upload != folder:
+        if wrote_card:
             link(card_path, upload / "README.md")
         with hub_timeout(read=upload_answer_timeout()):
             api.upload_folder(
@@ -201,7 +266,6 @@ def _upload(
                 folder_path=upload,
                 revision=revision,
                 commit_message=commit_message,
-                ignore_patterns=list(IGNORE_PATTERNS),
             )
     except BaseException:
         if wrote_card:
@@ -215,6 +279,8 @@ class PushResult:
     url: str
     repo_id: str  # complete, with the namespace the Hub filled in when it was left out
     revision: str
+    left_out: list[str]  # what of the folder was not published (`Published.left_out`)
+    removed_code: list[str]  # remote code not ours that was not published
 
 
 def push_folder(
@@ -224,19 +290,20 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    include: Sequence[str] = (),
 ) -> PushResult:
-    """`push_to_hub`, returning the full repo id and branch along with the URL."""
+    """`push_to_hub`, returning the full repo id and branch, and what was left out, along with the URL."""
     folder = Path(folder)
     check_model_folder(folder)
     check_repo_id(repo_id)
     record = ConversionRecord.read(folder)
-    changed = published_metadata(folder, record)
+    published = published_form(folder, record, include)
     token = resolve_token(token)
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
         # Staged before any request, so that a staging failure leaves no new repo behind.
-        with staged(folder, changed) as upload, hub_endpoint(endpoint), hub_timeout():
+        with staged(folder, published) as upload, hub_endpoint(endpoint), hub_timeout():
             full_id = _upload(api, folder, upload, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE,
                               record)
     except Exception as error:
@@ -246,7 +313,8 @@ def push_folder(
         if token in str(error):  # a bug, reported as such, but still without the token
             raise RuntimeError(scrub(f"{type(error).__name__}: {error}", token)) from None
         raise
-    return PushResult(repo_url(endpoint, full_id, revision), full_id, revision or DEFAULT_BRANCH)
+    return PushResult(repo_url(endpoint, full_id, revision), full_id, revision or DEFAULT_BRANCH, published.left_out,
+                      published.removed_code)
 
 
 def push_to_hub(
@@ -256,13 +324,17 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    include: Sequence[str] = (),
 ) -> str:
     """Upload the converted model in `folder` to the Hub repo `repo_id` and return its URL.
 
-    The repo is created if needed (private if asked; an existing repo keeps its visibility), and
-    so is the branch `revision`. The token is `token`, else HF_TOKEN, else the `hf auth login`
-    cache; the endpoint is HF_ENDPOINT as set when this is called. If the folder has a
-    conversion.json but no README.md, the model card is generated and uploaded too (and kept
+    What a model repo needs is uploaded (weights, configs, tokenizer, our remote code, card,
+    conversion.json, adapter files), and the files matching the patterns in `include` (as
+    huggingface_hub's `allow_patterns`); never code but our two model files, nor another code
+    reference. The repo is created if needed (private if asked; an existing repo keeps its
+    visibility), and so is the branch `revision`. The token is `token`, else HF_TOKEN, else the
+    `hf auth login` cache; the endpoint is HF_ENDPOINT as set when this is called. If the folder has
+    a conversion.json but no README.md, the model card is generated and uploaded too (and kept
     locally only if the push succeeds). Every failure is a one-line `UserError`.
     """
-    return push_folder(folder, repo_id, private, revision, commit_message, token).url
+    return push_folder(folder, repo_id, private, revision, commit_message, token, include).url

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 
-from ..errors import UserError, first_line, is_our_fault
+from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import (
     check_model_dir,
     check_output_directory,
@@ -27,6 +26,7 @@ from ..io import (
     model_file_errors,
     transformers_bars_hidden,
 )
+from ..convert.remote_code import warn_removed
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, Resume, TrainState, accelerate_view, checkpoint_dirs, choose_checkpoint, save_checkpoint
 from .run_folder import check_inputs_apart, check_not_occupied, exclusive_run
@@ -339,7 +339,7 @@ def _resume_point(recipe: Recipe, output: Path, overwrite: bool, console) -> tup
         warnings.append(f"{resume.path} was written by an earlier mesh-convert, which ordered the data otherwise: "
                         "the run goes on over the same data in this version's order")
     for warning in warnings if console is not None else ():
-        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold yellow]warning:[/] {shown(warning)}", highlight=False, soft_wrap=True)
     return resume, own
 
 
@@ -544,7 +544,7 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
     section, each staged and published whole; `replace` allows replacing an earlier export."""
     from ..convert.card import write_model_card
     from ..convert.output import staged_directory
-    from ..convert.record import ConversionRecord, with_training
+    from ..convert.record import ConversionRecord
     from .lora import copy_side_files, retitle_adapter_card
     from .scratch import scratch_record
 
@@ -570,13 +570,15 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
             with staged_directory(adapter, replace) as staging:
                 unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
-                copy_side_files(source, staging, training)
+                removed = copy_side_files(source, staging, training)
                 retitle_adapter_card(staging, f"{run} (LoRA adapter)", recipe.model)
             paths["adapter"] = str(adapter)
             if recipe.lora.merge:
                 from .lora import merge_adapter
 
-                paths["merged"] = str(merge_adapter(adapter, output / "merged", base=source, overwrite=replace, name=run))
+                merged, removed_on_merge = merge_adapter(adapter, output / "merged", base=source, overwrite=replace, name=run)
+                paths["merged"] = str(merged)
+                removed += [item for item in removed_on_merge if item not in removed]
         else:
             target = output / "model"
             if recipe.init is not None:
@@ -591,10 +593,9 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                 else:
                     unwrapped.save_pretrained(staging, state_dict=state_dict)
                 tokenizer.save_pretrained(staging)
-                if recipe.init is not None:  # from scratch: the record `init` writes, continued
-                    with_training(scratch_record(unwrapped.config, recipe.init, recipe.seed), training).write(staging)
-                else:
-                    copy_side_files(source, staging, training)
+                # From scratch, the record `init` writes, continued; else the converted model's.
+                made = scratch_record(unwrapped.config, recipe.init, recipe.seed) if recipe.init is not None else None
+                removed = copy_side_files(source, staging, training, record=made)
                 record = ConversionRecord.read(staging)
                 if record is not None and recipe.anneal.target_rank is not None:
                     from ..convert.plan import mesh_parameter_counts
@@ -604,6 +605,8 @@ def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, fi
                     record.write(staging)
                 write_model_card(staging, record, name=run)  # like every other output
             paths["model"] = str(target)
+        if removed:
+            paths["removed_remote_code"] = removed
     accelerator.wait_for_everyone()
     return paths
 
@@ -649,7 +652,8 @@ def report(summary: dict, console) -> None:
     where = summary.get("model") or summary.get("adapter")
     if where:
         console.print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens, final loss "
-                      f"{summary['final_loss']:.4f} -> {where}", highlight=False, soft_wrap=True)
+                      f"{summary['final_loss']:.4f} -> {shown(where)}", highlight=False, soft_wrap=True)
+    warn_removed(console, summary.get("removed_remote_code", []))
 
 
 __all__ = ["RunPlan", "describe", "plan_run", "report", "train", "validation_loss"]

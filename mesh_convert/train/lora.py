@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..convert.record import ConversionRecord, with_training
+from ..convert.record import ConversionRecord, with_removed_code, with_training
+from ..convert.remote_code import strip_foreign_code
 from ..errors import UserError, first_line, is_our_fault, unpickling_refusal
 from ..io import load_model, open_safetensors, read_json_object, transformers_bars_hidden
 from .recipe import LoraSection
@@ -85,12 +86,19 @@ def wrap_lora(model: nn.Module, section: LoraSection, train_routers: bool):
     return peft_model
 
 
-def copy_side_files(source: Path | None, target: Path, training: dict | None = None) -> None:
-    """Carry the source model's conversion record (if any) over to `target`, with a `training` section."""
-    record = ConversionRecord.read(source) if source is not None else None
-    record = with_training(record, training)
+def copy_side_files(source: Path | None, target: Path, training: dict | None = None,
+                    record: ConversionRecord | None = None) -> list[str]:
+    """Carry the conversion record over to `target` (`record`, else the source model's, if any),
+    with a `training` section, once everything else is written there: the remote code not ours
+    that those files name (a tokenizer's or config's `auto_map`, see `remote_code.py`) is dropped,
+    recorded and returned."""
+    removed = strip_foreign_code(target)
+    if record is None and source is not None:
+        record = ConversionRecord.read(source)
+    record = with_removed_code(with_training(record, training), removed)
     if record is not None:
         record.write(target)
+    return removed
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -161,9 +169,10 @@ def retitle_adapter_card(directory: Path, title: str, base: str | None) -> None:
 def merge_adapter(
     adapter_dir: str | Path, output: str | Path, base: str | Path | None = None, overwrite: bool = False,
     name: str | None = None,
-) -> Path:
+) -> tuple[Path, list[str]]:
     """Merge a LoRA adapter (+ its router copies) into its base model and save a standalone
-    checkpoint; `name` titles its card (default: the output folder's name)."""
+    checkpoint, its card titled `name` (default: the output folder's name); returns it with the
+    remote code not ours that was left out of it (`copy_side_files`)."""
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -197,9 +206,9 @@ def merge_adapter(
                 break
         adapter_record = ConversionRecord.read(adapter_dir)
         training = adapter_record.training if adapter_record is not None else None
-        copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
+        removed = copy_side_files(base_path, staging, training.model_dump(exclude_unset=True) if training is not None else None)
         write_model_card(staging, ConversionRecord.read(staging), name=name or output.resolve().name)
-    return output
+    return output, removed
 
 
 __all__ = ["copy_side_files", "merge_adapter", "retitle_adapter_card", "router_module_names", "wrap_lora"]
