@@ -12,7 +12,7 @@ from torch import nn
 
 from ..convert.record import ConversionRecord, with_training
 from ..errors import UserError
-from ..io import load_model, transformers_bars_hidden
+from ..io import check_weights_inside, load_model, transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -95,6 +95,7 @@ def merge_adapter(
     adapter_dir, output = Path(adapter_dir), Path(output)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    check_weights_inside(adapter_dir)
     config = PeftConfig.from_pretrained(str(adapter_dir))
     base_path = Path(base or config.base_model_name_or_path or "")
     if not (base_path / "config.json").is_file():
