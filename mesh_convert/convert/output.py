@@ -22,6 +22,7 @@ import psutil
 from rich.console import Console
 
 from ..errors import Interrupted, UserError
+from ..io import check_output_directory
 
 
 def resolve_target(target: Path) -> Path:
@@ -51,11 +52,9 @@ def _name_max(folder: Path) -> int:
 
 
 def _check_place(shown: Path, target: Path) -> None:
-    """Refuse a target that cannot be made where it is: under a file, with a name longer than the
-    file system allows, or in a folder we cannot write to (say so now, not after the work)."""
+    """Refuse a target that cannot be made where it is: with a name longer than the file system
+    allows, at or under a file, or in a folder we cannot write to (say so now, not after the work)."""
     existing = _nearest_existing(target.parent)
-    if not existing.is_dir():
-        raise UserError(f"output {shown} is inside {existing}, which is a file: give a directory")
     limit = _name_max(existing)
     for name in target.relative_to(existing).parts:
         if len(os.fsencode(name)) > limit:
@@ -63,6 +62,7 @@ def _check_place(shown: Path, target: Path) -> None:
                 f"output {shown}: the name {name[:24]}...{name[-8:]} is {len(os.fsencode(name))} bytes long, "
                 f"more than the {limit} that the file system allows"
             )
+    check_output_directory(shown)
     if not os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         read_only = hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY
         raise UserError(
@@ -78,8 +78,6 @@ def check_target(target: Path, overwrite: bool, sources: tuple[Path, ...] = (), 
     shown, target = target, resolve_target(target)
     try:
         _check_place(shown, target)
-        if target.exists() and not target.is_dir():
-            raise UserError(f"output {shown} exists and is not a directory")
         cwd = Path.cwd().resolve()
         if cwd == target or target in cwd.parents:
             raise UserError(f"output {shown} is (or holds) the current directory; choose another --output")
