@@ -1,6 +1,7 @@
-"""Writing an output directory whole or not at all: the converter, `init`, `merge` and the
-training export build their result in a hidden directory beside the target and publish it at
-the end, so that a reader of the target sees the previous state or the new one, never a mix."""
+"""Writing an output directory whole or not at all: the converter, `init`, `merge`, the training
+export, `inspect` and `diagnose` build their result in a hidden directory beside the target and
+publish it at the end, so that a reader of the target sees the previous state or the new one,
+never a mix, and nothing is written through a link planted in the target."""
 
 import ctypes
 import errno
@@ -95,9 +96,10 @@ def check_target(target: Path, overwrite: bool, sources: tuple[Path, ...] = (), 
 def _holds_only(target: Path, names) -> bool:
     """Whether `target` is a folder holding nothing but regular files with these names."""
     try:
-        return target.is_dir() and all(
-            entry.name in names and entry.is_file(follow_symlinks=False) for entry in os.scandir(target)
-        )
+        if not target.is_dir():
+            return False
+        with os.scandir(target) as entries:
+            return all(entry.name in names and entry.is_file(follow_symlinks=False) for entry in entries)
     except OSError:
         return False
 
