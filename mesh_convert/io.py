@@ -69,6 +69,34 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
+def cache_snapshot(directory: Path) -> tuple[str, str] | None:
+    """(repo id, revision) when `directory` is a model snapshot in the Hugging Face cache,
+    `models--ORG--NAME/snapshots/REV` (`models--NAME/...` for an id without namespace), else None.
+    A Hub name cannot hold `--`, so the folder's name gives the id back unambiguously."""
+    repo, snapshots = directory.parent.parent.name, directory.parent.name
+    parts = repo.removeprefix("models--").split("--")
+    if snapshots == "snapshots" and repo.startswith("models--") and len(parts) <= 2 and all(parts):
+        return "/".join(parts), directory.name
+    return None
+
+
+def refuse_links_out(directory: Path, files: list[Path], why: str) -> None:
+    """Refuse any of `files` that is a link to a file outside `directory`: what we read would carry
+    that file into the output (and --push-to-hub onto the Hub); `why` says how. A Hub cache
+    snapshot's files are links into the cache's blob store by design, whether we downloaded it
+    or the user names the snapshot's folder."""
+    directory = directory.resolve()
+    allowed = [directory]
+    if cache_snapshot(directory) is not None:
+        allowed.append((directory.parent.parent / "blobs").resolve())
+    for path in files:
+        if not any(path.resolve().is_relative_to(root) for root in allowed):
+            raise UserError(
+                f"{path} is a link to {path.resolve()}, outside the checkpoint; {why}, "
+                "so copy that file into the checkpoint instead"
+            )
+
+
 def check_model_dir(name: str | Path) -> Path:
     """The checkpoint directory `name`, or a UserError saying what is missing."""
     path = Path(name).expanduser()
@@ -82,8 +110,16 @@ def check_model_dir(name: str | Path) -> Path:
             raise UserError(f"{name} is a training checkpoint (the state `train` resumes from), not a model: "
                             f"use {export}")
         raise UserError(f"{name} is not a model checkpoint (no config.json)")
+    check_weights_inside(path)
     check_safetensors(path)
     return path
+
+
+def check_weights_inside(directory: Path) -> None:
+    """Refuse weight files that link out of `directory`: a planted link would carry whatever it
+    points to into what we write (a model, a merge) and from there onto the Hub."""
+    weights = [*directory.glob("*.safetensors"), *directory.glob("*.bin")]
+    refuse_links_out(directory, weights, "mesh-convert reads a model's weights from its own folder only")
 
 
 def model_source(name: str | Path) -> str:
@@ -317,18 +353,39 @@ def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
 
 # ----------------------------------------------------------------------------- files
 
+# Configs and records nest a few levels. Far deeper nesting breaks whatever reads the value next
+# (json itself, transformers, pydantic and our own code recurse into it: RecursionError).
+MAX_JSON_DEPTH = 64
+
+
+def parse_json(text: str | bytes) -> object:
+    """`json.loads`, refusing a value nested more than MAX_JSON_DEPTH levels deep with a ValueError,
+    as it refuses malformed JSON."""
+    too_deep = ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [child for item in level if isinstance(item, (dict, list)) for child in
+                 (item.values() if isinstance(item, dict) else item)]
+    if any(isinstance(item, (dict, list)) for item in level):
+        raise too_deep
+    return value
+
 
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold an object; one line naming the file for anything else (not
-    UTF-8, not JSON, nested too deep for the parser, not an object, unreadable)."""
+    UTF-8, not JSON, nested too deep, not an object, unreadable)."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = parse_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path} is not valid JSON: {error.msg} (line {error.lineno})") from None
-    except RecursionError:
-        raise UserError(f"{path} is nested too deeply to be a configuration") from None
+    except ValueError as error:  # parse_json's refusal of deep nesting
+        raise UserError(f"{path} is not usable: {first_line(error)}") from None
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or error}") from None
     if not isinstance(value, dict):

@@ -168,7 +168,8 @@ def shares(work: Path) -> dict:
     """Tokens each of 2 processes reads: of a store's global batches, and of a streamed dataset."""
     from transformers import AutoTokenizer
 
-    from mesh_convert.train.data import BatchPlan, build_data
+    from mesh_convert.train.data import BatchPlan
+    from mesh_convert.train.sources import build_data
     from mesh_convert.train.recipe import DataSection
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)

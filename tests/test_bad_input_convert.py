@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_pythia
 from mesh_convert.cli import main
+from mesh_convert.convert import conversion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,6 +141,28 @@ def tokenizer_links_out(src, tmp):
     (src / "tokenizer.json").symlink_to(secret)
 
 
+def weights_link_out(src, tmp):
+    (src / "model.safetensors").rename(tmp / "someone-elses.safetensors")
+    (src / "model.safetensors").symlink_to(tmp / "someone-elses.safetensors")
+
+
+def nested(depth: int):
+    def config_nested_deeply(src, tmp):
+        text = (src / "config.json").read_text().rstrip().removesuffix("}")
+        (src / "config.json").write_text(text + ', "deep": ' + "[" * depth + "]" * depth + "}")
+
+    config_nested_deeply.__name__ = f"config nested {depth} deep"
+    return config_nested_deeply
+
+
+def generation_config(text: str, name: str):
+    def write(src, tmp):
+        (src / "generation_config.json").write_text(text)
+
+    write.__name__ = f"generation config {name}"
+    return write
+
+
 def weights_are_a_fifo(src, tmp):
     (src / "model.safetensors").unlink()
     fifo = src / "model.safetensors"
@@ -175,6 +198,14 @@ CASES = [
     (index_points_to_absolute_path, "outside the checkpoint"),
     (tokenizer_links_out, "tokenizer.json is a link to"),
     (weights_are_a_fifo, "is not a regular file"),
+    (weights_link_out, "model.safetensors is a link to"),
+    (nested(900), "config.json is not valid JSON: nested more than 64 levels deep"),  # transformers recursed
+    (nested(100_000), "config.json is not valid JSON: nested more than 64 levels deep"),  # json itself did
+    (generation_config("[1, 2]", "a list"), "generation_config.json is not a valid generation config"),
+    (generation_config('"greedy"', "a string"), "generation_config.json is not a valid generation config"),
+    (generation_config('{"max_new_tokens": "many"}', "a string for a number"), "is not a valid generation config"),
+    (generation_config('{"watermarking_config": 5}', "a number for an object"), "is not a valid generation config"),
+    (generation_config('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeply"), "is not a valid generation config: nested more"),
     (options("--router-gap", "inf"), "--router-gap: Input should be a finite number"),
     (options("--router-gap", "nan"), "--router-gap: Input should be a finite number"),
     (options("--router-gap", "1e300"), "--router-gap 1e+300 does not fit float32"),
@@ -207,6 +238,15 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(pythia, tmp_path, capsys
             cleanup()
     assert_one_error_line(code, capsys.readouterr().err, match)
     assert not list(work.iterdir()), "a refused conversion must leave nothing behind"
+
+
+def test_a_bad_generation_config_is_refused_before_any_weight_is_written(pythia, tmp_path, capsys, monkeypatch):
+    src = copy_of(pythia, tmp_path / "src")
+    (src / "generation_config.json").write_text('{"max_new_tokens": "many"}')
+    monkeypatch.setattr(conversion, "write_weights", lambda *args: pytest.fail("weights written before the check"))
+    code = main([str(src), "--loops", "2", "-o", str(tmp_path / "out")])
+    assert_one_error_line(code, capsys.readouterr().err, "not a valid generation config")
+    assert not (tmp_path / "out").exists()
 
 
 def _drop_file_permission_override():

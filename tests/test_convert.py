@@ -382,7 +382,7 @@ def test_bad_checkpoints(source, tmp_path, capsys, how, match):
         (["{src}", "--loops", "2", "--relax-init", "zero"], "--relax-init: zero needs deltas"),
         (["{src}", "--loops", "2", "--slots", "3"], "too few for 2 loops"),
         (["{src}", "--loops", "8"], "(set --prelude and --coda, 0 allowed, for another layout)"),
-        (["{src}", "--loops", "2", "-o", "{file}/sub"], "cannot write to"),
+        (["{src}", "--loops", "2", "-o", "{file}/sub"], "which is a file: give a directory"),
     ],
 )
 def test_bad_options(source, tmp_path, capsys, args, match):

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from mesh_convert.errors import UserError
-from mesh_convert.train.data import BatchPlan, build_data, model_inputs, read_documents
+from mesh_convert.train.data import BatchPlan, model_inputs, read_documents
+from mesh_convert.train.sources import build_data
 from mesh_convert.train.loop import train
 from mesh_convert.train.prepare import cached_store, plan_file_chunks, prepare_store, source_fingerprint
 from mesh_convert.train.recipe import DataSection, Recipe

@@ -1,9 +1,15 @@
 """Tests of the representation probes (`diagnose`) and the model report (`inspect`)."""
 
+import errno
 import json
 import math
+import os
 import random
+import shutil
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.image
 import matplotlib.pyplot as plt
@@ -13,10 +19,14 @@ from conftest import make_tiny_pythia
 from tokenizers import Tokenizer, models
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from helpers import invoke
+from helpers import SUBPROCESS_ENV, invoke
+from test_bad_input_convert import _drop_file_permission_override
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.analysis.diagnose import (
+    MAX_FIGURE_INCHES,
+    MAX_LABELS,
     PLOT_DPI,
+    DiagnosticsResult,
     Layout,
     cka_matrix,
     collect_states,
@@ -33,8 +43,16 @@ from mesh_convert.analysis.diagnose import (
     token_windows,
     tokenize_file,
 )
+from mesh_convert.analysis import inspect as inspect_module
+from mesh_convert.convert import output as output_module
 from mesh_convert.errors import UserError
-from mesh_convert.analysis.inspect import parameter_counts, plot_router_heatmap, router_statistics
+from mesh_convert.analysis.inspect import (
+    RouterStats,
+    parameter_counts,
+    plot_router_heatmap,
+    router_statistics,
+    step_names,
+)
 
 D = 32  # hidden size of the conftest models
 
@@ -123,10 +141,12 @@ def bare_plain_dir(tmp_path_factory):
 
 def tiny_mesh_config(prelude=1, core=3, loops=2, coda=1, **overrides) -> MeshConfig:
     """Like conftest's `tiny_mesh_model`, with another layout or options."""
+    sizes = dict(
+        vocab_size=128, hidden_size=D, num_attention_heads=4, intermediate_size=128, max_position_embeddings=64
+    )
     return MeshConfig(
         num_prelude_layers=prelude, num_core_layers=core, num_loops=loops, num_coda_layers=coda,
-        num_hidden_layers=prelude + core * loops + coda, vocab_size=128, hidden_size=D, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=64, **overrides,
+        num_hidden_layers=prelude + core * loops + coda, **(sizes | overrides),
     )  # fmt: skip
 
 
@@ -605,3 +625,163 @@ def test_diagnose_and_inspect_take_evals_built_in_data_names(capsys, mesh_dir, t
                                  "--seq-len", "16", "--output", str(tmp_path / command))
         assert code == 0, stderr
         assert any((tmp_path / command).iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the results go: staged and published whole, never written through a planted link.
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidden_leftovers(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command, written", [("inspect", "inspect.json"), ("diagnose", "diagnostics.json")])
+def test_a_link_planted_in_the_default_output_folder_is_not_written_through(
+    capsys, mesh_dir, text_file, tmp_path, monkeypatch, command, written
+):
+    """The default folder (`./inspect-<model>`) may sit in a shared directory where someone else
+    made it first: a link in it is replaced, never followed, and only with --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    folder = tmp_path / f"{'diagnostics' if command == 'diagnose' else 'inspect'}-{mesh_dir.name}"
+    folder.mkdir()
+    (folder / written).symlink_to(victim)
+    data = ["--data", str(text_file), "--samples", "2", "--seq-len", "16"] if command == "diagnose" else []
+    args = [command, str(mesh_dir), *data]
+    code, _, stderr = invoke(capsys, *args)
+    assert code == 1 and "--overwrite" in stderr and (folder / written).is_symlink(), stderr
+    code, _, stderr = invoke(capsys, *args, "--overwrite")
+    assert code == 0, stderr
+    assert victim.read_text() == "the user's own file"
+    assert (folder / written).is_file() and not (folder / written).is_symlink()
+    code, _, stderr = invoke(capsys, *args)  # a folder of its own earlier results is replaced without --overwrite
+    assert code == 0 and not _hidden_leftovers(tmp_path), stderr
+
+
+@pytest.mark.parametrize("command", ["inspect", "diagnose"])
+def test_a_read_only_output_location_is_one_line(capsys, mesh_dir, text_file, tmp_path, monkeypatch, command):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mkdir = os.mkdir
+
+    def on_a_read_only_file_system(path, *args, **kwargs):
+        if read_only in Path(path).parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", on_a_read_only_file_system)
+    data = ["--data", str(text_file), "--samples", "2", "--seq-len", "16"] if command == "diagnose" else []
+    code, stdout, stderr = invoke(capsys, command, str(mesh_dir), *data, "--output", str(read_only / "out"))
+    assert code == 1 and stderr.startswith("error:") and "Read-only file system" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not any(read_only.iterdir())
+
+
+def test_an_unwritable_output_location_is_refused_before_the_model_loads(mesh_dir, tmp_path):
+    """A real permission problem, in a process without root's right to write anywhere."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh_convert.cli", "inspect", str(mesh_dir), "--output", str(locked / "out")],
+            capture_output=True, text=True, timeout=300, preexec_fn=preexec, env={**os.environ, **SUBPROCESS_ENV},
+        )  # fmt: skip
+    except subprocess.SubprocessError as error:
+        pytest.skip(f"cannot run the CLI without root's file-permission override here: {error}")
+    assert result.returncode == 1 and result.stderr.startswith("error:"), result.stderr
+    assert f"{locked} is not writable (permission denied)" in " ".join(result.stderr.split())
+    assert not any(locked.iterdir())
+
+
+def test_inspect_refuses_to_replace_its_model(capsys, mesh_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(mesh_dir, model)
+    code, _, stderr = invoke(capsys, "inspect", str(model), "--output", str(model), "--overwrite")
+    assert code == 1 and "would replace (part of) the input" in stderr, stderr
+    assert (model / "config.json").is_file()
+
+
+def test_weights_linked_from_outside_the_model_folder_are_refused(capsys, mesh_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(mesh_dir, model)
+    (model / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (model / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    code, _, stderr = invoke(capsys, "inspect", str(model), "--output", str(tmp_path / "o"))
+    assert code == 1 and "model.safetensors is a link to" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_deeply_nested_conversion_record_is_shown_as_unreadable(capsys, mesh_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(mesh_dir, model)
+    for depth in (900, 100_000):  # pydantic, then json itself, would recurse too deep
+        (model / "conversion.json").write_text('{"router_gap": 8.0, "x": ' + "[" * depth + "]" * depth + "}")
+        code, stdout, stderr = invoke(capsys, "inspect", str(model), "--output", str(tmp_path / "o"), "--json")
+        assert code == 0, stderr
+        assert "nested more than 64 levels deep" in json.loads(stdout)["provenance"]["conversion.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Many loops and slots: figures and tables stay a readable, bounded size.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_of_many_loops_and_slots_stays_within_a_size_cap(capsys, tmp_path):
+    """64 loops and 1024 slots once drew a 1,335-inch router plot in 16 GB."""
+    path = tmp_path / "wide"
+    config = tiny_mesh_config(prelude=0, core=1, loops=64, coda=0, num_slots=1024, hidden_size=8, num_attention_heads=2,
+                              intermediate_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    MeshForCausalLM(config).save_pretrained(path)
+    code, stdout, stderr = invoke(capsys, "inspect", str(path), "--output", str(tmp_path / "o"))
+    assert code == 0, stderr
+    height, width = _png_shape(tmp_path / "o" / "routers.png")[:2]
+    assert width <= MAX_FIGURE_INCHES[0] * PLOT_DPI and height <= MAX_FIGURE_INCHES[1] * PLOT_DPI
+    assert max(len(line) for line in stdout.splitlines()) <= 200  # the tables: no column per slot
+
+
+def test_plots_of_many_loops_and_slots_are_capped_and_sparsely_labelled():
+    layout = Layout(1, 1, 64, 1)
+    states, blocks = len(layout.state_names), len(layout.block_names)
+    generator = torch.Generator().manual_seed(0)
+    result = DiagnosticsResult(
+        model="wide", model_type="mesh", variant="mesh", layout=layout, seq_len=8, threshold=1.0,
+        updates=torch.rand(2, blocks, generator=generator, dtype=torch.float64),
+        cka=torch.rand(2, states, states, generator=generator, dtype=torch.float64),
+        spectra=torch.rand(2, states, 5, generator=generator, dtype=torch.float64),
+    )  # fmt: skip
+    stats = RouterStats(step_names(64), torch.rand(65, 1024), torch.rand(65, 1024), tokens=10, source="test")
+    for fig in (plot_updates(result), plot_cka(result), plot_spectra(result), plot_router_heatmap(stats)):
+        width, height = fig.get_size_inches()
+        assert width <= MAX_FIGURE_INCHES[0] and height <= MAX_FIGURE_INCHES[1]
+        for ax in fig.axes:
+            assert len(ax.texts) == 0  # no number in each of thousands of cells
+            assert len(ax.get_xticklabels()) <= MAX_LABELS + 1 and len(ax.get_yticklabels()) <= MAX_LABELS + 1
+        legend = fig.axes[0].get_legend()
+        assert legend is None or len(legend.get_texts()) <= 12
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic exchange", "two renames"])
+def test_a_file_put_into_an_earlier_results_folder_meanwhile_is_kept(capsys, mesh_dir, tmp_path, monkeypatch, exchange):
+    """A rerun replaces its earlier results without --overwrite, but not what arrived beside them
+    while it ran: that is swapped back, whole."""
+    out = tmp_path / "out"
+    code, _, stderr = invoke(capsys, "inspect", str(mesh_dir), "--output", str(out))
+    assert code == 0, stderr
+    earlier = (out / "inspect.json").read_bytes()
+    write = inspect_module.write_inspect_outputs
+
+    def someone_writes_into_the_folder(*args):
+        (out / "theirs.txt").write_text("written by another program meanwhile")
+        return write(*args)
+
+    monkeypatch.setattr(inspect_module, "write_inspect_outputs", someone_writes_into_the_folder)
+    if not exchange:
+        monkeypatch.setattr(output_module, "_exchange", lambda first, second: False)
+    code, _, stderr = invoke(capsys, "inspect", str(mesh_dir), "--output", str(out))
+    assert code == 1 and "filled by something else" in stderr, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["inspect.json", "routers.png", "theirs.txt"]
+    assert (out / "inspect.json").read_bytes() == earlier and not _hidden_leftovers(tmp_path)

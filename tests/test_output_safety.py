@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,12 +86,23 @@ def _setup_full_folder(tmp: Path, monkeypatch) -> None:
 
 
 def _setup_adapter(tmp: Path, monkeypatch) -> None:
-    """An adapter's config naming its base: all that merge reads before it checks the output."""
+    """An adapter's config naming its base, and weights (none): all that merge reads before it checks the output."""
+    from safetensors.torch import save_file
+
     (tmp / "adapter").mkdir()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(tmp / "tiny-pythia"),
               "r": 4, "target_modules": ["query_key_value"]}
     (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    save_file({}, tmp / "adapter" / "adapter_model.safetensors")
     _setup_full_folder(tmp, monkeypatch)
+
+
+def _setup_adapter_linking_out(tmp: Path, monkeypatch) -> None:
+    """An adapter whose weight file is a link to a file outside it (planted in a received folder)."""
+    _setup_adapter(tmp, monkeypatch)
+    (tmp / "elsewhere.safetensors").write_bytes((tmp / "tiny-pythia" / "model.safetensors").read_bytes())
+    (tmp / "adapter" / "adapter_model.safetensors").unlink()
+    (tmp / "adapter" / "adapter_model.safetensors").symlink_to(tmp / "elsewhere.safetensors")
 
 
 REFUSALS = [
@@ -104,6 +116,9 @@ REFUSALS = [
     ("merge into a non-empty folder", ["merge", "{tmp}/adapter", "-o", "{tmp}/full"], _setup_adapter, "--overwrite"),
     ("merge over its adapter", ["merge", "{tmp}/adapter", "-o", "{tmp}/adapter", "--overwrite"], _setup_adapter, "input"),
     ("merge over its base", ["merge", "{tmp}/adapter", "-o", "{src}", "--overwrite"], _setup_adapter, "input"),
+    ("merge an adapter linking out", ["merge", "{tmp}/adapter", "-o", "{tmp}/new"], _setup_adapter_linking_out,
+     "adapter_model.safetensors is a link to"),
+    ("convert into a name too long", ["{src}", "-k", "2", "-o", "{tmp}/" + "x" * 256], None, "256 bytes long"),
 ]
 
 
@@ -207,6 +222,110 @@ def test_overwriting_through_a_symlink_replaces_what_it_points_to(source, tmp_pa
     assert not leftovers(tmp_path)
 
 
+def test_a_private_folder_stays_private_while_and_after_it_is_overwritten(source, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    previous_result(out)
+    out.chmod(0o700)
+    finish, modes = convert_module.write_metadata, []
+
+    def look_at_the_folder_being_written(staging, *args, **kwargs):
+        modes.append(staging.stat().st_mode & 0o777)
+        finish(staging, *args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "write_metadata", look_at_the_folder_being_written)
+    previous = os.umask(0o022)
+    try:
+        code, _, err = invoke(capsys, source, "-k", "2", "-o", out, "--overwrite")
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    assert modes == [0o700] and out.stat().st_mode & 0o777 == 0o700
+    assert (out / "config.json").is_file() and not leftovers(tmp_path)
+
+
+def test_an_output_name_at_the_length_limit_converts(source, tmp_path, capsys, converted_names):
+    """The work folder beside it has a longer name than the target: it is cut short to fit."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "é" * ((limit - 1) // 2) + "x" * (2 - limit % 2)  # two-byte characters up to the limit, cut at one
+    assert len(os.fsencode(name)) == limit
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", tmp_path / name)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == converted_names and not leftovers(tmp_path)
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", tmp_path / name, "--overwrite")
+    assert code == 0 and not leftovers(tmp_path), err
+
+
+def _marked_work_folder(target: Path, **marker_changes) -> Path:
+    """A work folder as a run makes it, with its marker changed as given, and half a result."""
+    work, _ = output_module._make_work_folder(target)
+    marker = json.loads((work / output_module.MARKER).read_text()) | marker_changes
+    (work / output_module.MARKER).write_text(json.dumps(marker))
+    (work / output_module.NEW / "model.safetensors").write_text("half a result")
+    return work
+
+
+def test_folders_that_look_like_leftovers_are_left_alone(source, tmp_path, capsys, converted_names):
+    """Only a work folder this tool provably made is ever removed: the user's folders named like
+    the leftovers of older versions, and work folders whose marker is missing, forged or not for
+    this target, stay as they are, with --overwrite or without; none is renamed onto the target."""
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    marker = {"tool": "mesh-convert", "target": "out", "host": socket.gethostname(), "pid": dead.pid, "started": 1.0}
+
+    def plant(token: str, marker: dict | None = None, name: str | None = None) -> Path:
+        folder = tmp_path / (name or f".out.partial-{token}")
+        folder.mkdir()
+        (folder / "mine.txt").write_text("the user's own")
+        if marker is not None:
+            (folder / output_module.MARKER).write_text(json.dumps(marker))
+        return folder
+
+    plant("", name=".out.old-999999")  # named like an older version's set-aside previous result
+    plant("", name=".out.partial-999999-0badc0de")  # ... and like its staging folder
+    plant("1" * 16, marker | {"token": "1" * 16, "tool": "another-tool"})
+    plant("2" * 16, marker | {"token": "2" * 16, "target": "another-target"})
+    plant("3" * 16, marker | {"token": "4" * 16})  # the token of another folder
+    (tmp_path / "elsewhere.json").write_text(json.dumps(marker | {"token": "5" * 16}))
+    (plant("5" * 16) / output_module.MARKER).symlink_to(tmp_path / "elsewhere.json")  # a marker that is a link
+    genuine = plant("6" * 16, marker | {"token": "6" * 16})  # what a killed run leaves: it goes
+    before = {p.name: snapshot(p) for p in tmp_path.iterdir() if p.name.startswith(".") and p != genuine}
+    for overwrite in ([], ["--overwrite"]):
+        code, _, err = invoke(capsys, source, "-k", "2", "-o", out, *overwrite)
+        assert code == 0, err
+        assert sorted(p.name for p in out.iterdir()) == converted_names
+        assert {p.name: snapshot(p) for p in tmp_path.iterdir() if p.name.startswith(".")} == before
+
+
+def test_only_a_dead_runs_marked_work_folder_is_reclaimed(tmp_path):
+    """A work folder goes when its marker names this tool, this target, the folder's own token,
+    this machine and a process that is gone (a pid now used by another process counts as gone)."""
+    target = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    alive = _marked_work_folder(target)  # this very process
+    started = json.loads((alive / output_module.MARKER).read_text())["started"]
+    reused = _marked_work_folder(target, started=started - 1000.0)  # this pid, another process before it
+    gone = _marked_work_folder(target, pid=dead.pid)
+    elsewhere = _marked_work_folder(target, pid=dead.pid, host="another-machine")  # cannot be checked from here
+    output_module.reclaim_leftovers(target)
+    assert alive.is_dir() and elsewhere.is_dir() and not reused.exists() and not gone.exists()
+
+
+def test_a_previous_version_set_aside_by_a_killed_run_is_kept_and_shown(source, tmp_path, capsys, converted_names):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    work = _marked_work_folder(out, pid=dead.pid)
+    (work / output_module.PREVIOUS).mkdir()
+    (work / output_module.PREVIOUS / "previous.txt").write_text("the user's earlier result")
+    before = snapshot(work / output_module.PREVIOUS)
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", out)
+    assert code == 0 and sorted(p.name for p in out.iterdir()) == converted_names, err
+    assert f"note: the previous version of {out} is in {work / output_module.PREVIOUS}" in err
+    assert snapshot(work / output_module.PREVIOUS) == before and leftovers(tmp_path) == [work.name]
+
+
 def test_init_replaces_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "model"
     before = previous_result(out)
@@ -226,7 +345,7 @@ def test_a_failed_portable_swap_puts_the_previous_result_back(source, tmp_path, 
     rename = os.rename
 
     def the_disk_fails_on_the_second_rename(source, destination, *args, **kwargs):
-        if Path(destination) == out and ".partial-" in Path(source).name:
+        if Path(destination) == out and Path(source).name == output_module.NEW:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return rename(source, destination, *args, **kwargs)
 
@@ -261,7 +380,7 @@ if stage == "write":  # the new result is complete in its staging place, not yet
 elif stage == "cleanup":  # removing what sits beside the target (the previous result, once replaced)
     remove = shutil.rmtree
     def rmtree(path, *a, **k):
-        if Path(path).resolve().parent == target.parent:
+        if target.parent in Path(path).resolve().parents:
             os.kill(os.getpid(), number)
         return remove(path, *a, **k)
     shutil.rmtree = rmtree
@@ -286,7 +405,7 @@ SIGNALS = [
     ("cleanup", "SIGHUP", "new"),
     ("cleanup", "SIGKILL", "new"),
     ("between-renames", "SIGTERM", "new"),
-    ("between-renames", "SIGKILL", None),  # only the next run can put the previous result back
+    ("between-renames", "SIGKILL", None),  # no target: the previous result is in the work folder
 ]
 
 
@@ -309,12 +428,14 @@ def test_a_signal_at_any_stage_leaves_one_whole_state(source, tmp_path, capsys, 
         assert last.startswith("error: interrupted") and (("written in full" in last) == (seen == "new")), last
     else:
         assert result.returncode == -signal.SIGKILL
-        assert leftovers(tmp_path), "a killed run leaves its hidden staging place"
-        if seen is None:  # the next run puts the previous result back, and refuses to replace it
-            code, _, err = invoke(capsys, *args[:-1])
-            assert code == 1 and "--overwrite" in err and snapshot(out) == before, err
+        assert leftovers(tmp_path), "a killed run leaves its hidden work folder"
         code, _, err = invoke(capsys, *args)
         assert code == 0 and sorted(p.name for p in out.iterdir()) == converted_names, err
+        if seen is None:  # the previous result stays where it was set aside, never put back, and the user is told
+            (work,) = leftovers(tmp_path)
+            kept = tmp_path / work / output_module.PREVIOUS
+            assert f"note: the previous version of {out} is in {kept}" in err and snapshot(kept) == before, err
+            shutil.rmtree(tmp_path / work)
     assert not leftovers(tmp_path)
 
 
@@ -357,7 +478,7 @@ def test_a_kill_during_the_training_export_leaves_no_partial_model(training, tmp
     run = tmp_path / "run"
     killed_in_export = (
         "import os, signal, sys; from mesh_convert.train import lora as train_lora; from mesh_convert.cli import main\n"
-        "def copy_side_files(*args): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "def copy_side_files(*args, **kwargs): os.kill(os.getpid(), signal.SIGKILL)\n"
         "train_lora.copy_side_files = copy_side_files\n"
         "sys.exit(main(['train', sys.argv[1]]))"
     )

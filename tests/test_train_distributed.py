@@ -25,7 +25,8 @@ import json, sys, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import mesh_convert.modeling  # registers MeSH with the Auto classes
-from mesh_convert.train.data import BatchPlan, build_data, model_inputs
+from mesh_convert.train.data import BatchPlan, model_inputs
+from mesh_convert.train.sources import build_data
 from mesh_convert.modeling.modeling_mesh import GPTNeoXLoopLayer
 from mesh_convert.train.recipe import load_recipe, lr_schedule
 from mesh_convert.train.loop import default_peak_lr, plan_run

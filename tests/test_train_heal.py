@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_loads_as_remote_code
-from mesh_convert.train.data import BatchPlan, build_data
+from mesh_convert.train.data import BatchPlan
+from mesh_convert.train.sources import build_data
 from mesh_convert.train.recipe import AnnealSection, DistillSection, Recipe
 from mesh_convert.train.loop import train
 from mesh_convert.train.anneal import Annealer, export_at_rank, relaxed_modules, scheduled_rank

@@ -181,7 +181,7 @@ BAD_ADAPTERS = [
     ("not json", lambda adapter, marker: (adapter / "adapter_config.json").write_text("{bad"), "is not valid JSON"),
     ("a list", lambda adapter, marker: (adapter / "adapter_config.json").write_text("[1]"), "does not hold a JSON object"),
     ("nested", lambda adapter, marker: (adapter / "adapter_config.json").write_text("[" * 100000 + "]" * 100000),
-     "nested too deeply"),
+     "nested more than 64 levels deep"),
     ("another method", _config(peft_type="PREFIX_TUNING"), "peft_type is 'PREFIX_TUNING'; merge takes LoRA adapters"),
     ("rank of text", _config(r="abc"), "cannot be applied to the base model"),
     ("targets a number", _config(target_modules=5), "cannot be applied to the base model"),

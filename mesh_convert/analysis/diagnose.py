@@ -428,6 +428,11 @@ def run_diagnostics(
 # ---------------------------------------------------------------------------------------------
 
 PLOT_DPI = 120
+# Figures grow with the model's loops and slots up to this size (inches at PLOT_DPI) and no more:
+# uncapped, the router plot of 64 loops and 1024 slots was 1,335 inches wide and took 16 GB to draw.
+MAX_FIGURE_INCHES = (20.0, 14.0)
+# At most this many labelled ticks (or legend entries) per axis; the others stay unlabelled.
+MAX_LABELS = 32
 
 
 def pyplot_agg():
@@ -439,6 +444,18 @@ def pyplot_agg():
     return plt
 
 
+def figure_size(width: float, height: float) -> tuple[tuple[float, float], bool]:
+    """The size for a figure that would like to be `width` x `height` inches, capped, and whether
+    it got its full size (only then is there room to print a number in every cell)."""
+    capped = (min(width, MAX_FIGURE_INCHES[0]), min(height, MAX_FIGURE_INCHES[1]))
+    return capped, capped == (width, height)
+
+
+def labelled(count: int, limit: int = MAX_LABELS) -> range:
+    """The positions, out of `count`, that get a label: all of them, or evenly spaced `limit` or fewer."""
+    return range(0, count, math.ceil(count / limit) if count > limit else 1)
+
+
 def _title(result: DiagnosticsResult) -> str:
     return f"{Path(result.model).name or result.model} ({result.variant}, {result.layout}, {result.samples} x {result.seq_len} tokens)"
 
@@ -447,12 +464,15 @@ def plot_updates(result: DiagnosticsResult):
     """Bar per block: mean relative update magnitude with a +-std error bar."""
     plt = pyplot_agg()
     mean, std = DiagnosticsResult.mean_std(result.updates)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(result.block_names) + 2), 4.2), layout="constrained")
-    positions = range(len(result.block_names))
-    ax.bar(positions, mean.tolist(), yerr=std.tolist(), capsize=5, color="tab:blue", alpha=0.8)
-    for x, (m, s) in enumerate(zip(mean.tolist(), std.tolist())):
+    names = result.block_names
+    size, roomy = figure_size(max(5.0, 1.1 * len(names) + 2), 4.2)
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    ax.bar(range(len(names)), mean.tolist(), yerr=std.tolist(), capsize=5 if roomy else 0, color="tab:blue", alpha=0.8)
+    for x, (m, s) in enumerate(zip(mean.tolist(), std.tolist()) if roomy else ()):
         ax.annotate(f"{m:.3f}", (x, m + s), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-    ax.set_xticks(list(positions), result.block_names)
+    positions = labelled(len(names))
+    slanted = {} if roomy else {"rotation": 45, "ha": "right"}  # many names side by side
+    ax.set_xticks(positions, [names[i] for i in positions], **slanted)
     ax.set_ylabel("2||f(h) - h|| / (||f(h)|| + ||h||)")
     ax.set_ylim(0, max(1e-6, float((mean + std).nan_to_num().max())) * 1.18)
     ax.set_title(f"Relative update magnitude\n{_title(result)}", fontsize=9)
@@ -466,15 +486,17 @@ def plot_cka(result: DiagnosticsResult):
     mean, std = DiagnosticsResult.mean_std(result.cka)
     names = result.state_names
     side = max(4.5, 0.85 * len(names) + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 0.8, side), layout="constrained")
+    size, roomy = figure_size(side + 0.8, side)
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
     image = ax.imshow(mean.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(len(names)):
+    for i in range(len(names)) if roomy else ():
         for j in range(len(names)):
             value = mean[i, j].item()
             colour = "black" if value > 0.6 else "white"
             ax.text(j, i, f"{value:.2f}\n±{std[i, j].item():.2f}", ha="center", va="center", fontsize=7, color=colour)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
+    positions = labelled(len(names))
+    ax.set_xticks(positions, [names[i] for i in positions], rotation=45, ha="right")
+    ax.set_yticks(positions, [names[i] for i in positions])
     ax.set_title(f"RBF CKA (threshold {result.threshold:g})\n{_title(result)}", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="CKA")
     return fig
@@ -490,9 +512,11 @@ def plot_spectra(result: DiagnosticsResult):
     # Rank-deficient states (fewer distinct tokens than singular values) have values at
     # round-off level; a floor keeps them from stretching the axis over 15 decades.
     floor = 1e-4
+    in_legend = set(labelled(len(result.state_names), limit=12))  # a legend of a dozen fits the figure
     for i, name in enumerate(result.state_names):
         colour = colours(i / max(1, len(result.state_names) - 1))
-        ax.plot(ranks, mean[i].clamp_min(floor).tolist(), label=name, color=colour, linewidth=1.5)
+        label = name if i in in_legend else "_" + name  # matplotlib leaves names with "_" out of the legend
+        ax.plot(ranks, mean[i].clamp_min(floor).tolist(), label=label, color=colour, linewidth=1.5)
         low = (mean[i] - std[i]).clamp_min(floor).tolist()
         ax.fill_between(ranks, low, (mean[i] + std[i]).clamp_min(floor).tolist(), color=colour, alpha=0.15)
     ax.set_yscale("log")

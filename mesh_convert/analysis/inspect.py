@@ -13,8 +13,10 @@ import torch
 from ..convert.record import ConversionRecord
 from ..io import has_tokenizer, load_model, load_tokenizer
 from .diagnose import (
+    figure_size,
     is_mesh,
     json_safe,
+    labelled,
     model_layout,
     pyplot_agg,
     save_figure,
@@ -240,13 +242,12 @@ def plot_router_heatmap(stats: RouterStats, title: str = ""):
     """Two panels (write, read): rows = steps, columns = slots, colour = mean weight."""
     plt = pyplot_agg()
     steps, slots = stats.write.shape
-    fig, axes = plt.subplots(
-        1, 2, figsize=(max(7.0, 1.3 * slots + 3.5), max(3.0, 0.55 * steps + 2.0)), layout="constrained", sharey=True
-    )
+    size, roomy = figure_size(max(7.0, 1.3 * slots + 3.5), max(3.0, 0.55 * steps + 2.0))
+    fig, axes = plt.subplots(1, 2, figsize=size, layout="constrained", sharey=True)
     image = None
     for ax, (label, weights) in zip(axes, (("write", stats.write), ("read", stats.read))):
         image = ax.imshow(weights.numpy(), vmin=0.0, vmax=1.0, cmap="magma", aspect="auto")
-        for i in range(steps):
+        for i in range(steps) if roomy else ():
             for j in range(slots):
                 value = weights[i, j].item()
                 ax.text(
@@ -258,9 +259,11 @@ def plot_router_heatmap(stats: RouterStats, title: str = ""):
                     fontsize=8,
                     color="black" if value > 0.5 else "white",
                 )
-        ax.set_xticks(range(slots), [f"slot {j}" for j in range(slots)], rotation=45, ha="right")
+        columns = labelled(slots)
+        ax.set_xticks(columns, [f"slot {j}" for j in columns], rotation=45, ha="right")
         ax.set_title(f"mean {label} weight")
-    axes[0].set_yticks(range(steps), stats.steps)
+    rows = labelled(steps)
+    axes[0].set_yticks(rows, [stats.steps[i] for i in rows])
     fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02)
     fig.suptitle(f"{title}\n{stats.source}" if title else stats.source, fontsize=9)
     return fig

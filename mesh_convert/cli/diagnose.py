@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..convert.output import check_target, staged_directory
 from ..errors import UserError, shown
-from ..io import check_output_directory
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -23,6 +23,11 @@ err_console = Console(stderr=True)
 
 
 RUN_SUBFOLDERS = ("model", "adapter")  # what `train` writes into every run's output folder
+TABLE_SLOTS, TOP_SLOTS = 12, 4  # router tables: a column per slot up to 12 slots, else the 4 heaviest
+OVERWRITE_HELP = (
+    "Replace a non-empty --output folder "
+    "(one holding only this command's earlier results is replaced anyway)."
+)
 
 
 def _default_output(prefix: str, model: str) -> Path:
@@ -66,6 +71,20 @@ def _check_at_least(**options: tuple[int | None, int]) -> None:
 def _print_json(record: dict) -> None:
     # Plain stdout, not rich: rich would wrap long lines and break the JSON.
     sys.stdout.write(json.dumps(record, indent=2) + "\n")
+
+
+def _local_inputs(*names) -> tuple[Path, ...]:
+    """The inputs that are local paths, which the output must not replace."""
+    return tuple(Path(name).expanduser() for name in names if name is not None and Path(name).expanduser().exists())
+
+
+def _publish_outputs(output: Path, overwrite: bool, inputs: tuple[Path, ...], own_files, write) -> dict[str, Path]:
+    """Run `write(folder)` in a staging folder that becomes `output` whole, so that nothing is
+    written through a link planted in `output` and a failure leaves it as it was. A folder
+    holding only `own_files` (an earlier run's results) is replaced without --overwrite."""
+    with staged_directory(output, overwrite, inputs, own_files) as staging:
+        written = write(staging)
+    return {key: output / path.name for key, path in written.items()}
 
 
 def _print_written(paths: dict[str, Path]) -> None:
@@ -135,10 +154,18 @@ def diagnose(
     batch_size: int = typer.Option(1, "--batch-size", help="Samples per forward pass."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from ..analysis.diagnose import check_threshold, load_samples, resolve_layout, run_diagnostics, write_outputs
+    from ..analysis.diagnose import (
+        DIAGNOSTICS_FILES,
+        check_threshold,
+        load_samples,
+        resolve_layout,
+        run_diagnostics,
+        write_outputs,
+    )
     from ..io import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
@@ -147,7 +174,8 @@ def diagnose(
     )
     check_threshold(threshold)
     output = output or _default_output("diagnostics", model)
-    check_output_directory(output)
+    inputs = _local_inputs(model, tokenizer, data)
+    check_target(output, overwrite, inputs, DIAGNOSTICS_FILES.values())
     data = _data_file(data)  # after the local checks: a built-in name may be downloaded
     lm = load_model(model, device=_default_device(device))
     chosen = resolve_layout(lm, layout, loops)
@@ -165,6 +193,7 @@ def diagnose(
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
+        disable=not err_console.is_terminal,  # elsewhere (a log, a pipe) a bar draws only a blank line
     ) as progress:
         task = progress.add_task("samples", total=samples)
         result = run_diagnostics(
@@ -178,7 +207,9 @@ def diagnose(
             data=str(data),
             on_sample=lambda done, _total: progress.update(task, completed=done),
         )
-    paths = write_outputs(result, output)
+    paths = _publish_outputs(
+        output, overwrite, inputs, DIAGNOSTICS_FILES.values(), lambda folder: write_outputs(result, folder)
+    )
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -232,13 +263,22 @@ def inspect_tables(report) -> list[Table]:
 
     if report.routers is not None:
         stats = report.routers
+        slots = stats.write.shape[1]
         for label, weights in (("write", stats.write), ("read", stats.read)):
-            table = Table(title=f"Mean {label} weight per slot ({stats.tokens} tokens)")
-            table.add_column("step")
-            for slot in range(weights.shape[1]):
-                table.add_column(f"slot {slot}", justify="right")
-            for step, row in zip(stats.steps, weights.tolist()):
-                table.add_row(step, *(f"{value:.3f}" for value in row))
+            if slots <= TABLE_SLOTS:
+                table = Table(title=f"Mean {label} weight per slot ({stats.tokens} tokens)")
+                table.add_column("step")
+                for slot in range(slots):
+                    table.add_column(f"slot {slot}", justify="right")
+                for step, row in zip(stats.steps, weights.tolist()):
+                    table.add_row(step, *(f"{value:.3f}" for value in row))
+            else:  # a column per slot would not fit a terminal: each step's heaviest slots (all in the JSON)
+                table = Table(title=f"Heaviest of {slots} slots by mean {label} weight ({stats.tokens} tokens)")
+                table.add_column("step")
+                table.add_column("slot: weight")
+                top = weights.topk(TOP_SLOTS, dim=1)
+                for step, values, indices in zip(stats.steps, top.values.tolist(), top.indices.tolist()):
+                    table.add_row(step, ", ".join(f"{slot}: {value:.3f}" for slot, value in zip(indices, values)))
             tables.append(table)
     return tables
 
@@ -258,17 +298,21 @@ def inspect(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON instead of tables."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
     """Show a model's layout, variant, provenance, parameter counts and (MeSH) router behaviour."""
-    from ..analysis.inspect import inspect_model, write_inspect_outputs
+    from ..analysis.inspect import INSPECT_FILES, inspect_model, write_inspect_outputs
 
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
     output = output or _default_output("inspect", str(model_dir))
-    check_output_directory(output)
+    inputs = _local_inputs(model_dir, tokenizer, data)
+    check_target(output, overwrite, inputs, INSPECT_FILES.values())
     if data is not None:
         data = _data_file(data)  # after the local checks: a built-in name may be downloaded
     report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
-    paths = write_inspect_outputs(report, output)
+    paths = _publish_outputs(
+        output, overwrite, inputs, INSPECT_FILES.values(), lambda folder: write_inspect_outputs(report, folder)
+    )
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -34,7 +34,7 @@ from .output import check_target, staged_directory
 from .reader import CheckpointReader, one_thread
 from .record import with_removed_code
 from .shards import ShardWriter, TensorSpan
-from .source import fetch_checkpoint, tokenizer_files
+from .source import fetch_checkpoint, load_generation_config, tokenizer_files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +280,9 @@ def write_weights(staging: Path, reader: CheckpointReader, plan: ConversionPlan,
     return list(split.filename_to_tensors), total
 
 
-def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokenizers: list[Path]) -> list[str]:
+def write_metadata(
+    staging: Path, generation: GenerationConfig | None, plan: ConversionPlan, tokenizers: list[Path]
+) -> list[str]:
     """Config with auto_map, generation config, remote code, tokenizer, conversion.json, model card;
     returns what of the source's own remote code was dropped (and recorded in conversion.json)."""
     config = plan.mesh_config
@@ -290,11 +292,7 @@ def write_metadata(staging: Path, source_dir: Path, plan: ConversionPlan, tokeni
     package_dir = Path(__file__).parents[1] / "modeling"
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(package_dir / name, staging / name)
-    if (source_dir / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(source_dir)
-    else:
-        generation = GenerationConfig.from_model_config(config)
-    generation.save_pretrained(staging)
+    (generation or GenerationConfig.from_model_config(config)).save_pretrained(staging)
     for path in tokenizers:
         shutil.copyfile(path, staging / path.name)
     removed = strip_foreign_code(staging)
@@ -314,7 +312,8 @@ def convert(plan: ConversionPlan, progress) -> ConversionResult:
     reader = CheckpointReader(source_dir)
     check_source_tensors(reader, plan)
     tokenizers = tokenizer_files(source_dir, local=plan.source.local_dir is not None)
+    generation = load_generation_config(source_dir)
     with staged_directory(target, plan.options.overwrite, sources) as staging:
         shards, total = write_weights(staging, reader, plan, progress)
-        removed = write_metadata(staging, source_dir, plan, tokenizers)
+        removed = write_metadata(staging, generation, plan, tokenizers)
     return ConversionResult(target, plan, shards, total, time.perf_counter() - started, reader.non_finite, removed)

@@ -1,7 +1,6 @@
 """Reading the source checkpoint's tensors lazily (safetensors memory-mapped, `.bin` with
 `weights_only=True`), so a conversion holds one layer group in memory, not the whole model."""
 
-import json
 import math
 import os
 from contextlib import contextmanager
@@ -11,9 +10,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
-from ..io import open_safetensors
+from ..io import open_safetensors, parse_json
 from .shards import DTYPES_BY_NAME, TensorSpan, read_spans
-from .source import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_PATTERNS
+from .source import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_PATTERNS, refuse_links_out
 
 
 @contextmanager
@@ -41,7 +40,9 @@ class CheckpointReader:
         if state_dict is not None:
             self._where = {name: state_dict for name in state_dict}
             return
-        for file in self._weight_files(directory):
+        files = self._weight_files(directory)
+        refuse_links_out(directory, files, "its tensors would go into the output")
+        for file in files:
             if file.suffix == ".safetensors":
                 self._open_safetensors(file)
             else:
@@ -53,8 +54,8 @@ class CheckpointReader:
             index = directory / index_name
             if index.is_file():
                 try:
-                    shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
+                    shard_names = sorted(set(parse_json(index.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, AttributeError, TypeError) as error:
                     raise UserError(f"{index} is not a valid shard index: {error}") from None
                 for name in shard_names:
                     # The index names files in its own directory; anything else could read any file.

@@ -9,7 +9,6 @@ wrote its counts under `parameters`.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -18,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UserError
+from ..io import parse_json
 from .source import cache_snapshot
 
 FILENAME = "conversion.json"
@@ -197,7 +197,7 @@ class ConversionRecord(_Section):
         if not path.is_file():
             return None
         try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+            return cls.model_validate(parse_json(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as error:
             detail = _first_problem(error) if isinstance(error, ValidationError) else str(error).splitlines()[0]
             raise UserError(f"cannot read {path}: {detail}") from None

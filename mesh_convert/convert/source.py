@@ -4,17 +4,26 @@ only when a config is read."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import UserError, hub_error
-from ..io import TOKENIZER_FILES, HubUnreachable, hub_info, hub_timeout, is_hub_id, resolve_endpoint
+from ..errors import UserError, first_line, hub_error
+from ..io import (
+    TOKENIZER_FILES,
+    HubUnreachable,
+    cache_snapshot,
+    hub_info,
+    hub_timeout,
+    is_hub_id,
+    parse_json,
+    refuse_links_out,
+    resolve_endpoint,
+)
 from .pythia import parse_alias
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedConfig
+    from transformers import GenerationConfig, PreTrainedConfig
 
 CONFIG_FILES = ["config.json", "generation_config.json"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -46,17 +55,6 @@ class SourceRef:
         if self.local_dir is None:
             return self.repo_id, self.revision
         return cache_snapshot(self.local_dir) or (self.local_dir.name, None)
-
-
-def cache_snapshot(directory: Path) -> tuple[str, str] | None:
-    """(repo id, revision) when `directory` is a model snapshot in the Hugging Face cache,
-    `models--ORG--NAME/snapshots/REV` (`models--NAME/...` for an id without namespace), else None.
-    A Hub name cannot hold `--`, so the folder's name gives the id back unambiguously."""
-    repo, snapshots = directory.parent.parent.name, directory.parent.name
-    parts = repo.removeprefix("models--").split("--")
-    if snapshots == "snapshots" and repo.startswith("models--") and len(parts) <= 2 and all(parts):
-        return "/".join(parts), directory.name
-    return None
 
 
 def resolve_source(name: str, revision: str | None = None) -> SourceRef:
@@ -167,10 +165,10 @@ def load_source_config(directory: Path) -> PreTrainedConfig:
     try:
         if not config_file.is_file():
             raise UserError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
-        raw = json.loads(config_file.read_text())
+        raw = parse_json(config_file.read_text())
     except OSError as error:
         raise UserError(f"cannot read {config_file}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # malformed, not UTF-8, or nested too deeply
         raise UserError(f"{config_file} is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{config_file} does not hold a JSON object (it holds a {type(raw).__name__})")
@@ -197,6 +195,23 @@ def load_source_config(directory: Path) -> PreTrainedConfig:
     return config
 
 
+def load_generation_config(directory: Path) -> GenerationConfig | None:
+    """The source's generation_config.json (None when it has none), read before any weight is
+    written: transformers refuses a malformed one only when it loads it."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        parse_json(path.read_bytes())  # transformers' own reading recurses into the value
+        return GenerationConfig.from_pretrained(directory)
+    except OSError as error:  # transformers' word for malformed JSON, or a file we may not read
+        raise UserError(f"cannot read {path}: {first_line(error)}") from None
+    except (ValueError, TypeError, AttributeError) as error:  # not an object, a field of the wrong type
+        raise UserError(f"{path} is not a valid generation config: {first_line(error)}") from None
+
+
 def check_sizes(config: PreTrainedConfig, where: str) -> None:
     """Sizes that transformers accepts but no model can have (zero or negative), and layer counts
     beyond MAX_LAYERS."""
@@ -212,23 +227,8 @@ def check_sizes(config: PreTrainedConfig, where: str) -> None:
 
 
 def tokenizer_files(directory: Path, local: bool) -> list[Path]:
-    """The tokenizer files to copy into the output. In a local directory, a link to a file outside
-    it is refused: the copy would carry that file into the output, and --push-to-hub onto the Hub.
-    A Hub cache snapshot's files are links into the cache's blob store by design, whether we
-    downloaded it (not `local`) or the user names the snapshot's folder."""
-    directory = directory.resolve()
-    allowed = [directory]
-    if cache_snapshot(directory) is not None:
-        allowed.append(directory.parent.parent / "blobs")
-    found = []
-    for name in TOKENIZER_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if local and not any(path.resolve().is_relative_to(root) for root in allowed):
-            raise UserError(
-                f"{path} is a link to {path.resolve()}, outside the checkpoint; mesh-convert copies tokenizer "
-                "files into the output, so copy that file into the checkpoint instead"
-            )
-        found.append(path)
+    """The tokenizer files to copy into the output; in a local directory, none may be a link out of it."""
+    found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if local:
+        refuse_links_out(directory, found, "mesh-convert copies tokenizer files into the output")
     return found

@@ -154,7 +154,7 @@ def check_output_and_trackers(recipe: Recipe) -> None:
 
 
 def check_data_files(recipe: Recipe) -> None:
-    from .data import check_sources
+    from .sources import check_sources
 
     check_sources(recipe.data)
 
@@ -347,7 +347,8 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, set_seed
 
-    from .data import BatchPlan, build_data, model_inputs
+    from .data import BatchPlan, model_inputs
+    from .sources import build_data
 
     output = Path(recipe.output_dir)
     checkpoints = output / "checkpoints"

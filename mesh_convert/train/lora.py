@@ -17,7 +17,7 @@ from torch import nn
 from ..convert.record import ConversionRecord, with_removed_code, with_training
 from ..convert.remote_code import strip_foreign_code
 from ..errors import UserError, first_line, is_our_fault, unpickling_refusal
-from ..io import load_model, open_safetensors, read_json_object, transformers_bars_hidden
+from ..io import check_weights_inside, load_model, open_safetensors, read_json_object, transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -113,6 +113,7 @@ def read_adapter(adapter_dir: Path):
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    check_weights_inside(adapter_dir)
     fields = read_json_object(config_file)
     if fields.get("peft_type") != "LORA":
         raise UserError(f"{config_file}: peft_type is {fields.get('peft_type')!r}; merge takes LoRA adapters")
