@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -16,12 +15,22 @@ from mesh_convert import MeshConfig, MeshForCausalLM
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
-# Token stores that training prepares from data files go to a cache of this test session's own
-# (subprocesses inherit it), not the user's.
-os.environ["MESH_CONVERT_CACHE"] = tempfile.mkdtemp(prefix="mesh-convert-test-cache-")
-
 # Tiny models on 2 cores: one thread avoids oversubscription (the suite also runs subprocesses).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_data_cache(tmp_path_factory):
+    """Token stores that training prepares from data files go to a cache of this test session's
+    own, which pytest removes with its other temporary folders (subprocesses inherit it), not
+    to the user's."""
+    before = os.environ.get("MESH_CONVERT_CACHE")
+    os.environ["MESH_CONVERT_CACHE"] = str(tmp_path_factory.mktemp("mesh-convert-cache"))
+    yield
+    if before is None:
+        del os.environ["MESH_CONVERT_CACHE"]
+    else:
+        os.environ["MESH_CONVERT_CACHE"] = before
 
 
 def tiny_pythia_config(num_layers: int = 8, **overrides) -> GPTNeoXConfig:
