@@ -120,6 +120,14 @@ def zero_layers(src, tmp):
     edit_config(src, num_hidden_layers=0)
 
 
+def config(name: str, **changes):
+    """A source whose config.json holds `changes`: values transformers takes but no model runs with."""
+    def make(src, tmp):
+        edit_config(src, **changes)
+    make.__name__ = name
+    return make
+
+
 def absurd_layer_count(src, tmp):
     edit_config(src, num_hidden_layers=10000)
     return ["--dry-run"]
@@ -188,12 +196,21 @@ CASES = [
     (complex_in_bin, f"tensor {TENSOR} is stored as complex64"),
     (not_a_tensor_in_bin, f"{TENSOR} in the checkpoint is not a tensor"),
     (fewer_layers_in_config, "tensors of layer 6 (gpt_neox.layers.6."),
-    (layers_as_string, "Field 'num_hidden_layers' expected int, got str"),
+    (layers_as_string, "num_hidden_layers must be a positive integer, not '6'"),
     (config_is_a_list, "does not hold a JSON object"),
     (heads_do_not_divide_hidden, "hidden size is not divisible by the number of attention heads! Make sure to update them! (hidden_size 32, num_attention_heads 5)"),
     (hidden_size_missing, "lacks hidden_size, num_hidden_layers"),
     (zero_layers, "num_hidden_layers must be a positive integer, not 0"),
     (absurd_layer_count, "num_hidden_layers 10000 is more than"),
+    (config("hidden_1e30", hidden_size=10**30), "hidden_size 1,000,000,000,000,000,000,000,000,000,000 is beyond any model"),
+    (config("nan_norm_eps", layer_norm_eps=float("nan")), "layer_norm_eps must be a positive finite number, not nan"),
+    (config("negative_norm_eps", layer_norm_eps=-1.0), "layer_norm_eps must be a positive finite number, not -1.0"),
+    (config("infinite_rotary_base", rotary_emb_base=float("inf")), "rotary_emb_base must be a positive finite number"),
+    (config("rotary_fraction_7", rotary_pct=7), "rotary_pct must be in (0, 1], not 7"),
+    (config("unknown_rotary_scaling", rope_scaling={"rope_type": "evil", "factor": 2.0}), "unknown rotary scaling 'evil'"),
+    (config("rotary_scaling_a_list", rope_scaling=[1]), "rope_scaling and rope_parameters must be objects"),
+    (config("unknown_activation", hidden_act="os.system"), "unknown activation hidden_act 'os.system'"),
+    (config("unknown_dtype", torch_dtype="float128"), "torch_dtype 'float128' is not a torch dtype"),
     (index_points_up, "outside the checkpoint"),
     (index_points_to_absolute_path, "outside the checkpoint"),
     (tokenizer_links_out, "tokenizer.json is a link to"),

@@ -161,6 +161,8 @@ COMMANDS = [
     ("init --output a file", ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "-o", "{root}/a-file"],
      ["--output", "is a file"]),
     ("init --layers 0", ["init", "custom", "--layers", "0", "--hidden", "32", "--heads", "4", "-o", "{out}"], ["num_layers"]),
+    ("init with more layers than planned for", ["init", "custom", "--layers", "100000", "--hidden", "32", "--heads", "4",
+                                                 "-o", "{out}"], ["num_layers", "less than or equal to 1024"]),
     ("init too large for memory", ["init", "custom", "--layers", "4", "--hidden", "400000", "--heads", "4", "-o", "{out}"],
      ["GiB in float32, more than the", "of memory available here"]),
     ("diagnose --threshold nan", ["diagnose", "{root}/mesh", "--data", "{root}/train.txt", "--threshold", "nan", "--output", "{out}"],

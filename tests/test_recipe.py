@@ -94,6 +94,26 @@ def test_inconsistent_recipes_are_one_line_errors(tmp_path):
         load_recipe(tmp_path / "bad.yaml")
 
 
+def test_a_recipe_that_is_no_file_or_too_deep_is_one_line_and_never_hangs(tmp_path):
+    """A pipe given as the recipe was read forever; YAML nested thousands deep was an internal error."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    with pytest.raises(UserError, match="is not a file"):
+        load_recipe(tmp_path / "pipe.yaml")
+    with pytest.raises(UserError, match=r"is not a file \(a directory\)"):
+        load_recipe(tmp_path)
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserError, match="nested too deeply"):
+        load_recipe(tmp_path / "deep.yaml")
+    (tmp_path / "big.yaml").write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(UserError, match="larger than 1 MiB"):
+        load_recipe(tmp_path / "big.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"model: caf\xe9\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_recipe(tmp_path / "latin1.yaml")
+
+
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     total = 1000
     values = [lr_schedule(step, total, 0.01, 0.1) for step in range(total)]

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         vocab: int = typer.Option(None, "--vocab", help="Vocabulary size (default 50304)."),
         context: int = typer.Option(None, "--context", help="Context length (default 2048)."),
         tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to copy next to the model."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the random weights (numpy's are 32-bit)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ):
         """A randomly initialised MeSH model, with the paper's from-scratch init."""

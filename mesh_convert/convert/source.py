@@ -4,6 +4,7 @@ only when a config is read."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,10 @@ REQUIRED_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num
 # Far above any published checkpoint (the deepest Llama, Qwen2 and GPT-NeoX models have ~126
 # layers), low enough that planning and checking a layout stays instant.
 MAX_LAYERS = 1024
+# The largest size (width, vocabulary, context) a config may name: 16M, far above any model's
+# (hidden sizes reach some 25k, vocabularies some 260k), and small enough that no product of two
+# of them overflows the integer arithmetic of planning and allocation.
+MAX_SIZE = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ def load_source_config(directory: Path) -> PreTrainedConfig:
     missing = [field for field in REQUIRED_CONFIG_FIELDS if field not in raw]
     if missing:
         raise UserError(f"{config_file} lacks {', '.join(missing)}")
+    check_fields(raw, str(config_file))  # before transformers, which warns or fails deep inside on them
     try:
         config = AutoConfig.from_pretrained(directory)
     except StrictDataclassError as error:  # transformers checks field types and the architecture
@@ -210,6 +216,51 @@ def load_generation_config(directory: Path) -> GenerationConfig | None:
         raise UserError(f"cannot read {path}: {first_line(error)}") from None
     except (ValueError, TypeError, AttributeError) as error:  # not an object, a field of the wrong type
         raise UserError(f"{path} is not a valid generation config: {first_line(error)}") from None
+
+
+def check_fields(raw: dict, where: str) -> None:
+    """Values of a source's config.json that transformers takes as they are but no model can run
+    with: sizes that are not positive integers or are beyond any machine (MAX_SIZE), a norm's
+    epsilon or a rotary base that is not a positive number, a rotary fraction outside (0, 1], and
+    names of an activation, a rotary scaling or a dtype that do not exist (transformers would look
+    them up only when the model is built, and fail there)."""
+    import torch
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for field in (*REQUIRED_CONFIG_FIELDS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = raw.get(field)
+        if value is None and field not in REQUIRED_CONFIG_FIELDS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {field} must be a positive integer, not {value!r}")
+        if value > MAX_SIZE:
+            raise UserError(f"{where}: {field} {value:,} is beyond any model (at most {MAX_SIZE:,})")
+    ropes = [raw.get(key) or {} for key in ("rope_scaling", "rope_parameters")]  # the older name, and 5.x's
+    if not all(isinstance(rope, dict) for rope in ropes):
+        raise UserError(f"{where}: rope_scaling and rope_parameters must be objects")
+    numbers = [(name, raw.get(name)) for name in ("layer_norm_eps", "rms_norm_eps", "rotary_emb_base", "rope_theta",
+                                                   "rotary_pct", "partial_rotary_factor")]
+    numbers += [(name, rope.get(name)) for rope in ropes for name in ("rope_theta", "partial_rotary_factor")]
+    for name, value in numbers:
+        if value is None:
+            continue
+        bound = 1.0 if name in ("rotary_pct", "partial_rotary_factor") else math.inf
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value <= bound and math.isfinite(value)):
+            limit = "in (0, 1]" if bound == 1.0 else "a positive finite number"
+            raise UserError(f"{where}: {name} must be {limit}, not {value!r}")
+    for rope in ropes:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise UserError(f"{where}: unknown rotary scaling {rope_type!r} (transformers knows "
+                            f"{', '.join(['default', *ROPE_INIT_FUNCTIONS])})")
+    activation = raw.get("hidden_act")
+    if activation is not None and (not isinstance(activation, str) or activation not in ACT2FN):
+        raise UserError(f"{where}: unknown activation hidden_act {activation!r}")
+    for key in ("torch_dtype", "dtype"):
+        dtype = raw.get(key)
+        if isinstance(dtype, str) and dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise UserError(f"{where}: {key} {dtype!r} is not a torch dtype")
 
 
 def check_sizes(config: PreTrainedConfig, where: str) -> None:

@@ -6,6 +6,7 @@ Relative paths are taken from the current directory (run recipes from the reposi
 
 import difflib
 import math
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..convert.options import Variant
+from ..convert.source import MAX_LAYERS
 from ..errors import UserError
 
 TRAINABLE = ("all", "core+routers", "routers", "routers+deltas", "lora", "lora+routers")
@@ -55,7 +57,7 @@ class InitSpec(Strict):
     )
     router_gap: float = Field(8.0, gt=0, le=60, description="logit gap of router_init: base")
     # Dimensions that override (or, for size=custom, define) the Pythia architecture.
-    num_layers: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS)
     hidden_size: int | None = Field(None, ge=1)
     num_heads: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=1)
@@ -289,6 +291,30 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of settings; anything larger is not one
+
+
+def _recipe_text(path: Path) -> str:
+    """The text of the recipe file at `path`: a regular file of at most MAX_RECIPE_BYTES (a pipe or a
+    device would be read forever), in UTF-8."""
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"recipe {path} is not a file" + (" (a directory)" if stat.S_ISDIR(mode) else ""))
+        with path.open("rb") as handle:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"cannot read recipe {path}: {error.strerror or error}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe {path} is larger than {MAX_RECIPE_BYTES >> 20} MiB: not a recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"recipe {path} is not UTF-8 text (byte {error.start})") from None
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, validate; every problem is a one-line UserError."""
     data: dict = dict(base or {})
@@ -297,15 +323,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
         path = Path(path)
         source = str(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"recipe {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"cannot read recipe {path}: {error}") from None
+            loaded = yaml.safe_load(_recipe_text(path))
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
             raise UserError(f"recipe {path} is not valid YAML{where}") from None
+        except RecursionError:
+            raise UserError(f"recipe {path} is nested too deeply to be a recipe") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -318,6 +342,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
         return Recipe.model_validate(data)
     except ValidationError as error:
         raise explain(error, source) from None
+    except RecursionError:
+        raise UserError(f"{source}: a value is nested too deeply to be a setting") from None
 
 
 def recipe_yaml(recipe: Recipe) -> str:
