@@ -393,6 +393,22 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
+def json_problem(error: ValueError) -> str:
+    """What `parse_json` refused, in a few words (a JSON error's message without its position)."""
+    return error.msg if isinstance(error, json.JSONDecodeError) else first_line(error)
+
+
+def checked_text(text: str, where: str) -> str:
+    """`text` as read from JSON, refused where it holds an unpaired surrogate (`"\\ud800"` is valid
+    JSON, but no valid Unicode: tokenizers cannot take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(f"{where}: the text holds an unpaired surrogate ({text[error.start]!r}), which is not "
+                        "valid Unicode") from None
+    return text
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, value) for every non-blank line of a JSONL file, as the file is read."""
     try:
@@ -401,9 +417,10 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{path} line {number} is not valid JSON: {error.msg}") from None
+                    value = parse_json(line)
+                except ValueError as error:  # malformed, nested too deep, a number too long to read
+                    raise UserError(f"{path} line {number} is not valid JSON: {json_problem(error)}") from None
+                yield number, value
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start})") from None
     except OSError as error:

@@ -210,6 +210,9 @@ def _megatron_pair(prefix, rows: int, length: int):
         ("device", "/dev/zero is a device, not a data file"),
         ("directory", "is a directory: list the data files in it"),
         ("big record", "line 2 is a record of more than 64 MiB"),
+        ("unpaired surrogate", "line 2: the text holds an unpaired surrogate \\('\\\\ud800'\\)"),
+        ("nested record", "line 2 is not valid JSON: nested more than 64 levels deep"),
+        ("endless number", "line 2 is not valid JSON: Exceeds the limit \\(4300 digits\\)"),
     ],
 )
 def test_bad_data_is_one_line(work, tmp_path, capsys, case, wanted):
@@ -253,6 +256,11 @@ def test_bad_data_is_one_line(work, tmp_path, capsys, case, wanted):
     elif case == "directory":
         (tmp_path / "folder.txt").mkdir()
         data["data"]["train"] = [str(tmp_path / "folder.txt")]
+    elif case in ("unpaired surrogate", "nested record", "endless number"):
+        second = {"unpaired surrogate": '{"text": "a \\ud800 b"}', "nested record": '{"text": "a", "b": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                  "endless number": '{"text": "a", "b": ' + "9" * 100_000 + "}"}[case]
+        (tmp_path / "records.jsonl").write_text('{"text": "a"}\n' + second + "\n")
+        data["data"]["train"] = [str(tmp_path / "records.jsonl")]
     elif case == "big record":
         # The real limit on a record of 200 MB, cheaply: the file is sparse, and reading stops at the limit.
         big = tmp_path / "big.jsonl"
@@ -266,6 +274,16 @@ def test_bad_data_is_one_line(work, tmp_path, capsys, case, wanted):
     assert code == 1 and lines and lines[-1].startswith("error:") and sum(line.startswith("error") for line in lines) == 1, err
     assert re.search(wanted, lines[-1]), lines[-1]
     assert not (out / "model").exists()
+
+
+def test_dictionary_encoded_parquet_text_is_text(tmp_path, work):
+    """Parquet writers store a column of repeated texts as a dictionary: it was refused as not text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["the king said", "to my lord", "the king said"]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "d.parquet")
+    assert list(read_documents(tmp_path / "d.parquet")) == texts
 
 
 def test_a_long_record_is_refused_below_a_lower_limit_and_read_whole_within_it(tmp_path, capsys, work):

@@ -299,7 +299,10 @@ def test_load_text_dataset_txt_and_jsonl(tmp_path):
     ("content", "message"),
     [('{"text": "ok"}\n{"title": "no text"}\n', 'line 2 has no string "text" field'),
      ('{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"),
-     ("\n\n", "holds no text")],
+     ("\n\n", "holds no text"),
+     ('{"text": "a \\ud800 b"}\n', "line 1: the text holds an unpaired surrogate"),
+     ('{"text": "a", "b": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 1 is not valid JSON: nested more than 64"),
+     ('{"text": "a", "b": ' + "9" * 100_000 + "}\n", r"line 1 is not valid JSON: Exceeds the limit \(4300 digits\)")],
 )
 def test_load_text_dataset_rejects_bad_jsonl(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_text(content)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, error_line, is_our_fault
-from ..io import HubUnreachable, check_largest_id, hub_info, read_jsonl, resolve_endpoint
+from ..io import HubUnreachable, check_largest_id, checked_text, hub_info, read_jsonl, resolve_endpoint
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""
@@ -235,7 +235,7 @@ def read_jsonl_texts(path: Path) -> list[str]:
     for number, record in read_jsonl(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise UserError(f'{path} line {number} has no string "text" field')
-        texts.append(record["text"])
+        texts.append(checked_text(record["text"], f"{path} line {number}"))
     return texts
 
 

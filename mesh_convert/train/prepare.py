@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import Interrupted, UserError, first_line
+from ..io import checked_text, json_problem, parse_json
 from .store import METADATA, TOKENS, token_dtype, write_index, write_metadata
 
 FORMATS = {".txt": "txt", ".text": "txt", ".raw": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -205,10 +206,10 @@ def _jsonl_texts(chunk: Chunk, text_field: str, max_record_bytes: int) -> Iterat
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
+                record = parse_json(line)
+            except ValueError as error:  # malformed, nested too deep, a number too long to read
                 raise UserError(f"{chunk.path} line {_line_number(chunk.path, start)} is not valid JSON: "
-                                f"{error.msg}") from None
+                                f"{json_problem(error)}") from None
             yield _text_of(record, text_field, lambda: f"{chunk.path} line {_line_number(chunk.path, start)}")
 
 
@@ -220,7 +221,7 @@ def _text_of(record, text_field: str, where) -> str:
     if not isinstance(text, str):
         kind = "null" if text is None else type(text).__name__
         raise UserError(f"{where()}: {text_field!r} is {kind}, not a string of text")
-    return text
+    return checked_text(text, where())
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -242,6 +243,8 @@ def _parquet_texts(chunk: Chunk, text_field: str, max_record_bytes: int) -> Iter
     if text_field not in columns:
         raise UserError(f"{chunk.path} has no {text_field!r} column (it has: {', '.join(columns)}); set data.text_field")
     kind = parquet.schema_arrow.field(text_field).type
+    if pa.types.is_dictionary(kind):  # repeated texts stored once: still strings
+        kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"{chunk.path}: column {text_field!r} holds {kind}, not strings of text")
     row = chunk.rows_before
