@@ -14,6 +14,7 @@ from pathlib import Path
 _PACKAGE = Path(__file__).resolve().parent
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _HF_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")  # scheme://user:password@host
 
 
 class UserError(Exception):
@@ -64,10 +65,12 @@ def unpickling_refusal(error: BaseException) -> str:
 
 
 def scrub(text: str, token: str | None) -> str:
-    """`text` without the token or anything shaped like one (servers may echo request headers)."""
+    """`text` without the token or anything shaped like one (servers may echo request headers),
+    and without credentials written into a URL (an HF_ENDPOINT of `https://user:password@host`)."""
     if token:
         text = text.replace(token, "***")
     text = _BEARER.sub(r"\1***", text)
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
     return _HF_TOKEN_LIKE.sub("***", text)
 
 

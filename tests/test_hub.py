@@ -379,6 +379,38 @@ def test_an_unreadable_config_is_refused_before_any_request(hub, model_dir, monk
     assert snapshot(model_dir) == before
 
 
+def _link_weights_out(folder: Path) -> None:
+    outside = folder.parent / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+
+
+def _link_card_out(folder: Path) -> None:
+    (folder.parent / "private-notes.md").write_text("my private notes\n")
+    (folder / "README.md").symlink_to(folder.parent / "private-notes.md")
+
+
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        (_link_weights_out, ["model.safetensors is a link to", "outside the checkpoint"]),
+        (_link_card_out, ["README.md is a link to", "outside the checkpoint"]),
+        (lambda folder: (folder / "model.safetensors").write_bytes(b""), ["corrupt or truncated safetensors file"]),
+        (lambda folder: (folder / "generation_config.json").write_text(json.dumps({"note": WRITE_TOKEN})),
+         ["generation_config.json holds your Hugging Face token"]),
+    ],
+    ids=["weights link out", "card links out", "empty weights", "token in a config"],
+)
+def test_what_must_not_be_published_is_refused_before_any_request(hub, model_dir, monkeypatch, capfd, damage, needles):
+    """A link out of the folder would publish what it points to, broken weights a broken model,
+    and a token that a tool wrote into a file the user's credentials."""
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    damage(model_dir)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_clear_line(code, err, *needles)
+    assert hub.log == []
+
+
 def test_wrong_token_is_refused_without_echoing_it(hub, model_dir, monkeypatch, capfd):
     monkeypatch.setenv("HF_TOKEN", WRONG_TOKEN)
     before = snapshot(model_dir)
@@ -430,6 +462,16 @@ def test_not_a_converted_model(hub, tmp_path, monkeypatch, capfd):
     code, _, err = invoke(capfd, "push", str(tmp_path / "missing"), "alice/tiny-mesh")
     assert_one_clear_line(code, err, "not a directory")
     assert hub.log == []
+
+
+def test_credentials_in_the_endpoint_are_never_shown(hub, model_dir, monkeypatch, capfd):
+    """An HF_ENDPOINT of https://user:password@host (a proxy's login) was printed in every message."""
+    port = closed_port()
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://alice:s3cr3tPass@127.0.0.1:{port}")
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_clear_line(code, err, f"http://***@127.0.0.1:{port}")
+    assert "s3cr3tPass" not in err
 
 
 def test_invalid_repo_id(hub, model_dir):

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from ..errors import UserError, printable, shown
+from ..errors import UserError, printable, scrub, shown
 from . import convert as convert_commands
 from . import data as data_commands
 from . import diagnose as diagnose_commands
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         # reads as the error and an error only one process met is not lost.
         rank = os.environ.get("RANK", "0")
         tag = "" if rank == "0" else shown(f"[rank {rank}] ")
-        err_console.print(f"{tag}[bold red]error:[/] {shown(error)}", highlight=False, soft_wrap=True)
+        err_console.print(f"{tag}[bold red]error:[/] {shown(scrub(str(error), None))}", highlight=False, soft_wrap=True)
         return error.exit_code
     except typer.Exit as exit_:
         return exit_.exit_code
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(error).__name__}: {shown(error)} (rerun with --debug for the traceback)",
+            f"[bold red]internal error:[/] {type(error).__name__}: {shown(scrub(str(error), None))} (rerun with --debug "
+            "for the traceback)",
             highlight=False,
             soft_wrap=True,
         )

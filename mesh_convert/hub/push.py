@@ -30,7 +30,7 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 from ..convert.record import FILENAME, ConversionRecord, published_adapter_config, published_config
 from ..convert.card import write_model_card
 from ..errors import UserError, hub_error, scrub
-from ..io import TOKENIZER_FILES, hub_timeout, resolve_endpoint, upload_answer_timeout
+from ..io import TOKENIZER_FILES, hub_timeout, open_safetensors, refuse_links_out, resolve_endpoint, upload_answer_timeout
 from ..convert.remote_code import REMOTE_CODE_FILES, may_name_code, without_foreign_code
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
@@ -152,6 +152,32 @@ def published_form(folder: Path, record: ConversionRecord | None, include: Seque
             if cleaned != content:
                 changed[relative] = cleaned.decode()
     return Published(kept, changed, sorted(left_out), removed)
+
+
+TOKEN_SCAN_BYTES = 64 << 20  # files up to this size are searched for the token (weights are larger, and binary)
+
+
+def check_publishable(folder: Path, published: Published, token: str) -> None:
+    """Refuse, before any request, to publish a file that links out of the folder (the link would
+    publish what it points to), safetensors that do not open (a broken upload), or a file that
+    holds the user's own Hub token (a config or card a tool wrote it into), which is never named."""
+    originals = [folder / relative for relative in published.files if relative not in published.changed]
+    refuse_links_out(folder, originals, "push publishes a folder's own files")
+    for relative in published.files:
+        path = folder / relative
+        if relative.endswith(".safetensors"):
+            with open_safetensors(path):
+                pass
+        text = published.changed.get(relative)
+        if text is not None:
+            holds_token = token in text
+        elif path.stat().st_size <= TOKEN_SCAN_BYTES:
+            holds_token = token.encode() in path.read_bytes()
+        else:
+            continue
+        if holds_token:
+            raise UserError(f"{path} holds your Hugging Face token: remove it from the file before pushing "
+                            "(nothing was uploaded)")
 
 
 def _published_metadata(folder: Path, record: ConversionRecord | None, files: list[str]) -> dict[str, str]:
@@ -299,6 +325,7 @@ def push_folder(
     record = ConversionRecord.read(folder)
     published = published_form(folder, record, include)
     token = resolve_token(token)
+    check_publishable(folder, published, token)
     endpoint = resolve_endpoint()
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -313,7 +340,8 @@ def push_folder(
         if token in str(error):  # a bug, reported as such, but still without the token
             raise RuntimeError(scrub(f"{type(error).__name__}: {error}", token)) from None
         raise
-    return PushResult(repo_url(endpoint, full_id, revision), full_id, revision or DEFAULT_BRANCH, published.left_out,
+    # Shown and returned without credentials an HF_ENDPOINT may carry (https://user:password@host).
+    return PushResult(repo_url(scrub(endpoint, None), full_id, revision), full_id, revision or DEFAULT_BRANCH, published.left_out,
                       published.removed_code)
 
 
