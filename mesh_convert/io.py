@@ -299,8 +299,8 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
         with transformers_bars_hidden():
             # transformers does not pass local_files_only on to its look for a peft adapter: say it twice.
             offline = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if unreachable else {}
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype, **offline
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype, output_loading_info=True, **offline
             )
     except model_file_errors() as error:  # corrupt weights, unknown architecture, weights that do not fit the config
         if is_our_fault(error):
@@ -308,6 +308,12 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
         if unreachable and isinstance(error, OSError):
             raise UserError(f"{unreachable} (and it is not in the local cache)") from None
         raise UserError(f"cannot load the model in {name}: {type(error).__name__}: {first_line(error)}") from None
+    # transformers fills weights a checkpoint lacks with random ones and goes on: a model that
+    # evaluates, trains or merges as if it were whole.
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"the model in {name} lacks weights its config needs: {missing[0]}{more}")
     return model.to(device).eval()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
@@ -40,6 +41,12 @@ def work(tmp_path_factory) -> dict[str, Path]:
     for name, value in (("number", 5), ("null", None), ("list", ["a"])):
         (root / f"{name}.jsonl").write_text("\n".join([good] * 20 + [json.dumps({"text": value})] + [good] * 20) + "\n")
     pq.write_table(pa.table({"text": list(range(400))}), root / "numbers.parquet")
+
+    lacking = root / "lacking"  # a checkpoint without one of its weights (transformers would fill it at random)
+    shutil.copytree(model, lacking)
+    weights = load_file(lacking / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if "final_norm" not in name},
+              lacking / "model.safetensors", metadata={"format": "pt"})
 
     (root / "a-file").write_text("not a directory\n")
     return {"root": root, "tokenizer": tokenizer, "text": text, "model": model, "truncated": truncated}
@@ -151,6 +158,8 @@ def test_the_readme_token_budget_1e8_is_read_as_a_number(work, tmp_path, capfd):
 
 # (case, argv with {root} and {out} filled in, words the error must contain)
 COMMANDS = [
+    ("eval of a model that lacks a weight", ["eval", "{root}/lacking", "--data", "{root}/train.txt"],
+     ["lacks weights its config needs", "model.final_norm"]),
     ("eval of a truncated shard", ["eval", "{root}/truncated", "--data", "{root}/train.txt"], ["truncated", "model.safetensors"]),
     ("diagnose of a truncated shard", ["diagnose", "{root}/truncated", "--data", "{root}/train.txt", "--output", "{out}"],
      ["truncated", "model.safetensors"]),
