@@ -128,6 +128,20 @@ def config(name: str, **changes):
     return make
 
 
+def shards_overlap(src, tmp):
+    """Two shards both hold one tensor, with different values: which one converts was chance."""
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(state)
+    save_file({name: state[name] for name in names[: len(names) // 2]}, src / "model-00001-of-00002.safetensors")
+    second = {name: state[name] for name in names[len(names) // 2:]}
+    second[TENSOR] = state[TENSOR] + 1
+    save_file(second, src / "model-00002-of-00002.safetensors")
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in names[: len(names) // 2]}
+    weight_map.update({name: "model-00002-of-00002.safetensors" for name in second})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def absurd_layer_count(src, tmp):
     edit_config(src, num_hidden_layers=10000)
     return ["--dry-run"]
@@ -202,6 +216,7 @@ CASES = [
     (hidden_size_missing, "lacks hidden_size, num_hidden_layers"),
     (zero_layers, "num_hidden_layers must be a positive integer, not 0"),
     (absurd_layer_count, "num_hidden_layers 10000 is more than"),
+    (shards_overlap, f"tensor {TENSOR} is in both model-00001-of-00002.safetensors and model-00002-of-00002"),
     (config("hidden_1e30", hidden_size=10**30), "hidden_size 1,000,000,000,000,000,000,000,000,000,000 is beyond any model"),
     (config("nan_norm_eps", layer_norm_eps=float("nan")), "layer_norm_eps must be a positive finite number, not nan"),
     (config("negative_norm_eps", layer_norm_eps=-1.0), "layer_norm_eps must be a positive finite number, not -1.0"),
@@ -324,6 +339,19 @@ def test_non_finite_source_weights_warn_and_convert(pythia, tmp_path, capsys):
     assert "NaN or inf" in warnings[0]
     assert "gpt_neox.layers.5.mlp.dense_4h_to_h.weight" in warnings[0]
     assert "gpt_neox.layers.7.attention.dense.weight" in warnings[0]
+
+
+def test_non_finite_weights_that_are_copied_byte_for_byte_warn_too(pythia, tmp_path, capsys):
+    """In the output dtype, a prelude or coda layer is copied file to file without being read: its
+    NaN was converted without the warning."""
+    src = copy_of(pythia, tmp_path / "src")
+    state = load_file(src / "model.safetensors")
+    state["gpt_neox.layers.7.attention.dense.weight"][1, 1] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    code = main([str(src), "--loops", "2", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1 and "gpt_neox.layers.7.attention.dense.weight" in warnings[0], err
 
 
 def test_a_hub_cache_snapshot_named_as_a_folder_converts(pythia, tmp_path, capsys):

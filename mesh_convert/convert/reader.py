@@ -2,14 +2,18 @@
 `weights_only=True`), so a conversion holds one layer group in memory, not the whole model."""
 
 import math
+import mmap
 import os
+import pickle
+import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import UserError
+from ..errors import UserError, unpickling_refusal
 from ..io import open_safetensors, parse_json
 from .shards import DTYPES_BY_NAME, TensorSpan, read_spans
 from .source import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_PATTERNS, refuse_links_out
@@ -35,6 +39,7 @@ class CheckpointReader:
         self.directory = directory
         self._where: dict[str, object] = {}  # tensor name -> open safetensors handle or a dict of tensors
         self._files: dict[str, Path] = {}  # tensor name -> its safetensors file
+        self._origin: dict[str, Path] = {}  # tensor name -> the weight file that holds it
         self._spans: dict[Path, dict[str, TensorSpan]] = {}  # per file, read on first use
         self.non_finite: list[str] = []  # tensors read so far that hold NaN or inf
         if state_dict is not None:
@@ -74,6 +79,7 @@ class CheckpointReader:
     def _open_safetensors(self, file: Path):
         handle = open_safetensors(file)
         for name in handle.keys():
+            self._claim(name, file)
             self._where[name] = handle
             self._files[name] = file
 
@@ -83,12 +89,20 @@ class CheckpointReader:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:
                 state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many kinds for a damaged or unsafe pickle
-            raise UserError(f"cannot read {file} as a weights-only PyTorch checkpoint: {str(error).splitlines()[0]}") from None
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+            raise UserError(f"cannot read {file} as a weights-only PyTorch checkpoint: {unpickling_refusal(error)}") from None
         if not isinstance(state, dict):
             raise UserError(f"{file} does not hold a state dict")
         for name in state:
+            self._claim(name, file)
             self._where[name] = state
+
+    def _claim(self, name: str, file: Path) -> None:
+        """Refuse a tensor that a second file holds too: which one is the weight would be chance."""
+        if name in self._origin:
+            raise UserError(f"tensor {name} is in both {self._origin[name].name} and {file.name}: the checkpoint's "
+                            "weight files overlap")
+        self._origin[name] = file
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -127,7 +141,17 @@ class CheckpointReader:
             return None
         if file not in self._spans:
             self._spans[file] = read_spans(file)
-        return self._spans[file].get(name)
+        span = self._spans[file].get(name)
+        if span is not None and span.nbytes:
+            # Its bytes are copied file to file, never read here: look at them in place once.
+            with open(span.file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                with warnings.catch_warnings():  # torch warns that a read-only buffer must not be written to
+                    warnings.simplefilter("ignore", UserWarning)
+                    tensor = torch.frombuffer(mapped, dtype=span.dtype, count=span.nbytes // span.dtype.itemsize,
+                                              offset=span.offset)
+                self._note_non_finite(name, tensor)
+                del tensor  # before the mapping closes
+        return span
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, read into memory; a tensor holding NaN or inf is noted in `non_finite`."""
@@ -142,6 +166,10 @@ class CheckpointReader:
                     tensor = handle.get_tensor(name)
             except SafetensorError as error:
                 raise UserError(f"cannot read tensor {name} from {self.directory}: {error}") from None
+        self._note_non_finite(name, tensor)
+        return tensor
+
+    def _note_non_finite(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.numel() and name not in self.non_finite:
             # One reduction pass, no full-size temporary (unlike isfinite): NaN propagates into the
             # minimum and maximum, and an inf is one of them. On one thread it adds ~5% to a
@@ -150,7 +178,6 @@ class CheckpointReader:
                 low, high = torch.aminmax(tensor)
             if not (math.isfinite(low) and math.isfinite(high)):
                 self.non_finite.append(name)
-        return tensor
 
 
 def _regular_files(files: list[Path]) -> list[Path]:
