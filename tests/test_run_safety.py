@@ -254,3 +254,18 @@ def test_a_failed_run_into_a_new_folder_leaves_nothing(work, tmp_path, capsys):
     path = write_recipe(tmp_path / "r.yaml", recipe(work["model"], work["text"], tmp_path / "run", train={"max_steps": 1}))
     code, _, err = invoke(capsys, "train", path, "data.block_size=100000")
     assert code == 1 and not (tmp_path / "run").exists(), err
+
+
+def test_a_stop_while_a_checkpoint_is_saved_leaves_no_half_of_it(work, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def stopped(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Accelerator, "save_state", stopped)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(Recipe.model_validate(recipe(work["model"], work["text"], out, **work["settings"])))
+    assert list((out / "checkpoints").iterdir()) == []

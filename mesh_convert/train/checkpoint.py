@@ -72,7 +72,12 @@ def save_checkpoint(accelerator, root: Path, step: int, tokens: int, keep_last: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except BaseException:  # a stop or a full disk mid-save: no half-written checkpoint stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         TrainState(step, tokens).write(partial)
