@@ -187,6 +187,7 @@ BAD_ADAPTERS = [
     ("targets a number", _config(target_modules=5), "cannot be applied to the base model"),
     ("base of a number", _config(base_model_name_or_path=5), "base_model_name_or_path is not a path"),
     ("other shapes", _shapes, "size mismatch for"),
+    ("saves an invalid pattern", _config(modules_to_save=["(unclosed"]), "modules_to_save holds an invalid regular expression"),
 ]
 
 
@@ -204,6 +205,24 @@ def test_merge_of_a_bad_adapter_is_one_line_and_runs_nothing(lora_run, tmp_path,
     err = capsys.readouterr().err
     assert wanted in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_merge_of_an_adapter_whose_pattern_backtracks_without_end_is_refused(lora_run, tmp_path, capsys, monkeypatch):
+    """peft matches module names against a string target_modules with Python's re, which held merge
+    for hours on a pattern such as ([a-z_.0-9]+)+! (the time limit is shortened here)."""
+    import shutil
+
+    from mesh_convert.train import lora
+
+    monkeypatch.setattr(lora, "PATTERNS_SECONDS", 1.0)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run["out"] / "adapter", adapter)
+    _config(target_modules=r"([a-z_.0-9]+)+!")(adapter, tmp_path / "ran")
+    capsys.readouterr()
+    assert run_cli(["merge", str(adapter), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "target_modules takes more than 1 s to match the model's module names" in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_finetune_dry_run_counts_adapter_and_router_parameters(lora_run, tmp_path, monkeypatch, capsys):

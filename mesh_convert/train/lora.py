@@ -143,6 +143,48 @@ def read_adapter(adapter_dir: Path):
     return config
 
 
+PATTERNS_SECONDS = 10.0  # for all patterns on all module names: real ones take milliseconds
+# How peft matches names, run in a process of its own that can be stopped: Python's `re` holds the
+# interpreter while it backtracks, so nothing in this process could interrupt it.
+_MATCH_ALL = "import json, re, sys\nforms, names = json.load(sys.stdin)\nfor pattern, whole in forms:\n" \
+             "    compiled = re.compile(pattern)\n    for name in names:\n" \
+             "        (compiled.fullmatch if whole else compiled.match)(name)\n"
+
+
+def check_patterns(config, names: list[str], where: Path) -> None:
+    """peft matches the model's module names against regular expressions taken from the adapter's
+    config (a string target_modules or exclude_modules, modules_to_save, layers_pattern, the keys of
+    rank_pattern and alpha_pattern), in the forms given here: a received adapter's pattern could
+    backtrack for hours. Each must compile, and all must match every name within a time limit."""
+    import json
+    import subprocess
+    import sys
+
+    def listed(value) -> list:
+        return [value] if isinstance(value, str) else list(value or ())
+
+    forms = [(field, getattr(config, field), True) for field in ("target_modules", "exclude_modules")
+             if isinstance(getattr(config, field, None), str)]
+    forms += [("modules_to_save", rf"(^|.*\.){m}($|\..*)", False) for m in listed(config.modules_to_save)]
+    forms += [("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", False) for p in listed(config.layers_pattern)]
+    forms += [(field, rf"(.*\.)?({key})$", False) for field in ("rank_pattern", "alpha_pattern")
+              for key in (getattr(config, field, None) or {})]
+    for field, pattern, _ in forms:
+        try:
+            re.compile(str(pattern))
+        except re.error as error:
+            raise UserError(f"{where}: {field} holds an invalid regular expression ({error})") from None
+    if not forms:
+        return
+    try:
+        subprocess.run([sys.executable, "-c", _MATCH_ALL], input=json.dumps([[(str(p), w) for _, p, w in forms], names]),
+                       text=True, capture_output=True, timeout=PATTERNS_SECONDS, check=True)
+    except subprocess.TimeoutExpired:
+        fields = ", ".join(sorted({field for field, _, _ in forms}))
+        raise UserError(f"{where}: a regular expression in {fields} takes more than {PATTERNS_SECONDS:g} s to match "
+                        "the model's module names (one that backtracks without end); refused") from None
+
+
 def _mismatch(error: RuntimeError) -> str:
     """The first of torch's "size mismatch for NAME: ..." lines (its first line only says where)."""
     return next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), first_line(error))
@@ -190,6 +232,7 @@ def merge_adapter(
         raise UserError(f"base model {str(base_path)!r} of the adapter is not a checkpoint directory; pass --base")
     check_target(output, overwrite, (adapter_dir, base_path))  # before the slow load
     model = load_model(base_path, dtype=torch.float32)
+    check_patterns(config, [name for name, _ in model.named_modules()], adapter_dir / "adapter_config.json")
     try:
         with peft_deprecation_hidden():
             merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config).merge_and_unload()
