@@ -215,6 +215,15 @@ def test_published_records_cut_absolute_paths_to_their_last_part():
     }
 
 
+def test_a_published_config_names_where_it_was_loaded_from_by_the_folder_only():
+    """transformers' `_name_or_path`, which a config saved by another tool may hold, went up whole."""
+    from mesh_convert.convert.record import published_config
+
+    config = {"_name_or_path": "/home/alice/clients/acme/model", "model_type": "mesh"}
+    assert published_config(config) == {"_name_or_path": "model", "model_type": "mesh"}
+    assert published_config({"_name_or_path": "EleutherAI/pythia-160m"})["_name_or_path"] == "EleutherAI/pythia-160m"
+
+
 def test_markdown_and_html_in_names_are_shown_as_text():
     """A folder's name (or a task's) goes into the card's title, body and tables: its markdown and
     HTML show as the characters they are (the card renders to the same HTML elements as with plain

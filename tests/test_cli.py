@@ -135,3 +135,25 @@ def test_untrusted_names_reach_the_terminal_escaped(tiny_pythia, tmp_path, capfd
     assert "\\x1b[2J" in out and "\\nerror: forged" in out.replace("\n", "")
     for text in (missing, merged):
         assert len(text.strip().splitlines()) == 1 and "\\x1b[2J" in text and "\\nerror: forged" in text
+
+
+def test_an_output_that_cannot_be_written_or_shown_is_one_line(tmp_path):
+    """stdout on a full disk, a terminal that cannot show a name, a working folder deleted under
+    the command: each was an internal error."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    plan = [sys.executable, "-m", "mesh_convert", "pythia-1.4b", "--loops", "3", "--dry-run"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(plan, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and result.stderr.strip() == "error: cannot write the output: No space left on device"
+
+    named = tmp_path / "modèle"
+    named.mkdir()
+    result = subprocess.run([*plan[:3], str(named), "--loops", "2"], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 1 and "mod\\xe8le has no config.json" in result.stderr, result.stderr
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    result = subprocess.run(["/bin/sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" "$@"', *plan],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "the working folder no longer exists" in result.stderr, result.stderr

@@ -5,8 +5,10 @@ subcommands (`mesh-convert eval ...`, `mesh-convert push ...`). Every failure th
 cause is a `UserError`, printed as one line with a non-zero exit; `--debug` shows tracebacks.
 """
 
+import errno
 import os
 import sys
+from contextlib import suppress
 
 import typer
 from rich.console import Console
@@ -97,13 +99,37 @@ for command in app.registered_commands:
         command.cls = PlainHelpCommand
 
 
+def _escape_what_the_terminal_cannot_show() -> None:
+    """Characters the output's encoding lacks (PYTHONIOENCODING=ascii, a C locale) are written as
+    escapes instead of ending the command with an internal error."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _output_failed(error: Exception) -> bool:
+    """Whether `error` is the command's output failing to be written (stdout on a full disk, a
+    closed pipe): the commands turn every failure to write a file of theirs into a UserError."""
+    return isinstance(error, OSError) and error.filename is None and error.errno in (
+        errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EBADF, errno.EDQUOT)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning errors into one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("MESH_CONVERT_DEBUG") == "1"
+    _escape_what_the_terminal_cannot_show()
+    try:
+        os.getcwd()  # relative paths, and much else, need it
+    except FileNotFoundError:
+        err_console.print("[bold red]error:[/] the working folder no longer exists (it was deleted): change to another "
+                          "one", highlight=False)
+        return 1
     try:
         # Not standalone: typer then returns exit codes (130 for Ctrl-C) instead of exiting.
         code = app(args=args, standalone_mode=False, prog_name="mesh-convert", obj={"argv": list(args)})
+        if sys.stdout is not None:  # None where the caller closed it
+            sys.stdout.flush()  # here, where a full disk or a closed pipe can still be reported
     except UserError as error:
         if debug:
             raise
@@ -126,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("[bold red]error:[/] interrupted", highlight=False)
         return 130
     except Exception as error:  # a bug: say so in one line, unless --debug
+        if _output_failed(error):
+            err_console.print(f"[bold red]error:[/] cannot write the output: {shown(error.strerror)}", highlight=False)
+            # What stays buffered for stdout would fail again when Python flushes it on exit.
+            with suppress(OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         if debug:
             raise
         err_console.print(

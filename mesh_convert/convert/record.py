@@ -216,7 +216,11 @@ def _published_source(source: Source | None) -> Source | None:
 
 def published_config(config: dict) -> dict:
     """config.json as it is published: its provenance with the absolute paths cut like the
-    record's (conversions before mesh-convert cut them on writing stored a local source's path)."""
+    record's (conversions before mesh-convert cut them on writing stored a local source's path),
+    and transformers' `_name_or_path` (where a model was loaded from, which a config saved by
+    another tool may hold) cut too."""
+    if isinstance(config.get("_name_or_path"), str):
+        config = {**config, "_name_or_path": _without_local_paths(config["_name_or_path"])}
     provenance = config.get("provenance")
     if not isinstance(provenance, dict):
         return config
