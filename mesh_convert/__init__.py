@@ -4,9 +4,9 @@ The package is light to import: the model classes and the converter load (with t
 transformers) on first use of these names, e.g. `from mesh_convert import MeshForCausalLM`.
 Loading the model registers it with transformers' Auto classes (see `mesh_convert.modeling`).
 
-Map: `modeling` (the model) <- `convert` (checkpoint -> plan -> tensors -> shards) <- `train`
-(recipe -> data -> loop -> checkpoint) <- `eval`, `analysis` <- `hub` <- `cli`; `errors` and
-`io` serve them all. A module imports only from its own layer or the ones below it.
+Map: `errors`, `modeling` (the model) <- `io` <- `loading` (models and tokenizers) <- `convert`
+(checkpoint -> plan -> tensors -> shards) <- `train` (recipe -> data -> loop -> checkpoint) <-
+`eval`, `analysis` <- `hub` <- `cli`. A module imports only from its own layer or the ones below it.
 """
 
 import importlib

@@ -19,7 +19,7 @@ from conftest import make_tiny_pythia
 from helpers import invoke
 from mesh_convert.eval import harness as ev
 from mesh_convert.errors import UserError
-from mesh_convert.io import load_model, load_tokenizer
+from mesh_convert.loading import load_model, load_tokenizer
 
 # Character-level vocabulary (98 ids < the tiny models' 128): one token per ASCII character,
 # so token counts and byte counts of test texts are known by eye.

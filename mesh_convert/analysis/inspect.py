@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..convert.record import ConversionRecord
-from ..io import has_tokenizer, load_model, load_tokenizer
+from ..io import has_tokenizer
+from ..loading import load_model, load_tokenizer
 from .diagnose import (
     figure_size,
     is_mesh,

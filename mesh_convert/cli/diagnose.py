@@ -166,7 +166,7 @@ def diagnose(
         run_diagnostics,
         write_outputs,
     )
-    from ..io import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(

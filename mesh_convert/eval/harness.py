@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, error_line, is_our_fault
-from ..io import HubUnreachable, check_largest_id, hub_info, read_jsonl, resolve_endpoint
+from ..io import HubUnreachable, hub_info, read_jsonl, resolve_endpoint
+from ..loading import check_largest_id
 
 Progress = Callable[[int, int], None]
 """`on_progress(done, total)`: called after each batch with the units done so far."""

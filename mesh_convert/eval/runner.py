@@ -10,7 +10,8 @@ import sys
 import torch
 
 from ..errors import UserError, shown
-from ..io import load_model, load_tokenizer, model_source, transformers_bars_hidden
+from ..io import model_source
+from ..loading import load_model, load_tokenizer, transformers_bars_hidden
 from . import harness as ev
 from .options import EvalOptions
 

@@ -18,14 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, first_line, is_our_fault, shown
-from ..io import (
-    check_model_dir,
-    check_output_directory,
-    load_model,
-    load_tokenizer,
-    model_file_errors,
-    transformers_bars_hidden,
-)
+from ..io import check_model_dir, check_output_directory
+from ..loading import load_model, load_tokenizer, model_file_errors, transformers_bars_hidden
 from ..convert.remote_code import warn_removed
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, Resume, TrainState, accelerate_view, checkpoint_dirs, choose_checkpoint, save_checkpoint

@@ -17,7 +17,8 @@ from torch import nn
 from ..convert.record import ConversionRecord, with_removed_code, with_training
 from ..convert.remote_code import strip_foreign_code
 from ..errors import UserError, first_line, is_our_fault, unpickling_refusal
-from ..io import check_weights_inside, load_model, open_safetensors, read_json_object, transformers_bars_hidden
+from ..io import check_weights_inside, open_safetensors, read_json_object
+from ..loading import load_model, transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
