@@ -362,8 +362,8 @@ def test_resolve_layout(tiny_mesh_model, tmp_path):
         resolve_layout(plain, "3+2R2+2")
     with pytest.raises(UserError, match="needs --layout"):
         resolve_layout(plain)
-    # --loops follows the converter's rule: whatever plan.default_layout says.
-    from mesh_convert.convert.plan import default_layout
+    # --loops follows the converter's rule: whatever layout.default_layout says.
+    from mesh_convert.layout import default_layout
 
     assert resolve_layout(plain, loops=2) == default_layout(8, 2) == Layout(1, 3, 2, 1)
 

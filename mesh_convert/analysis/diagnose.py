@@ -41,7 +41,7 @@ import torch
 
 from ..train.data import read_documents, tokenize_stream
 from ..errors import UserError
-from ..convert.plan import Layout, default_layout
+from ..layout import Layout, default_layout
 
 # ---------------------------------------------------------------------------------------------
 # Layouts: which hidden states are the loop boundaries.
@@ -69,7 +69,7 @@ def model_layout(model) -> Layout:
 def resolve_layout(model, layout: str | None = None, loops: int | None = None) -> Layout:
     """The layout to read the model with: a MeSH model's own, or the one given for a plain model.
 
-    For a plain model, `loops` alone picks the converter's default split (`convert.plan.default_layout`).
+    For a plain model, `loops` alone picks the converter's default split (`layout.default_layout`).
     """
     depth = model.config.num_hidden_layers
     if is_mesh(model):

@@ -13,7 +13,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import io
-from ..convert.plan import Layout, converted_name
+from ..convert.plan import converted_name
+from ..layout import Layout
 from ..convert.record import ConversionRecord, Params
 from ..errors import printable
 

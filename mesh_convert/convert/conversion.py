@@ -29,7 +29,8 @@ from .remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
 from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
-from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
+from ..layout import loop_sources
+from .plan import ConversionPlan, make_plan, shared_sources
 from .output import check_target, staged_directory
 from .reader import CheckpointReader, one_thread
 from .record import with_removed_code

@@ -24,7 +24,8 @@ OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
 def scratch_config(spec: InitSpec) -> MeshConfig:
     """The MeshConfig of `spec`: a Pythia size's architecture (optionally resized), in its default
     (or the given) layout."""
-    from ..convert.plan import mesh_config_from_source, resolve_layout
+    from ..convert.plan import mesh_config_from_source
+    from ..layout import resolve_layout
     from ..convert.pythia import PYTHIA_SUITE, parse_alias, pythia_config
 
     if spec.size == "custom":
