@@ -4,7 +4,8 @@ The package is light to import: the model classes and the converter load (with t
 transformers) on first use of these names, e.g. `from mesh_convert import MeshForCausalLM`.
 Loading the model registers it with transformers' Auto classes (see `mesh_convert.modeling`).
 
-Map: `errors`, `modeling` (the model) <- `io`, `layout` (P+CRK+Q) <- `loading` (models and tokenizers) <- `convert`
+Map: `errors`, `modeling` (the model) <- `io`, `layout` (P+CRK+Q) <- `loading` (models and tokenizers) <-
+`artifacts` (what the tool writes) <- `convert`
 (checkpoint -> plan -> tensors -> shards) <- `train` (recipe -> data -> loop -> checkpoint) <-
 `eval`, `analysis` <- `hub` <- `cli`. A module imports only from its own layer or the ones below it.
 """

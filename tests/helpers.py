@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import make_tiny_llama, make_tiny_pythia
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
-from mesh_convert.convert.remote_code import AUTO_MAP, REMOTE_CODE_FILES
+from mesh_convert.artifacts.remote_code import AUTO_MAP, REMOTE_CODE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses get one thread each too (conftest sets it for this process).

@@ -44,7 +44,7 @@ from mesh_convert.analysis.diagnose import (
     tokenize_file,
 )
 from mesh_convert.analysis import inspect as inspect_module
-from mesh_convert.convert import output as output_module
+from mesh_convert.artifacts import output as output_module
 from mesh_convert.errors import UserError
 from mesh_convert.analysis.inspect import (
     RouterStats,

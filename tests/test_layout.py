@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mesh_convert"
-LAYERS = {"errors": 0, "modeling": 0, "io": 1, "layout": 1, "loading": 2, "convert": 4, "train": 5,
+LAYERS = {"errors": 0, "modeling": 0, "io": 1, "layout": 1, "loading": 2, "artifacts": 3, "convert": 4, "train": 5,
           "eval": 6, "analysis": 6, "hub": 7, "cli": 8, "__main__": 9}
 REMOTE_CODE = ("configuration_mesh", "modeling_mesh")
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.convert import conversion as convert_module
-from mesh_convert.convert import output as output_module
+from mesh_convert.artifacts import output as output_module
 from mesh_convert.cli import main
 from helpers import SUBPROCESS_ENV, char_tokenizer, invoke, metrics, recipe, tiny_converted, write_text
 
@@ -364,7 +364,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 from mesh_convert.cli import main
 from mesh_convert.convert import conversion as convert
-from mesh_convert.convert import output
+from mesh_convert.artifacts import output
 
 stage, name, *args = sys.argv[1:]
 number = getattr(signal, name)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..convert.record import ConversionRecord
+from ..artifacts.record import ConversionRecord
 from ..io import has_tokenizer
 from ..loading import load_model, load_tokenizer
 from .diagnose import (

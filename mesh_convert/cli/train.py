@@ -11,7 +11,7 @@ from rich.table import Table
 from ..convert.options import Variant
 from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import check_output_directory
-from ..convert.remote_code import strip_foreign_code, warn_removed
+from ..artifacts.remote_code import strip_foreign_code, warn_removed
 
 console = Console(stderr=True)
 OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
@@ -105,10 +105,10 @@ def register(app: typer.Typer) -> None:
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         from pydantic import ValidationError
 
-        from ..convert.card import write_model_card
-        from ..convert.output import check_target, staged_directory
+        from ..artifacts.card import write_model_card
+        from ..artifacts.output import check_target, staged_directory
         from ..convert.plan import mesh_parameter_counts
-        from ..convert.record import with_removed_code
+        from ..artifacts.record import with_removed_code
         from ..train.recipe import InitSpec, explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 

@@ -21,19 +21,19 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import GenerationConfig
 
+from ..artifacts.card import write_model_card
+from ..artifacts.output import check_target, staged_directory
+from ..artifacts.record import with_removed_code
+from ..artifacts.remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
 from ..errors import UserError
 from ..io import torch_dtype
+from ..layout import loop_sources
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
-from .remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
-from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
-from ..layout import loop_sources
 from .plan import ConversionPlan, make_plan, shared_sources
-from .output import check_target, staged_directory
 from .reader import CheckpointReader, one_thread
-from .record import with_removed_code
 from .shards import ShardWriter, TensorSpan
 from .source import fetch_checkpoint, load_generation_config, tokenizer_files
 

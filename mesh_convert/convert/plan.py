@@ -14,27 +14,17 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from .. import __version__
 from ..errors import UserError
+from ..artifacts.record import ConversionRecord, Params, converted_name
 from ..layout import Layout, loop_sources, resolve_layout
 from .families import SourceFamily, source_family
 from .options import DEFAULT_ROUTER_GAP, DTYPE_MAX, MAX_SLOTS, ConvertOptions, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
-from .record import ConversionRecord, Params
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
 
 if TYPE_CHECKING:
     from ..modeling.configuration_mesh import MeshConfig
 
 TIES = get_args(Tie)
-
-
-def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None) -> str:
-    """A converted model's default name, for its folder and its model card: the source's last
-    part, the variant (so that conversions of one source into two variants do not meet), the
-    layout as `P_CRK_Q`, and the relaxation rank where there are deltas (they change the
-    parameter count). E.g. `pythia-160m-mesh-2_4R2_2`, `pythia-160m-mesh-2_4R2_2-relax64`."""
-    base = source.rstrip("/").rsplit("/", 1)[-1] or "model"
-    relax = f"relax{relax_rank}" if relax_rank not in (0, None) else None
-    return "-".join(part for part in (base, variant, layout_name, relax) if part)
 
 
 def shared_sources(layout: Layout, tie: str) -> list[list[int]]:

@@ -20,7 +20,7 @@ import torch
 from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import check_model_dir, check_output_directory
 from ..loading import load_model, load_tokenizer, model_file_errors, transformers_bars_hidden
-from ..convert.remote_code import warn_removed
+from ..artifacts.remote_code import warn_removed
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, Resume, TrainState, accelerate_view, checkpoint_dirs, choose_checkpoint, save_checkpoint
 from .run_folder import check_inputs_apart, check_not_occupied, exclusive_run
@@ -537,9 +537,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float, replace: bool) -> dict:
     """Write the trained model (or adapter), the tokenizer and conversion.json with a training
     section, each staged and published whole; `replace` allows replacing an earlier export."""
-    from ..convert.card import write_model_card
-    from ..convert.output import staged_directory
-    from ..convert.record import ConversionRecord
+    from ..artifacts.card import write_model_card
+    from ..artifacts.output import staged_directory
+    from ..artifacts.record import ConversionRecord
     from .lora import copy_side_files, retitle_adapter_card
     from .scratch import scratch_record
 

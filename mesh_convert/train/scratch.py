@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__
 from ..convert.plan import mesh_parameter_counts
-from ..convert.record import ConversionRecord, Params
+from ..artifacts.record import ConversionRecord, Params
 from ..errors import UserError
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM

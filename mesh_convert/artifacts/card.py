@@ -13,10 +13,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import io
-from ..convert.plan import converted_name
-from ..layout import Layout
-from ..convert.record import ConversionRecord, Params
 from ..errors import printable
+from ..layout import Layout
+from .record import ConversionRecord, Params, converted_name
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2510.07739"
