@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mesh_convert"
-LAYERS = {"errors": 0, "modeling": 0, "io": 1, "layout": 1, "loading": 2, "artifacts": 3, "convert": 4, "train": 5,
-          "eval": 6, "analysis": 6, "hub": 7, "cli": 8, "__main__": 9}
+LAYERS = {"errors": 0, "modeling": 0, "io": 1, "layout": 1, "options": 1, "loading": 2, "artifacts": 3,
+          "convert": 4, "train": 5, "eval": 6, "analysis": 6, "hub": 7, "cli": 8, "__main__": 9}
 REMOTE_CODE = ("configuration_mesh", "modeling_mesh")
 
 
@@ -85,7 +85,9 @@ def test_the_remote_code_pair_imports_only_each_other():
 
 
 def test_few_top_level_modules():
-    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "errors.py", "io.py", "layout.py", "loading.py"]
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == [
+        "__init__.py", "__main__.py", "errors.py", "io.py", "layout.py", "loading.py", "options.py"
+    ]
 
 
 def test_the_remote_code_keeps_the_options_choices():

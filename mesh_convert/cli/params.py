@@ -1,7 +1,7 @@
 """Typer parameters derived from pydantic options (as mergekit derives its click options), so
 that each option's type, choices, default and help are declared once, on the options model.
 
-A field takes part when its `json_schema_extra` has a `cli` entry (see `convert.options`):
+A field takes part when its `json_schema_extra` has a `cli` entry (see `mesh_convert.options`):
 `argument`, or the option's `flags`, and optionally `type`/`default` for parsing it as text.
 `Literal` fields become choices, which typer checks and lists in the error.
 """

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
 
+from ..options import cli_argument, cli_option
+
 Variant = Literal["mesh", "base", "residual", "anchor", "anchor_emb"]
 Tie = Literal["upper", "stepwise", "lower", "average"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -33,17 +35,6 @@ def default_slots(loops: int) -> int:
 def _bytes(size: str) -> int:
     """The bytes in a size like 500MB, 5GB (powers of ten) or 5GiB; a ValueError for anything else."""
     return int(TypeAdapter(ByteSize).validate_python(size))
-
-
-def cli_argument(**cli) -> dict:
-    """Field metadata: a positional command-line argument."""
-    return {"cli": {"argument": True, **cli}}
-
-
-def cli_option(*flags: str, **cli) -> dict:
-    """Field metadata: a command-line option under `flags`; `type` overrides the field's type for
-    parsing (the field's validator then reads the text)."""
-    return {"cli": {"flags": flags, **cli}}
 
 
 class ConvertOptions(BaseModel):
