@@ -91,7 +91,7 @@ def _average(tensors: list[torch.Tensor], dtype: torch.dtype, chunk: int = 1 << 
     return out
 
 
-def _router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Function-preserving routers (spec section 5): zero weights, and a bias that puts almost all
     mass on the step's own slot (transitional step -> slot 1, loop t -> slot t+2), for writing and
     reading alike, so each step reads back exactly what it wrote."""
@@ -168,7 +168,7 @@ def iter_tensor_groups(
         yield f"coda layer {j}", copy_layer("coda", j, first_coda + j)
     yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in final_norm_names(config)}
     if config.variant == "mesh":
-        yield "routers", _router_tensors(config, dtype)
+        yield "routers", router_tensors(config, dtype)
     if not config.tie_word_embeddings:
         head = next(name for name in family.heads if name in reader)
         yield "output head", {MESH_HEAD: load(head)}

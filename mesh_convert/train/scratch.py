@@ -74,7 +74,7 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
     (every read then starts as a near-uniform mix of all slots); `base` takes the conversion's
     function-preserving routers with `config.router_gap`, so MeSH starts as the base recurrence
     (plus the gap's leak) and learns away from it."""
-    from ..convert.conversion import _router_tensors
+    from ..convert.conversion import router_tensors
 
     check_fits_in_memory(config)
     torch.manual_seed(seed)
@@ -84,7 +84,7 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
         if name.endswith(OUTPUT_PROJECTIONS):
             module.weight.normal_(0.0, std)
     if router_init == "base" and model.model.memory is not None:
-        model.load_state_dict(_router_tensors(config, torch.float32), strict=False)
+        model.load_state_dict(router_tensors(config, torch.float32), strict=False)
     return model
 
 
