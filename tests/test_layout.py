@@ -1,11 +1,12 @@
-"""The package's map: subpackages in layers, each importing only from its own layer or the ones
-below it (errors < modeling < io < convert < train < eval, analysis < hub < cli < the `python -m`
-entry points), no import cycle between modules, and a self-contained remote-code pair."""
+"""The package's map, as its docstring (mesh_convert/__init__.py) draws it: top-level modules and
+subpackages in layers, each importing only from its own layer or the ones below it, no import cycle
+between modules, and a self-contained remote-code pair."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mesh_convert"
+# As the package's docstring draws them, bottom up.
 LAYERS = {"errors": 0, "modeling": 0, "io": 1, "layout": 1, "options": 1, "loading": 2, "artifacts": 3,
           "convert": 4, "train": 5, "eval": 6, "analysis": 6, "hub": 7, "cli": 8, "__main__": 9}
 REMOTE_CODE = ("configuration_mesh", "modeling_mesh")
@@ -61,6 +62,18 @@ def test_no_layer_imports_a_higher_one():
             if LAYERS[other] >= LAYERS[own]:
                 wrong.append(f"{module} -> {target}")
     assert not wrong, wrong
+
+
+def test_the_package_docstring_draws_these_layers():
+    """What a reader sees first (the package's docstring, top layer first) is what is checked here."""
+    import mesh_convert
+
+    rows = [line[4:].split("  ")[0] for line in mesh_convert.__doc__.splitlines()
+            if line.startswith("    ") and not line.startswith("     ")]
+    drawn = [sorted("__main__" if name == "python -m entry points" else name for name in row.split(", "))
+             for row in reversed(rows)]
+    checked = [sorted(name for name, level in LAYERS.items() if level == value) for value in sorted(set(LAYERS.values()))]
+    assert drawn == checked
 
 
 def test_no_import_cycles():
