@@ -66,7 +66,10 @@ class Layout:
 
 
 def _layouts(num_layers: int, loops: int, min_outer: int = 1) -> list[Layout]:
-    """Every compute-matched layout P + C*K + Q = num_layers with C >= 1 and P, Q >= min_outer."""
+    """Every compute-matched layout P + C*K + Q = num_layers with C >= 1 and P, Q >= min_outer: the
+    layouts of a loop count come from here, which refuses a count below 1 for all of them."""
+    if loops < 1:
+        raise ValueError("--loops must be at least 1")
     layouts = []
     for core in range(1, num_layers // loops + 1):
         rest = num_layers - core * loops
@@ -81,14 +84,8 @@ def default_layout(num_layers: int, loops: int) -> Layout:
     Reproduces 2+4R2+2 (12 layers), 4+8R2+4 and 3+6R3+3 (24), 3+5R2+3 (16). Among the layouts
     closest to C = N/(K+1), an even split of the outer layers wins; an odd extra layer goes to the coda.
     """
-    if loops < 1:
-        raise ValueError("--loops must be at least 1")
     # Per core size, the one split of the rest with coda - prelude in {0, 1}, both at least 1.
-    balanced = [
-        Layout(rest // 2, core, loops, rest - rest // 2)
-        for core in range(1, num_layers // loops + 1)
-        if (rest := num_layers - core * loops) >= 2
-    ]
+    balanced = [layout for layout in _layouts(num_layers, loops) if layout.coda - layout.prelude in (0, 1)]
     if not balanced:
         raise ValueError(
             f"{num_layers} layers are too few for {loops} loops with the default layout's prelude and coda layer "
@@ -99,15 +96,10 @@ def default_layout(num_layers: int, loops: int) -> Layout:
 
 
 def resolve_layout(num_layers: int, loops: int, prelude: int | None = None, coda: int | None = None) -> Layout:
-    """The default layout, or the one the user's --prelude/--coda pin down, or a ValueError that names
-    layouts that would work."""
+    """The default layout, or the one the user's --prelude/--coda (>= 0, as `mesh_convert.options`
+    declares them) pin down, or a ValueError that names layouts that would work."""
     if prelude is None and coda is None:
         return default_layout(num_layers, loops)
-    if loops < 1:
-        raise ValueError("--loops must be at least 1")
-    for name, value in (("--prelude", prelude), ("--coda", coda)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0")
     options = [
         layout
         for layout in _layouts(num_layers, loops, min_outer=0)

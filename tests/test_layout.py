@@ -107,7 +107,7 @@ def test_the_remote_code_keeps_the_options_choices():
     """configuration_mesh.py is self-contained, so it has its own list of variants: the same as the options'."""
     from typing import get_args
 
-    from mesh_convert.convert.options import Variant
+    from mesh_convert.options import Variant
     from mesh_convert.modeling.configuration_mesh import VARIANTS
 
     assert get_args(Variant) == VARIANTS

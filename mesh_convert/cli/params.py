@@ -44,6 +44,12 @@ def with_options(options: type[BaseModel], *extra: inspect.Parameter) -> Callabl
     return decorate
 
 
+def option(name: str, annotation, default, *flags: str, help: str) -> inspect.Parameter:
+    """A command-line option that is not one of the options model's (e.g. init's --output; `...`: required)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help),
+                             annotation=annotation)
+
+
 def flag(name: str, *flags: str, help: str) -> inspect.Parameter:
     """A boolean command-line switch that is not one of the options (e.g. --dry-run)."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(False, *flags, help=help), annotation=bool)
+    return option(name, bool, False, *flags, help=help)

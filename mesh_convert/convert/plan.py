@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..artifacts.record import ConversionRecord, Params, converted_name
 from ..layout import Layout, loop_sources, resolve_layout
 from .families import SourceFamily, source_family
-from .options import DEFAULT_ROUTER_GAP, DTYPE_MAX, MAX_SLOTS, ConvertOptions, Tie, default_slots
+from ..options import DEFAULT_ROUTER_GAP, DTYPE_MAX, check_router_gap
+from .options import MAX_SLOTS, ConvertOptions, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
 
@@ -61,7 +62,7 @@ def mesh_config_fields(
     layout: Layout,
     variant: str = "mesh",
     slots: int | None = None,
-    router_gap: float | None = None,
+    router_gap: float = DEFAULT_ROUTER_GAP,
     relax_rank: int | str = 0,
     provenance: dict | None = None,
 ) -> dict:
@@ -82,7 +83,7 @@ def mesh_config_fields(
         num_hidden_layers=layout.unrolled_layers,
         variant=variant,
         num_slots=slots,
-        router_gap=DEFAULT_ROUTER_GAP if router_gap is None else router_gap,
+        router_gap=router_gap,
         relax_rank=relax_rank,
         provenance=provenance,
         architectures=["MeshForCausalLM"],
@@ -258,13 +259,8 @@ def output_dtype_name(options: ConvertOptions, source_config) -> str:
 
 
 def check_router_options(options: ConvertOptions, slots: int, dtype_name: str) -> None:
-    """The router init stores the gap as a bias in the output dtype: it must be a number that dtype holds."""
-    largest = DTYPE_MAX[dtype_name]
-    if options.router_gap > largest:
-        raise UserError(
-            f"--router-gap {options.router_gap:g} does not fit {dtype_name}, the dtype the router biases are "
-            f"stored in: use a gap in (0, {largest:g}] (the default is {DEFAULT_ROUTER_GAP:g})"
-        )
+    """The router gap fits the output dtype, and the memory is not absurdly large."""
+    check_router_gap(options.router_gap, dtype_name)
     if options.variant == "mesh" and slots > MAX_SLOTS:
         raise UserError(
             f"--slots {slots} is more than {MAX_SLOTS}: every slot adds a hidden state per token to the memory "

@@ -11,11 +11,12 @@ import os
 import torch
 
 from .. import __version__
-from ..convert.plan import mesh_parameter_counts
 from ..artifacts.record import ConversionRecord, Params
+from ..convert.plan import mesh_parameter_counts
 from ..errors import UserError
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM
+from ..options import check_router_gap
 from .recipe import InitSpec
 
 OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
@@ -25,9 +26,10 @@ def scratch_config(spec: InitSpec) -> MeshConfig:
     """The MeshConfig of `spec`: a Pythia size's architecture (optionally resized), in its default
     (or the given) layout."""
     from ..convert.plan import mesh_config_from_source
-    from ..layout import resolve_layout
     from ..convert.pythia import PYTHIA_SUITE, parse_alias, pythia_config
+    from ..layout import resolve_layout
 
+    check_router_gap(spec.router_gap, "float32")  # the dtype the model is made in
     if spec.size == "custom":
         missing = [k for k in ("num_layers", "hidden_size", "num_heads") if getattr(spec, k) is None]
         if missing:
@@ -57,12 +59,10 @@ def scratch_config(spec: InitSpec) -> MeshConfig:
         raise UserError(f"hidden_size {source.hidden_size} is not a multiple of num_heads {source.num_attention_heads}")
     try:
         layout = resolve_layout(source.num_hidden_layers, spec.loops, spec.prelude, spec.coda)
-        config = mesh_config_from_source(
-            source, layout, variant=spec.variant, provenance={"init": "from scratch", "spec": spec.model_dump()}
-        )
+        config = mesh_config_from_source(source, layout, variant=spec.variant, router_gap=spec.router_gap,
+                                         provenance={"init": "from scratch", "spec": spec.model_dump()})
     except ValueError as error:
         raise UserError(str(error)) from None
-    config.router_gap = spec.router_gap
     config.dtype = "float32"
     config.embedding_multiplier = math.sqrt(config.hidden_size)  # applied in the forward pass
     return config
