@@ -25,6 +25,11 @@ class Layout:
     coda: int
 
     @classmethod
+    def of(cls, config) -> "Layout":
+        """The layout of a MeSH config (or anything with its `num_*_layers` and `num_loops`)."""
+        return cls(config.num_prelude_layers, config.num_core_layers, config.num_loops, config.num_coda_layers)
+
+    @classmethod
     def parse(cls, text: str) -> "Layout":
         """`"4+8R2+4"` -> Layout(4, 8, 2, 4); ValueError for anything else."""
         match = _LAYOUT_TEXT.match(text)
@@ -49,9 +54,24 @@ class Layout:
     def unrolled_layers(self) -> int:
         return self.prelude + self.core * self.loops + self.coda
 
+    @property
+    def stored_layers(self) -> int:
+        """The unique layers, each stored once: the prelude, the core and the coda."""
+        return self.prelude + self.core + self.coda
+
+    def layer_index(self, loop: int, position: int) -> int:
+        """Where loop step `loop` of core position `position` stands in the unrolled stack, which is
+        also the original layer it stands in for: P + loop*C + position."""
+        return self.prelude + loop * self.core + position
+
+    def loop_sources(self) -> list[list[int]]:
+        """sources[t][i]: the original layer that loop t of core position i stands in for."""
+        return [[self.layer_index(t, i) for i in range(self.core)] for t in range(self.loops)]
+
     def boundary_index(self, t: int) -> int:
-        """Index of h^(t) in a model's `hidden_states` (entry 0 is the embeddings)."""
-        return self.prelude + t * self.core
+        """Index of h^(t) in a model's `hidden_states` (entry 0 is the embeddings): the output of
+        the layer before loop t's first (for t = K, before the coda's)."""
+        return self.layer_index(t, 0)
 
     @property
     def state_names(self) -> list[str]:
@@ -119,9 +139,3 @@ def resolve_layout(num_layers: int, loops: int, prelude: int | None = None, coda
         raise ValueError(f"{message}; no layout of {num_layers} layers fits {loops} loops")
     near = sorted(valid, key=lambda l: abs(l.prelude - (prelude or l.prelude)) + abs(l.coda - (coda or l.coda)))[:4]
     raise ValueError(f"{message}; these would: " + "; ".join(f"--prelude {l.prelude} --coda {l.coda} ({l.text})" for l in near))
-
-
-def loop_sources(layout: Layout) -> list[list[int]]:
-    """sources[t][i]: the original layer that loop t of core position i stands in for (P + t*C + i)."""
-    P, C = layout.prelude, layout.core
-    return [[P + t * C + i for i in range(C)] for t in range(layout.loops)]

@@ -111,3 +111,23 @@ def test_the_remote_code_keeps_the_options_choices():
     from mesh_convert.modeling.configuration_mesh import VARIANTS
 
     assert get_args(Variant) == VARIANTS
+
+
+def test_the_remote_code_keeps_the_packages_layout_and_defaults():
+    """configuration_mesh.py has its own copy of the layout's format, of where a loop step stands in
+    the unrolled stack, and of the memory's and the router gap's defaults (it must run without the
+    package, and planning must run without transformers): the same as the package's."""
+    from mesh_convert.convert.options import default_slots
+    from mesh_convert.layout import Layout
+    from mesh_convert.modeling.configuration_mesh import MeshConfig
+    from mesh_convert.options import DEFAULT_ROUTER_GAP
+
+    assert MeshConfig().router_gap == DEFAULT_ROUTER_GAP
+    for P, C, K, Q in [(2, 4, 2, 2), (0, 3, 3, 1), (1, 1, 5, 0)]:
+        config = MeshConfig(num_prelude_layers=P, num_core_layers=C, num_loops=K, num_coda_layers=Q,
+                            num_hidden_layers=P + C * K + Q)
+        layout = Layout.of(config)
+        assert config.layout == layout.text and config.num_hidden_layers == layout.unrolled_layers
+        assert config.num_slots == default_slots(K)
+        assert [[config.unrolled_index("core", i, t) for i in range(C)] for t in range(K)] == layout.loop_sources()
+        assert [config.unrolled_index("coda", j) for j in range(Q)] == [layout.layer_index(K, j) for j in range(Q)]

@@ -62,8 +62,7 @@ def is_mesh(model) -> bool:
 
 def model_layout(model) -> Layout:
     """The layout a MeSH model was built with."""
-    c = model.config
-    return Layout(c.num_prelude_layers, c.num_core_layers, c.num_loops, c.num_coda_layers)
+    return Layout.of(model.config)
 
 
 def resolve_layout(model, layout: str | None = None, loops: int | None = None) -> Layout:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UserError
 from ..io import cache_snapshot, parse_json
+from ..layout import Layout
 
 FILENAME = "conversion.json"
 
@@ -133,12 +134,17 @@ class ConversionRecord(_Section):
     def source_model(self) -> str | None:
         return self.source.model if self.source else None
 
+    def counted_layout(self) -> Layout | None:
+        """The layout of the recorded counts, None where one of them is missing."""
+        parts = (self.prelude, self.core, self.loops, self.coda)
+        return None if None in parts else Layout(*parts)
+
     def layout_text(self) -> str | None:
         """`P+CRK+Q`, rebuilt from the counts when the record does not store it."""
         if self.layout:
             return self.layout
-        parts = (self.prelude, self.core, self.loops, self.coda)
-        return None if None in parts else "{}+{}R{}+{}".format(*parts)
+        counted = self.counted_layout()
+        return counted.text if counted else None
 
     def relaxed_to(self, rank: int, relax_parameters: int) -> ConversionRecord:
         """The record of this model annealed to relaxation `rank`, whose deltas now hold

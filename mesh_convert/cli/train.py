@@ -10,6 +10,7 @@ from rich.table import Table
 from ..artifacts.remote_code import strip_foreign_code, warn_removed
 from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import check_output_directory
+from ..layout import Layout
 from ..train.recipe import InitSpec  # light: pydantic and yaml
 from .params import flag, option, with_options
 
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
             record = with_removed_code(record, removed)
             record.write(staging)
             write_model_card(staging, record, name=output.resolve().name)  # the name the user gave it
-        console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
+        console.print(f"{Layout.of(config)} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {shown(output)}", highlight=False)
         warn_removed(console, removed)
 

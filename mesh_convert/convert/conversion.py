@@ -27,7 +27,6 @@ from ..artifacts.record import with_removed_code
 from ..artifacts.remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
 from ..errors import UserError
 from ..io import torch_dtype
-from ..layout import loop_sources
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
@@ -134,7 +133,7 @@ def iter_tensor_groups(
         yield f"prelude layer {j}", copy_layer("prelude", j, j)
 
     shared = shared_sources(layout, plan.options.tie)
-    stand_ins = loop_sources(layout)
+    stand_ins = layout.loop_sources()
     def tied(i: int, name: str) -> torch.Tensor | TensorSpan:
         """A shared core tensor on its own: a copy of its one stand-in, or the stand-ins' mean."""
         sources = [family.layer(layer) + name for layer in shared[i]]

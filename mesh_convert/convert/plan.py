@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from .. import __version__
 from ..errors import UserError
 from ..artifacts.record import ConversionRecord, Params, converted_name
-from ..layout import Layout, loop_sources, resolve_layout
+from ..layout import Layout, resolve_layout
 from .families import SourceFamily, source_family
 from ..options import DEFAULT_ROUTER_GAP, DTYPE_MAX, check_router_gap
 from .options import MAX_SLOTS, ConvertOptions, Tie, default_slots
@@ -30,20 +30,21 @@ TIES = get_args(Tie)
 
 def shared_sources(layout: Layout, tie: str) -> list[list[int]]:
     """For each core position, the original layers its shared weights are made from."""
-    P, C, K = layout.prelude, layout.core, layout.loops
-    stand_ins = [[P + t * C + i for t in range(K)] for i in range(C)]
+    by_loop = layout.loop_sources()  # by_loop[t][i]: the layer that loop t of position i stands in for
     if tie == "average":
-        return stand_ins
+        return [list(stand_ins) for stand_ins in zip(*by_loop)]
     if tie == "lower":
-        return [[P + i] for i in range(C)]
+        return [[layer] for layer in by_loop[0]]
     if tie == "upper":
-        return [[P + (K - 1) * C + i] for i in range(C)]
+        return [[layer] for layer in by_loop[-1]]
     if tie == "stepwise":
-        # round(linspace(P, P + C*K - 1, C)): evenly spaced over the middle block (Python rounds half to even, as numpy)
-        if C == 1:
-            return [[P]]
-        step = (C * K - 1) / (C - 1)
-        return [[P + round(i * step)] for i in range(C)]
+        # round(linspace(0, C*K - 1, C)) over the middle block's layers: evenly spaced (Python rounds
+        # half to even, as numpy)
+        middle = [layer for loop in by_loop for layer in loop]
+        if layout.core == 1:
+            return [middle[:1]]
+        step = (len(middle) - 1) / (layout.core - 1)
+        return [[middle[round(i * step)]] for i in range(layout.core)]
     raise ValueError(f"unknown tie strategy {tie!r}; choose one of {', '.join(TIES)}")
 
 
@@ -304,7 +305,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
         },
         "tie": options.tie,
         "layer_map": layer_map(layout, options.tie),
-        "loop_sources": loop_sources(layout),
+        "loop_sources": layout.loop_sources(),
         "router_gap": options.router_gap,
         "relax_rank": options.relax_rank,
         "relax_init": options.relax_init if options.relax_rank != 0 else None,

@@ -14,6 +14,7 @@ from .. import __version__
 from ..artifacts.record import ConversionRecord, Params
 from ..convert.plan import mesh_parameter_counts
 from ..errors import UserError
+from ..layout import Layout, resolve_layout
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM
 from ..options import check_router_gap
@@ -27,7 +28,6 @@ def scratch_config(spec: InitSpec) -> MeshConfig:
     (or the given) layout."""
     from ..convert.plan import mesh_config_from_source
     from ..convert.pythia import PYTHIA_SUITE, parse_alias, pythia_config
-    from ..layout import resolve_layout
 
     check_router_gap(spec.router_gap, "float32")  # the dtype the model is made in
     if spec.size == "custom":
@@ -119,14 +119,15 @@ def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str |
     original model to compare with), the spec, the seed and the `init` command that made it (none
     for a model that a training run made from its recipe's `init`)."""
     counts = mesh_parameter_counts(config)
+    layout = Layout.of(config)
     return ConversionRecord(
         mesh_convert_version=__version__,
         **({"command": command} if command else {}),
-        layout=config.layout,
-        prelude=config.num_prelude_layers,
-        core=config.num_core_layers,
-        loops=config.num_loops,
-        coda=config.num_coda_layers,
+        layout=layout.text,
+        prelude=layout.prelude,
+        core=layout.core,
+        loops=layout.loops,
+        coda=layout.coda,
         variant=config.variant,
         slots=config.num_slots if config.variant == "mesh" else None,
         relax_rank=config.relax_rank,
