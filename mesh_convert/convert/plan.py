@@ -4,7 +4,6 @@ so that `--dry-run` plans stay light."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -178,11 +177,6 @@ def count_parameters(source_config, mesh_config: MeshConfig | Mapping) -> dict[s
     counts.update(converted)
     counts["reduction"] = Params.model_validate(counts).computed_reduction()
     return counts
-
-
-def off_target_mass(slots: int, gap: float) -> float:
-    """Softmax mass that the function-preserving router init leaves off its target slot."""
-    return (slots - 1) * math.exp(-gap) / (1 + (slots - 1) * math.exp(-gap))
 
 
 @dataclass
