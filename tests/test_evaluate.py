@@ -325,8 +325,14 @@ def test_missing_named_data_says_where_it_looked(tmp_path, monkeypatch):
     assert ev.DATA_ENV in message and "\n" not in message
 
 
-def test_shared_data_resolves_when_present(shared_dir, monkeypatch):
+def test_data_is_looked_for_where_the_environment_says_and_in_the_cache_only(monkeypatch):
+    """Not relative to the package: an installed one has no source checkout (and no ../shared) around it."""
     monkeypatch.delenv(ev.DATA_ENV, raising=False)
+    assert ev.data_dirs() == [ev.cache_data_dir()]
+
+
+def test_shared_data_resolves_when_present(shared_dir, monkeypatch):
+    monkeypatch.setenv(ev.DATA_ENV, str(shared_dir / "data"))
     path, task = ev.resolve_data("lambada")
     assert path == shared_dir / "data" / "lambada_openai" / "lambada_test.jsonl" and task == "lambada"
 

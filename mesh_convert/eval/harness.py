@@ -155,12 +155,11 @@ def cache_data_dir() -> Path:
 
 
 def data_dirs() -> list[Path]:
-    """Folders searched for built-in data names: $MESH_CONVERT_DATA first, then the shared
-    folder beside the project's checkout (`<repo>/../shared/data`), then what was fetched before."""
+    """Folders searched for built-in data names: $MESH_CONVERT_DATA first, then what was fetched
+    before. Nothing relative to the package: an installed one has no checkout around it."""
     dirs = []
     if os.environ.get(DATA_ENV):
         dirs.append(Path(os.environ[DATA_ENV]).expanduser())
-    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
     dirs.append(cache_data_dir())
     return dirs
 
