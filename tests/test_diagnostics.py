@@ -636,6 +636,15 @@ def _hidden_leftovers(folder) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("export", ["model", "merged", "adapter"])
+def test_the_default_output_of_a_runs_export_carries_the_runs_name(tmp_path, export):
+    """Each folder that `train` exports names its run in the default output, so two runs' results do not meet."""
+    from mesh_convert.cli.diagnose import _default_output
+
+    (tmp_path / "run-a" / export).mkdir(parents=True)
+    assert _default_output("diagnostics", str(tmp_path / "run-a" / export)) == Path(f"diagnostics-run-a-{export}")
+
+
 @pytest.mark.parametrize("command, written", [("inspect", "inspect.json"), ("diagnose", "diagnostics.json")])
 def test_a_link_planted_in_the_default_output_folder_is_not_written_through(
     capsys, mesh_dir, text_file, tmp_path, monkeypatch, command, written

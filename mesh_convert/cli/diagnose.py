@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..artifacts.output import check_target, staged_directory
 from ..errors import UserError, shown
+from ..io import RUN_EXPORTS
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -22,7 +23,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-RUN_SUBFOLDERS = ("model", "adapter")  # what `train` writes into every run's output folder
 TABLE_SLOTS, TOP_SLOTS = 12, 4  # router tables: a column per slot up to 12 slots, else the 4 heaviest
 OVERWRITE_HELP = (
     "Replace a non-empty --output folder "
@@ -32,7 +32,7 @@ OVERWRITE_HELP = (
 
 def _default_output(prefix: str, model: str) -> Path:
     """`<prefix>-<model name>` in the working directory. A hub id "org/name" becomes
-    "org--name", like the hub cache does; a run's `model` / `adapter` folder and its
+    "org--name", like the hub cache does; a run's exports (`model`, `merged`, `adapter`) and its
     `checkpoints/step-N` carry the run's name too, so two runs do not share one folder."""
     path = Path(model).expanduser()
     if not path.exists():
@@ -41,7 +41,7 @@ def _default_output(prefix: str, model: str) -> Path:
     name = path.name
     if path.parent.name == "checkpoints":
         name = f"{path.parent.parent.name}-{name}"
-    elif name in RUN_SUBFOLDERS:
+    elif name in RUN_EXPORTS:  # what `train` exports into a run's output folder
         name = f"{path.parent.name}-{name}"
     return Path(f"{prefix}-{name or 'model'}")
 
