@@ -552,7 +552,7 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mesh_convert.eval import harness as ev
+    from mesh_convert.eval import data as eval_data
 
     rows = ["", " = Valkyria Chronicles = \n", "", " Senjō no Valkyria 3 is a game . \n"]
     parquet = tmp_path / "test-00000-of-00001.parquet"
@@ -561,8 +561,8 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(ev, "data_dirs", lambda: [tmp_path / "nowhere", ev.cache_data_dir()])
-    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "mesh-cache"))
+    monkeypatch.setattr(eval_data, "data_dirs", lambda: [tmp_path / "nowhere", eval_data.cache_data_dir()])
+    monkeypatch.setenv(eval_data.CACHE_ENV, str(tmp_path / "mesh-cache"))
     token = "hf_salesforceWrites0123456789"
     with HubStandin(tmp_path / "standin", {token: User("Salesforce", write=True)}) as standin:
         monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
@@ -570,19 +570,19 @@ def test_wikitext2_is_fetched_from_the_hub_when_no_data_folder_has_it(tmp_path, 
         api.create_repo("Salesforce/wikitext", repo_type="dataset")
         api.upload_file(path_or_fileobj=parquet, path_in_repo="wikitext-2-raw-v1/test-00000-of-00001.parquet",
                         repo_id="Salesforce/wikitext", repo_type="dataset")
-        path, task = ev.resolve_data("wikitext2")
+        path, task = eval_data.resolve_data("wikitext2")
         assert standin.unhandled == []
     assert path == tmp_path / "mesh-cache" / "data" / "wikitext-2-raw" / "wiki.test.raw" and task == "perplexity"
     assert path.read_text(encoding="utf-8") == "".join(rows)
-    assert ev.resolve_data("wikitext2")[0] == path  # the stand-in is gone: found in the cache
+    assert eval_data.resolve_data("wikitext2")[0] == path  # the stand-in is gone: found in the cache
 
     path.unlink()  # gone from both caches, and offline: a one-line error, no partial file
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as info:
-        ev.resolve_data("wikitext2")
+        eval_data.resolve_data("wikitext2")
     message = str(info.value)
-    assert "Salesforce/wikitext" in message and ev.DATA_ENV in message and "\n" not in message
+    assert "Salesforce/wikitext" in message and eval_data.DATA_ENV in message and "\n" not in message
     assert not path.exists() and not list(path.parent.glob("*.partial"))
 
 
@@ -591,18 +591,18 @@ def test_wikitext2_without_network_is_one_line_at_once(tmp_path, monkeypatch, ca
     ten lines) and the answer is one line."""
     import socket
 
-    from mesh_convert.eval import harness as ev
+    from mesh_convert.eval import data as eval_data
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(ev, "data_dirs", lambda: [tmp_path / "nowhere"])
-    monkeypatch.setenv(ev.CACHE_ENV, str(tmp_path / "mesh-cache"))
+    monkeypatch.setattr(eval_data, "data_dirs", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setenv(eval_data.CACHE_ENV, str(tmp_path / "mesh-cache"))
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     with pytest.raises(UserError, match=f"cannot reach the Hub at {endpoint}"):
-        ev.resolve_data("wikitext2")
+        eval_data.resolve_data("wikitext2")
     assert "Retrying" not in capfd.readouterr().err
 
 

@@ -48,7 +48,7 @@ def _default_output(prefix: str, model: str) -> Path:
 
 def _data_file(data: Path) -> Path:
     """--data: a file, or one of `eval`'s built-in data names (wikitext2, lambada)."""
-    from ..eval.harness import resolve_data
+    from ..eval.data import resolve_data
 
     return resolve_data(data)[0]
 
