@@ -23,25 +23,27 @@ from helpers import SUBPROCESS_ENV, invoke
 from test_bad_input_convert import _drop_file_permission_override
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.analysis.diagnose import (
-    MAX_FIGURE_INCHES,
-    MAX_LABELS,
-    PLOT_DPI,
     DiagnosticsResult,
     Layout,
     cka_matrix,
     collect_states,
     normalized_spectrum,
     parse_layout,
-    plot_cka,
-    plot_spectra,
-    plot_updates,
     rbf_cka,
     relative_update,
     resolve_layout,
     run_diagnostics,
-    save_figure,
     token_windows,
     tokenize_file,
+)
+from mesh_convert.analysis.plots import (
+    MAX_FIGURE_INCHES,
+    MAX_LABELS,
+    PLOT_DPI,
+    plot_cka,
+    plot_spectra,
+    plot_updates,
+    save_figure,
 )
 from mesh_convert.analysis import inspect as inspect_module
 from mesh_convert.artifacts import output as output_module

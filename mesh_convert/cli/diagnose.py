@@ -158,14 +158,8 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from ..analysis.diagnose import (
-        DIAGNOSTICS_FILES,
-        check_threshold,
-        load_samples,
-        resolve_layout,
-        run_diagnostics,
-        write_outputs,
-    )
+    from ..analysis.diagnose import check_threshold, load_samples, resolve_layout, run_diagnostics
+    from ..analysis.plots import DIAGNOSTICS_FILES, write_outputs
     from ..loading import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
