@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 from types import SimpleNamespace
 
 from conftest import make_tiny_pythia
-from helpers import invoke
+from helpers import CHAR_IDS, CHARS, char_tokenizer_fast, invoke
 from mesh_convert.eval import data as eval_data
 from mesh_convert.eval.data import DATA_ENV, cache_data_dir, load_text_dataset, resolve_data
 from mesh_convert.eval.lambada import encode_pair, lambada, lambada_split
@@ -25,34 +25,24 @@ from mesh_convert.eval.tasks import lm_eval_tasks
 from mesh_convert.errors import UserError
 from mesh_convert.loading import load_model, load_tokenizer
 
-# Character-level vocabulary (98 ids < the tiny models' 128): one token per ASCII character,
-# so token counts and byte counts of test texts are known by eye.
-CHARS = ["<|endoftext|>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
-ID = {c: i for i, c in enumerate(CHARS)}
+# The character tokenizer's ids (98 < the tiny models' 128): one token per ASCII character, so
+# token counts and byte counts of test texts are known by eye.
+ID = CHAR_IDS
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A recursive transformer loops a shared block "
     "of layers; MeSH adds a memory buffer and routers between the loops.\nEnd."
 )
 
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(vocab=dict(ID), merges=[], unk_token="<unk>"))
-    # Split into single characters before BPE, so long texts tokenize in linear time.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-
-
 BOS = len(CHARS)  # an id the tiny models know, outside the character vocabulary
 
 
 def bos_char_tokenizer() -> PreTrainedTokenizerFast:
     """The character tokenizer, adding a BOS token before every text as Llama's tokenizers do."""
-    tok = char_tokenizer().backend_tokenizer
+    tok = char_tokenizer_fast().backend_tokenizer
     tok.add_special_tokens(["<s>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<eos>", unk_token="<unk>")
 
 
 def ids_of(text: str) -> list[int]:
@@ -61,7 +51,7 @@ def ids_of(text: str) -> list[int]:
 
 @pytest.fixture
 def model_dir(tiny_pythia) -> Path:
-    char_tokenizer().save_pretrained(tiny_pythia)
+    char_tokenizer_fast().save_pretrained(tiny_pythia)
     return tiny_pythia
 
 
@@ -180,7 +170,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_a_user_error(tmp_path):
     make_tiny_pythia(tmp_path / "small", vocab_size=64)
     model = load_model(str(tmp_path / "small"))
     with pytest.raises(UserError, match="do not match"):
-        perplexity(model, char_tokenizer(), TEXT)
+        perplexity(model, char_tokenizer_fast(), TEXT)
 
 
 # --------------------------------------------------------------------------------- LAMBADA
@@ -195,9 +185,9 @@ def test_lambada_split_takes_the_last_space_separated_word():
 
 
 def test_encode_pair_moves_trailing_spaces_into_the_target():
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer_fast()
     assert encode_pair(tokenizer, "ab  ", "c") == (ids_of("ab"), ids_of("  c"))
-    assert encode_pair(tokenizer, "", " c") == ([ID["<|endoftext|>"]], ids_of(" c"))
+    assert encode_pair(tokenizer, "", " c") == ([ID["<eos>"]], ids_of(" c"))
     bos_tokenizer = bos_char_tokenizer()
     assert encode_pair(bos_tokenizer, "ab  ", "c") == ([BOS, *ids_of("ab")], ids_of("  c"))
     assert encode_pair(bos_tokenizer, "", " c") == ([BOS], ids_of(" c"))
@@ -235,7 +225,7 @@ def test_lambada_protocol_on_a_rigged_model():
         "xx zbc",  # second token wrong, later ones right
         "yy abc",  # first token wrong, later ones right
     ]
-    result = lambada(model, char_tokenizer(), lines, batch_size=3)
+    result = lambada(model, char_tokenizer_fast(), lines, batch_size=3)
     assert result.greedy == [True, False, False, False]
     assert (result.count, result.correct, result.accuracy) == (4, 1, 0.25)
 
@@ -361,7 +351,7 @@ def two_models(tmp_path, tiny_mesh_model, monkeypatch) -> Path:
     make_tiny_pythia(tmp_path / "bare", seed=1)
     tiny_mesh_model.save_pretrained(tmp_path / "mesh")
     for name in ("pythia", "mesh"):
-        char_tokenizer().save_pretrained(tmp_path / name)
+        char_tokenizer_fast().save_pretrained(tmp_path / name)
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "lines.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_LINES))
     monkeypatch.chdir(tmp_path)
@@ -377,7 +367,7 @@ def test_cli_json_reports_several_models_side_by_side(two_models, capsys):
     assert report["data"]["task"] == "perplexity"
     for entry in report["results"]:
         model = load_model(str(two_models / entry["model"]))
-        expected = perplexity(model, char_tokenizer(), TEXT, context=32, stride=16)
+        expected = perplexity(model, char_tokenizer_fast(), TEXT, context=32, stride=16)
         assert entry["perplexity"]["nats"] == pytest.approx(expected.nats, rel=1e-6)
         assert entry["perplexity"]["tokens"] == len(TEXT) - 1
         assert entry["perplexity"]["bytes"] == len(TEXT.encode())
@@ -391,7 +381,7 @@ def test_cli_lambada_task_on_a_jsonl(two_models, capsys):
     assert code == 0, err
     [entry] = json.loads(out)["results"]
     model = load_model(str(two_models / "pythia"))
-    expected = lambada(model, char_tokenizer(), LAMBADA_LINES[:3])
+    expected = lambada(model, char_tokenizer_fast(), LAMBADA_LINES[:3])
     assert entry["lambada"]["count"] == 3
     assert entry["lambada"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
     assert entry["lambada"]["accuracy"] == expected.accuracy
