@@ -16,7 +16,7 @@ package of its own layer (tests/test_layout.py checks it, and that no import for
     artifacts               what the tool writes: output folders, conversion.json, the card,
                             no remote code but ours
     loading                 models and tokenizers, MeSH registered (needs io and modeling)
-    io, layout, options     files and the Hub; P+CRK+Q; how options are declared (no torch)
+    io, layout, options     files and the Hub; P+CRK+Q; options declared once (no torch)
     errors, modeling        one-line errors; the model, which imports nothing of the package
 
 `modeling` is at the bottom because its two files are copied next to every checkpoint as remote
