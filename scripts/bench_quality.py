@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 from mesh_convert.convert.conversion import convert_model
-from mesh_convert.eval.harness import perplexity
+from mesh_convert.eval.perplexity import perplexity
 from mesh_convert.train.recipe import Recipe
 from mesh_convert.train.loop import train
 

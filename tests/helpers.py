@@ -1,8 +1,12 @@
-"""Helpers shared by the tests (no tests here): a character tokenizer whose ids fit the tiny
-models' 128-token vocabulary, learnable text, converted tiny checkpoints, a CLI runner, and
-folders that name foreign remote code, with the check that a written model runs none of it."""
+"""Helpers shared by the tests (no tests here; fixtures are conftest's): a character tokenizer whose
+ids fit the tiny models' 128-token vocabulary, learnable text, converted tiny checkpoints, a CLI
+runner and the check of its one-line errors, snapshots of folders, a pickle payload, and folders
+that name foreign remote code, with the check that a written model runs none of it."""
 
+import ctypes
+import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -10,13 +14,13 @@ import textwrap
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_llama, make_tiny_pythia
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
-from mesh_convert.convert.remote_code import AUTO_MAP, REMOTE_CODE_FILES
+from mesh_convert.artifacts.remote_code import AUTO_MAP, REMOTE_CODE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses get one thread each too (conftest sets it for this process).
@@ -24,15 +28,24 @@ SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": 
 WORDS = "the a king queen said to of and my lord good sir come go now here there love death night day".split()
 
 
-def char_tokenizer(path: Path) -> Path:
-    """Ids: 0 = <eos>, 1 = newline, 2 = <unk>, 3.. = printable ASCII (98 ids in all, < 128)."""
-    vocab = {"<eos>": 0, "\n": 1, "<unk>": 2}
-    for code in range(32, 127):
-        vocab[chr(code)] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+# The character tokenizer's tokens, each with its place here as its id: 0 = <eos> (also BOS),
+# 1 = newline, 2 = <unk>, 3.. = printable ASCII (98 ids in all, < 128).
+CHARS = ["<eos>", "\n", "<unk>", *(chr(code) for code in range(32, 127))]
+CHAR_IDS = {char: i for i, char in enumerate(CHARS)}
+
+
+def char_tokenizer_fast() -> PreTrainedTokenizerFast:
+    """One token per character, ids as CHARS places them."""
+    tokenizer = Tokenizer(models.BPE(vocab=dict(CHAR_IDS), merges=[], unk_token="<unk>"))
+    # Split into single characters before BPE, so long texts tokenize in linear time.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", bos_token="<eos>")
-    fast.save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", bos_token="<eos>", unk_token="<unk>")
+
+
+def char_tokenizer(path: Path) -> Path:
+    """The character tokenizer saved in `path`."""
+    char_tokenizer_fast().save_pretrained(path)
     return path
 
 
@@ -102,12 +115,73 @@ def invoke(capture, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    """Exit 1, no traceback, and one `error:` line saying each of `needles`."""
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def drop_file_permission_override():
+    """In a child process (`preexec_fn`): lose root's right to read any file (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH), so that mode 000 means unreadable even when the tests run as root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_CAPBSET_DROP = 24
+    for capability in (1, 2):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def state_of(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- folders and files
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root` (hidden ones too), with a digest of each file's bytes or link's target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[key] = "dir"
+    return found
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below `folder` (what an upload of it holds)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(folder: Path) -> list[str]:
+    """The hidden entries of `folder`: what a run that stopped may have left (its work folder)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+class Payload:
+    """Unpickling this runs a command that leaves a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
 # ----------------------------------------------------------------------------- foreign code

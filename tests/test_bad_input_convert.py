@@ -2,7 +2,6 @@
 out-of-range options. Each must end with exit 1, one `error:` line naming the problem, no traceback
 and nothing written."""
 
-import ctypes
 import json
 import os
 import struct
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_pythia
+from helpers import assert_one_error_line, drop_file_permission_override
 from mesh_convert.cli import main
 from mesh_convert.convert import conversion
 
@@ -249,13 +249,6 @@ CASES = [
 ]
 
 
-def assert_one_error_line(code: int, err: str, match: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1, err
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
-    assert match.lower() in " ".join(err.split()).lower(), err
-
-
 @pytest.mark.parametrize("make,match", CASES, ids=[make.__name__ for make, _ in CASES])
 def test_bad_input_is_one_error_line_and_leaves_nothing(pythia, tmp_path, capsys, make, match):
     src = copy_of(pythia, tmp_path / "src")
@@ -281,23 +274,13 @@ def test_a_bad_generation_config_is_refused_before_any_weight_is_written(pythia,
     assert not (tmp_path / "out").exists()
 
 
-def _drop_file_permission_override():
-    """In the child: lose root's right to read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so
-    that mode 000 means unreadable even when the tests run as root."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_CAPBSET_DROP = 24
-    for capability in (1, 2):
-        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 @pytest.mark.parametrize("what,match", [("config.json", "cannot read"), (".", "cannot read")])
 def test_unreadable_checkpoint_is_one_error_line(pythia, tmp_path, what, match):
     src = copy_of(pythia, tmp_path / "src")
     work = tmp_path / "work"
     work.mkdir()
     (src / what).chmod(0)
-    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    preexec = drop_file_permission_override if os.geteuid() == 0 else None
     try:
         result = subprocess.run(
             [sys.executable, "-m", "mesh_convert.cli", str(src), "--loops", "2", "-o", str(work / "out")],

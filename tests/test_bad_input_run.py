@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from mesh_convert.cli import main
-from helpers import char_tokenizer, recipe, tiny_converted, write_recipe, write_text
+from helpers import assert_one_error_line, char_tokenizer, recipe, tiny_converted, write_recipe, write_text
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,6 @@ def run(argv: list[str], capfd) -> tuple[int, str, str]:
     code = main(argv)
     out, err = capfd.readouterr()
     return code, out, err
-
-
-def assert_one_error_line(code: int, err: str, *needles: str) -> None:
-    assert code == 1, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def files_under(folder: Path) -> set[Path]:

@@ -9,9 +9,9 @@ import shlex
 import pytest
 from huggingface_hub import ModelCard
 
-from mesh_convert.convert.record import ConversionRecord
+from mesh_convert.artifacts.record import ConversionRecord
 from mesh_convert.errors import UserError
-from mesh_convert.convert.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
+from mesh_convert.artifacts.card import REDUCTION_LABEL, build_model_card, hub_model_id, parameter_rows, write_model_card
 
 INFO = {
     "mesh_convert_version": "0.1.0",

@@ -18,9 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.cli import main
-from mesh_convert.convert.record import ConversionRecord
-from mesh_convert.convert.card import build_model_card
-from mesh_convert.io import load_model
+from mesh_convert.artifacts.record import ConversionRecord
+from mesh_convert.artifacts.card import build_model_card
+from mesh_convert.loading import load_model
 
 ARCHIVE = Path(__file__).parent / "fixtures" / "checkpoint-5a59481.tar.gz"
 

@@ -18,7 +18,8 @@ from mesh_convert.convert import conversion as convert_module
 from mesh_convert.convert import shards as shards_module
 from mesh_convert.cli import main
 from mesh_convert.convert.conversion import convert_model
-from mesh_convert.convert.plan import Layout, layer_map, resolve_layout, shared_sources
+from mesh_convert.convert.plan import layer_map, shared_sources
+from mesh_convert.layout import Layout, resolve_layout
 from mesh_convert.convert.source import cache_snapshot
 
 

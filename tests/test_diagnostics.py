@@ -6,7 +6,6 @@ import math
 import os
 import random
 import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -16,35 +15,35 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import make_tiny_pythia
-from tokenizers import Tokenizer, models
-from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from transformers import GPTNeoXForCausalLM
 
-from helpers import SUBPROCESS_ENV, invoke
-from test_bad_input_convert import _drop_file_permission_override
+from helpers import SUBPROCESS_ENV, char_tokenizer_fast, drop_file_permission_override, invoke, leftovers
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.analysis.diagnose import (
-    MAX_FIGURE_INCHES,
-    MAX_LABELS,
-    PLOT_DPI,
     DiagnosticsResult,
     Layout,
     cka_matrix,
     collect_states,
     normalized_spectrum,
     parse_layout,
-    plot_cka,
-    plot_spectra,
-    plot_updates,
     rbf_cka,
     relative_update,
     resolve_layout,
     run_diagnostics,
-    save_figure,
     token_windows,
     tokenize_file,
 )
+from mesh_convert.analysis.plots import (
+    MAX_FIGURE_INCHES,
+    MAX_LABELS,
+    PLOT_DPI,
+    plot_cka,
+    plot_spectra,
+    plot_updates,
+    save_figure,
+)
 from mesh_convert.analysis import inspect as inspect_module
-from mesh_convert.convert import output as output_module
+from mesh_convert.artifacts import output as output_module
 from mesh_convert.errors import UserError
 from mesh_convert.analysis.inspect import (
     RouterStats,
@@ -60,15 +59,6 @@ D = 32  # hidden size of the conftest models
 # ---------------------------------------------------------------------------------------------
 # Helpers and fixtures.
 # ---------------------------------------------------------------------------------------------
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable ASCII character (98 ids, inside the tiny models' vocab of 128)."""
-    vocab = {"[UNK]": 0, "[EOS]": 1}
-    for char in string.ascii_letters + string.digits + string.punctuation + " \n":
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
 
 
 def sample_text(words: int = 400) -> str:
@@ -109,7 +99,7 @@ def mesh_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = MeshForCausalLM(tiny_mesh_config(provenance={"source": "tiny-pythia", "tie": "average"}))
     model.save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
+    char_tokenizer_fast().save_pretrained(path)
     (path / "conversion.json").write_text(json.dumps({"router_gap": 8.0}))
     return path
 
@@ -118,7 +108,7 @@ def mesh_dir(tmp_path_factory):
 def plain_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("plain")
     make_tiny_pythia(path, num_layers=8)
-    char_tokenizer().save_pretrained(path)
+    char_tokenizer_fast().save_pretrained(path)
     return path
 
 
@@ -362,8 +352,8 @@ def test_resolve_layout(tiny_mesh_model, tmp_path):
         resolve_layout(plain, "3+2R2+2")
     with pytest.raises(UserError, match="needs --layout"):
         resolve_layout(plain)
-    # --loops follows the converter's rule: whatever plan.default_layout says.
-    from mesh_convert.convert.plan import default_layout
+    # --loops follows the converter's rule: whatever layout.default_layout says.
+    from mesh_convert.layout import default_layout
 
     assert resolve_layout(plain, loops=2) == default_layout(8, 2) == Layout(1, 3, 2, 1)
 
@@ -381,11 +371,12 @@ def test_token_windows_are_consecutive_and_checked():
 
 
 def test_tokenize_file_reads_jsonl_documents_with_eos_between(tmp_path):
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer_fast()
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"text": "ab"}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
     a, b, c = (tokenizer.convert_tokens_to_ids(char) for char in "abc")
-    assert tokenize_file(path, tokenizer) == [a, b, 1, c, 1]
+    eos = tokenizer.eos_token_id
+    assert tokenize_file(path, tokenizer) == [a, b, eos, c, eos]
     path.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"body": "c"}) + "\n")
     with pytest.raises(UserError, match="docs.jsonl line 2 has no 'text' field"):
         tokenize_file(path, tokenizer)
@@ -632,8 +623,13 @@ def test_diagnose_and_inspect_take_evals_built_in_data_names(capsys, mesh_dir, t
 # ---------------------------------------------------------------------------------------------
 
 
-def _hidden_leftovers(folder) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+@pytest.mark.parametrize("export", ["model", "merged", "adapter"])
+def test_the_default_output_of_a_runs_export_carries_the_runs_name(tmp_path, export):
+    """Each folder that `train` exports names its run in the default output, so two runs' results do not meet."""
+    from mesh_convert.cli.diagnose import _default_output
+
+    (tmp_path / "run-a" / export).mkdir(parents=True)
+    assert _default_output("diagnostics", str(tmp_path / "run-a" / export)) == Path(f"diagnostics-run-a-{export}")
 
 
 @pytest.mark.parametrize("command, written", [("inspect", "inspect.json"), ("diagnose", "diagnostics.json")])
@@ -657,7 +653,7 @@ def test_a_link_planted_in_the_default_output_folder_is_not_written_through(
     assert victim.read_text() == "the user's own file"
     assert (folder / written).is_file() and not (folder / written).is_symlink()
     code, _, stderr = invoke(capsys, *args)  # a folder of its own earlier results is replaced without --overwrite
-    assert code == 0 and not _hidden_leftovers(tmp_path), stderr
+    assert code == 0 and not leftovers(tmp_path), stderr
 
 
 @pytest.mark.parametrize("command", ["inspect", "diagnose"])
@@ -682,7 +678,7 @@ def test_an_unwritable_output_location_is_refused_before_the_model_loads(mesh_di
     """A real permission problem, in a process without root's right to write anywhere."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    preexec = _drop_file_permission_override if os.geteuid() == 0 else None
+    preexec = drop_file_permission_override if os.geteuid() == 0 else None
     try:
         result = subprocess.run(
             [sys.executable, "-m", "mesh_convert.cli", "inspect", str(mesh_dir), "--output", str(locked / "out")],
@@ -784,4 +780,4 @@ def test_a_file_put_into_an_earlier_results_folder_meanwhile_is_kept(capsys, mes
     code, _, stderr = invoke(capsys, "inspect", str(mesh_dir), "--output", str(out))
     assert code == 1 and "filled by something else" in stderr, stderr
     assert sorted(p.name for p in out.iterdir()) == ["inspect.json", "routers.png", "theirs.txt"]
-    assert (out / "inspect.json").read_bytes() == earlier and not _hidden_leftovers(tmp_path)
+    assert (out / "inspect.json").read_bytes() == earlier and not leftovers(tmp_path)

@@ -10,45 +10,39 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 from types import SimpleNamespace
 
 from conftest import make_tiny_pythia
-from helpers import invoke
-from mesh_convert.eval import harness as ev
+from helpers import CHAR_IDS, CHARS, char_tokenizer_fast, invoke
+from mesh_convert.eval import data as eval_data
+from mesh_convert.eval.data import DATA_ENV, cache_data_dir, load_text_dataset, resolve_data
+from mesh_convert.eval.lambada import encode_pair, lambada, lambada_split
+from mesh_convert.eval.perplexity import perplexity, sliding_windows
+from mesh_convert.eval.tasks import lm_eval_tasks
 from mesh_convert.errors import UserError
-from mesh_convert.io import load_model, load_tokenizer
+from mesh_convert.loading import load_model, load_tokenizer
 
-# Character-level vocabulary (98 ids < the tiny models' 128): one token per ASCII character,
-# so token counts and byte counts of test texts are known by eye.
-CHARS = ["<|endoftext|>", "<unk>", "\n"] + [chr(c) for c in range(32, 127)]
-ID = {c: i for i, c in enumerate(CHARS)}
+# The character tokenizer's ids (98 < the tiny models' 128): one token per ASCII character, so
+# token counts and byte counts of test texts are known by eye.
+ID = CHAR_IDS
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A recursive transformer loops a shared block "
     "of layers; MeSH adds a memory buffer and routers between the loops.\nEnd."
 )
 
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(vocab=dict(ID), merges=[], unk_token="<unk>"))
-    # Split into single characters before BPE, so long texts tokenize in linear time.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>")
-
-
 BOS = len(CHARS)  # an id the tiny models know, outside the character vocabulary
 
 
 def bos_char_tokenizer() -> PreTrainedTokenizerFast:
     """The character tokenizer, adding a BOS token before every text as Llama's tokenizers do."""
-    tok = char_tokenizer().backend_tokenizer
+    tok = char_tokenizer_fast().backend_tokenizer
     tok.add_special_tokens(["<s>"])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<eos>", unk_token="<unk>")
 
 
 def ids_of(text: str) -> list[int]:
@@ -57,7 +51,7 @@ def ids_of(text: str) -> list[int]:
 
 @pytest.fixture
 def model_dir(tiny_pythia) -> Path:
-    char_tokenizer().save_pretrained(tiny_pythia)
+    char_tokenizer_fast().save_pretrained(tiny_pythia)
     return tiny_pythia
 
 
@@ -73,7 +67,7 @@ def loaded(model_dir):
     ("n", "context", "stride"), [(2, 8, 4), (9, 8, 8), (10, 8, 8), (50, 8, 3), (50, 8, 1), (37, 16, 16)]
 )
 def test_windows_score_every_token_once_with_enough_context(n, context, stride):
-    windows = ev.sliding_windows(n, context, stride)
+    windows = sliding_windows(n, context, stride)
     scored = [p for w in windows for p in range(w.end - w.scored, w.end)]
     assert scored == list(range(1, n))
     for i, w in enumerate(windows):
@@ -90,7 +84,7 @@ def test_tokenizer_and_model_agree_with_test_helper(loaded):
 def test_perplexity_with_one_window_equals_one_plain_forward(loaded):
     model, tokenizer = loaded
     text = TEXT[:60]  # 60 tokens: inputs 59 <= context 64, a single window
-    result = ev.perplexity(model, tokenizer, text)
+    result = perplexity(model, tokenizer, text)
     ids = torch.tensor([ids_of(text)])
     with torch.no_grad():
         mean_nll = model(input_ids=ids, labels=ids).loss.item()
@@ -106,7 +100,7 @@ def test_perplexity_starts_from_bos_when_the_tokenizer_adds_one(loaded):
     tokenizer = bos_char_tokenizer()
     text = TEXT[:60]
     assert tokenizer(text)["input_ids"] == [BOS, *ids_of(text)]
-    result = ev.perplexity(model, tokenizer, text)
+    result = perplexity(model, tokenizer, text)
     ids = torch.tensor([[BOS, *ids_of(text)]])
     with torch.no_grad():
         mean_nll = model(input_ids=ids, labels=ids).loss.item()
@@ -133,7 +127,7 @@ def naive_sliding_nats(model, ids: list[int], context: int, stride: int) -> floa
 @pytest.mark.parametrize(("context", "stride", "batch_size"), [(32, 8, 3), (32, 32, 2), (24, 16, 1)])
 def test_perplexity_equals_naive_per_token_computation(loaded, context, stride, batch_size):
     model, tokenizer = loaded
-    result = ev.perplexity(model, tokenizer, TEXT, context=context, stride=stride, batch_size=batch_size)
+    result = perplexity(model, tokenizer, TEXT, context=context, stride=stride, batch_size=batch_size)
     ids = ids_of(TEXT)
     assert result.tokens == len(ids) - 1
     assert (result.context, result.stride) == (context, stride)
@@ -143,8 +137,8 @@ def test_perplexity_equals_naive_per_token_computation(loaded, context, stride, 
 def test_stride_changes_the_result(loaded):
     """Guards the naive test above against a schedule that ignores stride altogether."""
     model, tokenizer = loaded
-    overlapping = ev.perplexity(model, tokenizer, TEXT, context=16, stride=4)
-    disjoint = ev.perplexity(model, tokenizer, TEXT, context=16, stride=16)
+    overlapping = perplexity(model, tokenizer, TEXT, context=16, stride=4)
+    disjoint = perplexity(model, tokenizer, TEXT, context=16, stride=16)
     assert overlapping.tokens == disjoint.tokens
     assert overlapping.nats != pytest.approx(disjoint.nats, rel=1e-6)
 
@@ -152,11 +146,11 @@ def test_stride_changes_the_result(loaded):
 def test_bits_per_byte_counts_utf8_bytes_of_the_evaluated_text(loaded):
     model, tokenizer = loaded
     text = "Café crème, naïve façade: déjà vu. " * 3  # accented letters are 2 bytes each
-    result = ev.perplexity(model, tokenizer, text, context=32, stride=16)
+    result = perplexity(model, tokenizer, text, context=32, stride=16)
     assert result.bytes == len(text.encode("utf-8")) > len(text)
     assert result.bits_per_byte == pytest.approx(result.nats / (math.log(2) * result.bytes))
 
-    limited = ev.perplexity(model, tokenizer, text, context=32, stride=16, max_tokens=20)
+    limited = perplexity(model, tokenizer, text, context=32, stride=16, max_tokens=20)
     assert limited.tokens == 19
     assert limited.bytes == len(text[:20].encode("utf-8"))  # one character per token here
     assert limited.to_dict()["bits_per_byte"] == pytest.approx(limited.nats / (math.log(2) * limited.bytes))
@@ -165,38 +159,38 @@ def test_bits_per_byte_counts_utf8_bytes_of_the_evaluated_text(loaded):
 def test_perplexity_rejects_bad_settings(loaded):
     model, tokenizer = loaded
     with pytest.raises(UserError, match="exceeds"):
-        ev.perplexity(model, tokenizer, TEXT, context=65)  # the tiny model has 64 positions
+        perplexity(model, tokenizer, TEXT, context=65)  # the tiny model has 64 positions
     with pytest.raises(UserError, match="stride"):
-        ev.perplexity(model, tokenizer, TEXT, context=16, stride=17)
+        perplexity(model, tokenizer, TEXT, context=16, stride=17)
     with pytest.raises(UserError, match="fewer than 2 tokens"):
-        ev.perplexity(model, tokenizer, "x")
+        perplexity(model, tokenizer, "x")
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_a_user_error(tmp_path):
     make_tiny_pythia(tmp_path / "small", vocab_size=64)
     model = load_model(str(tmp_path / "small"))
     with pytest.raises(UserError, match="do not match"):
-        ev.perplexity(model, char_tokenizer(), TEXT)
+        perplexity(model, char_tokenizer_fast(), TEXT)
 
 
 # --------------------------------------------------------------------------------- LAMBADA
 
 
 def test_lambada_split_takes_the_last_space_separated_word():
-    assert ev.lambada_split("He opened the door") == ("He opened the", " door")
+    assert lambada_split("He opened the door") == ("He opened the", " door")
     # lm-eval splits on ' ' only: a newline stays inside the target.
-    assert ev.lambada_split("the rest of\n\nPower") == ("the rest", " of\n\nPower")
+    assert lambada_split("the rest of\n\nPower") == ("the rest", " of\n\nPower")
     with pytest.raises(UserError):
-        ev.lambada_split("nospace")
+        lambada_split("nospace")
 
 
 def test_encode_pair_moves_trailing_spaces_into_the_target():
-    tokenizer = char_tokenizer()
-    assert ev.encode_pair(tokenizer, "ab  ", "c") == (ids_of("ab"), ids_of("  c"))
-    assert ev.encode_pair(tokenizer, "", " c") == ([ID["<|endoftext|>"]], ids_of(" c"))
+    tokenizer = char_tokenizer_fast()
+    assert encode_pair(tokenizer, "ab  ", "c") == (ids_of("ab"), ids_of("  c"))
+    assert encode_pair(tokenizer, "", " c") == ([ID["<eos>"]], ids_of(" c"))
     bos_tokenizer = bos_char_tokenizer()
-    assert ev.encode_pair(bos_tokenizer, "ab  ", "c") == ([BOS, *ids_of("ab")], ids_of("  c"))
-    assert ev.encode_pair(bos_tokenizer, "", " c") == ([BOS], ids_of(" c"))
+    assert encode_pair(bos_tokenizer, "ab  ", "c") == ([BOS, *ids_of("ab")], ids_of("  c"))
+    assert encode_pair(bos_tokenizer, "", " c") == ([BOS], ids_of(" c"))
 
 
 class SuccessorLM(nn.Module):
@@ -231,7 +225,7 @@ def test_lambada_protocol_on_a_rigged_model():
         "xx zbc",  # second token wrong, later ones right
         "yy abc",  # first token wrong, later ones right
     ]
-    result = ev.lambada(model, char_tokenizer(), lines, batch_size=3)
+    result = lambada(model, char_tokenizer_fast(), lines, batch_size=3)
     assert result.greedy == [True, False, False, False]
     assert (result.count, result.correct, result.accuracy) == (4, 1, 0.25)
 
@@ -275,7 +269,7 @@ def naive_lambada(model, lines: list[str], max_length: int = 64) -> tuple[list[f
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_lambada_equals_naive_computation_on_a_real_model(loaded, batch_size):
     model, tokenizer = loaded
-    result = ev.lambada(model, tokenizer, LAMBADA_LINES, batch_size=batch_size)
+    result = lambada(model, tokenizer, LAMBADA_LINES, batch_size=batch_size)
     nlls, greedy = naive_lambada(model, LAMBADA_LINES)
     assert result.target_nats == pytest.approx(nlls, rel=1e-5)
     assert result.greedy == greedy
@@ -287,10 +281,10 @@ def test_lambada_equals_naive_computation_on_a_real_model(loaded, batch_size):
 
 def test_load_text_dataset_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n\nworld\n", encoding="utf-8")
-    text_data = ev.load_text_dataset(tmp_path / "a.txt")
+    text_data = load_text_dataset(tmp_path / "a.txt")
     assert text_data.documents == ["hello\n\nworld\n"] and text_data.default_task == "perplexity"
     (tmp_path / "b.jsonl").write_text('{"text": "one two"}\n\n{"text": "three four", "id": 2}\n')
-    jsonl = ev.load_text_dataset(str(tmp_path / "b.jsonl"))
+    jsonl = load_text_dataset(str(tmp_path / "b.jsonl"))
     assert jsonl.documents == ["one two", "three four"]
     assert jsonl.text() == "one two\n\nthree four"
 
@@ -307,30 +301,36 @@ def test_load_text_dataset_txt_and_jsonl(tmp_path):
 def test_load_text_dataset_rejects_bad_jsonl(tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(UserError, match=message):
-        ev.load_text_dataset(tmp_path / "bad.jsonl")
+        load_text_dataset(tmp_path / "bad.jsonl")
 
 
 def test_named_data_is_found_through_the_environment(tmp_path, monkeypatch):
     target = tmp_path / "wikitext-2-raw" / "wiki.test.raw"
     target.parent.mkdir()
     target.write_text(" = Title = \n")
-    monkeypatch.setenv(ev.DATA_ENV, str(tmp_path))
-    dataset = ev.load_text_dataset("wikitext2")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    dataset = load_text_dataset("wikitext2")
     assert dataset.path == target and dataset.default_task == "perplexity"
 
 
 def test_missing_named_data_says_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "data_dirs", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setattr(eval_data, "data_dirs", lambda: [tmp_path / "nowhere"])
     with pytest.raises(UserError) as info:
-        ev.load_text_dataset("lambada")
+        load_text_dataset("lambada")
     message = str(info.value)
     assert str(tmp_path / "nowhere" / "lambada_openai" / "lambada_test.jsonl") in message
-    assert ev.DATA_ENV in message and "\n" not in message
+    assert DATA_ENV in message and "\n" not in message
+
+
+def test_data_is_looked_for_where_the_environment_says_and_in_the_cache_only(monkeypatch):
+    """Not relative to the package: an installed one has no source checkout (and no ../shared) around it."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert eval_data.data_dirs() == [cache_data_dir()]
 
 
 def test_shared_data_resolves_when_present(shared_dir, monkeypatch):
-    monkeypatch.delenv(ev.DATA_ENV, raising=False)
-    path, task = ev.resolve_data("lambada")
+    monkeypatch.setenv(DATA_ENV, str(shared_dir / "data"))
+    path, task = resolve_data("lambada")
     assert path == shared_dir / "data" / "lambada_openai" / "lambada_test.jsonl" and task == "lambada"
 
 
@@ -339,8 +339,8 @@ def test_real_tokenizer_target_starts_with_its_space_token(shared_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "gpt-neox-20b")
-    context, target = ev.lambada_split("Hello world")
-    assert ev.encode_pair(tokenizer, context, target) == ([12092], [1533])
+    context, target = lambada_split("Hello world")
+    assert encode_pair(tokenizer, context, target) == ([12092], [1533])
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -354,7 +354,7 @@ def two_models(tmp_path, tiny_mesh_model, monkeypatch) -> Path:
     make_tiny_pythia(tmp_path / "bare", seed=1)
     tiny_mesh_model.save_pretrained(tmp_path / "mesh")
     for name in ("pythia", "mesh"):
-        char_tokenizer().save_pretrained(tmp_path / name)
+        char_tokenizer_fast().save_pretrained(tmp_path / name)
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "lines.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA_LINES))
     monkeypatch.chdir(tmp_path)
@@ -370,7 +370,7 @@ def test_cli_json_reports_several_models_side_by_side(two_models, capsys):
     assert report["data"]["task"] == "perplexity"
     for entry in report["results"]:
         model = load_model(str(two_models / entry["model"]))
-        expected = ev.perplexity(model, char_tokenizer(), TEXT, context=32, stride=16)
+        expected = perplexity(model, char_tokenizer_fast(), TEXT, context=32, stride=16)
         assert entry["perplexity"]["nats"] == pytest.approx(expected.nats, rel=1e-6)
         assert entry["perplexity"]["tokens"] == len(TEXT) - 1
         assert entry["perplexity"]["bytes"] == len(TEXT.encode())
@@ -384,7 +384,7 @@ def test_cli_lambada_task_on_a_jsonl(two_models, capsys):
     assert code == 0, err
     [entry] = json.loads(out)["results"]
     model = load_model(str(two_models / "pythia"))
-    expected = ev.lambada(model, char_tokenizer(), LAMBADA_LINES[:3])
+    expected = lambada(model, char_tokenizer_fast(), LAMBADA_LINES[:3])
     assert entry["lambada"]["count"] == 3
     assert entry["lambada"]["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
     assert entry["lambada"]["accuracy"] == expected.accuracy
@@ -473,8 +473,8 @@ def test_lm_eval_local_task_agrees_with_our_lambada(tmp_path, loaded, monkeypatc
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "lambada_local.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "lines.jsonl"))
 
-    ours = ev.lambada(model, tokenizer, lines)
-    theirs = ev.lm_eval_tasks(model, tokenizer, ["lambada_local"], include_path=tmp_path / "tasks")["lambada_local"]
+    ours = lambada(model, tokenizer, lines)
+    theirs = lm_eval_tasks(model, tokenizer, ["lambada_local"], include_path=tmp_path / "tasks")["lambada_local"]
     assert ours.accuracy == 0.4  # the two all-space targets
     assert theirs["acc"] == ours.accuracy
     assert theirs["perplexity"] == pytest.approx(ours.perplexity, rel=1e-4)

@@ -14,7 +14,7 @@ import pytest
 from conftest import make_tiny_pythia
 from helpers import (assert_loads_trusting_only_our_code, char_tokenizer, foreign_references, invoke, plant, recipe,
                      tiny_converted, write_recipe, write_text)
-from mesh_convert.convert.remote_code import AUTO_MAP, strip_foreign_code, without_foreign_code
+from mesh_convert.artifacts.remote_code import AUTO_MAP, strip_foreign_code, without_foreign_code
 
 
 @pytest.fixture(scope="module")

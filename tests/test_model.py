@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from conftest import assert_loads_as_remote_code
 from mesh_convert import MeshConfig, MeshForCausalLM
 from mesh_convert.modeling.modeling_mesh import CACHE_FIELD
-from mesh_convert.convert.plan import count_parameters, default_layout, mesh_config_from_source, mesh_parameter_counts
+from mesh_convert.convert.plan import count_parameters, mesh_config_from_source, mesh_parameter_counts
+from mesh_convert.layout import default_layout
 from mesh_convert.convert.pythia import pythia_config
 
 

@@ -165,7 +165,7 @@ def test_a_cached_model_and_tokenizer_load_by_hub_id_without_the_hub(cached_mode
     """eval, train and inspect load a Hub id's model and tokenizer through transformers, which
     retried a refused connection for some 25 s per file (56 s for a tokenizer) before it turned to
     the cache: the Hub is asked once, and without an answer the cache is used at once."""
-    from mesh_convert.io import load_model, load_tokenizer
+    from mesh_convert.loading import load_model, load_tokenizer
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_flag)
     tokenizer = load_tokenizer("alice/tiny")
@@ -176,7 +176,7 @@ def test_a_cached_model_and_tokenizer_load_by_hub_id_without_the_hub(cached_mode
 
 
 def test_a_hub_id_neither_reachable_nor_cached_is_one_line_at_once(cache):
-    from mesh_convert.io import load_model, load_tokenizer
+    from mesh_convert.loading import load_model, load_tokenizer
 
     for load in (load_tokenizer, load_model):
         with pytest.raises(UserError, match=r"cannot reach the Hub at .* \(and it is not in the local cache\)"):
@@ -185,7 +185,7 @@ def test_a_hub_id_neither_reachable_nor_cached_is_one_line_at_once(cache):
 
 def test_the_hubs_answer_about_a_tokenizer_is_not_called_an_unusable_tokenizer(cache, tmp_path, monkeypatch):
     """A refused token or a missing repo is what the Hub said, not "no usable tokenizer"."""
-    from mesh_convert.io import load_tokenizer
+    from mesh_convert.loading import load_tokenizer
 
     with HubStandin(tmp_path / "standin", {}) as standin:
         monkeypatch.setattr(constants, "ENDPOINT", standin.endpoint)

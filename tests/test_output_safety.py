@@ -5,7 +5,6 @@ behind is reclaimed by the next. Every command that writes a model directory is 
 init, merge (through the training export) and train."""
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -23,29 +22,24 @@ from transformers import AutoModelForCausalLM
 
 from conftest import assert_loads_as_remote_code, make_tiny_pythia
 from mesh_convert.convert import conversion as convert_module
-from mesh_convert.convert import output as output_module
+from mesh_convert.artifacts import output as output_module
 from mesh_convert.cli import main
-from helpers import SUBPROCESS_ENV, char_tokenizer, invoke, metrics, recipe, tiny_converted, write_text
+from helpers import (
+    SUBPROCESS_ENV,
+    char_tokenizer,
+    invoke,
+    leftovers,
+    metrics,
+    recipe,
+    snapshot,
+    tiny_converted,
+    write_text,
+)
 
 INIT = ["init", "custom", "--layers", "4", "--hidden", "32", "--heads", "4", "--vocab", "128", "--context", "64"]
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root` (hidden ones too), with a digest of each file's bytes or link's target."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        key = str(path.relative_to(root))
-        if path.is_symlink():
-            found[key] = "-> " + os.readlink(path)
-        elif path.is_file():
-            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            found[key] = "dir"
-    return found
 
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +358,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 from mesh_convert.cli import main
 from mesh_convert.convert import conversion as convert
-from mesh_convert.convert import output
+from mesh_convert.artifacts import output
 
 stage, name, *args = sys.argv[1:]
 number = getattr(signal, name)

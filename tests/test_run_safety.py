@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SUBPROCESS_ENV, char_tokenizer, invoke, metrics, recipe, tiny_converted, write_recipe, write_text
+from helpers import (
+    SUBPROCESS_ENV,
+    Payload,
+    char_tokenizer,
+    invoke,
+    metrics,
+    recipe,
+    tiny_converted,
+    write_recipe,
+    write_text,
+)
 from mesh_convert.errors import UserError
 from mesh_convert.train.checkpoint import STATE_FILE, checkpoint_problem
 from mesh_convert.train.loop import train
@@ -40,16 +50,6 @@ def run_copy(work, tmp_path: Path) -> Path:
     shutil.copytree(work["root"] / "run", run, symlinks=True)
     shutil.rmtree(run / "model")
     return run
-
-
-class Payload:
-    """Unpickling this runs a command that leaves a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def pickled_files(checkpoint: Path) -> list[Path]:

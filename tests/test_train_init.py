@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh_convert.convert.plan import mesh_parameter_counts
+from mesh_convert.errors import UserError
 from mesh_convert.train.recipe import InitSpec
 from mesh_convert.train.scratch import init_scratch_model, scratch_config
 from helpers import ROOT, char_tokenizer, metrics, recipe, run_cli, write_recipe, write_text
@@ -94,6 +95,33 @@ def test_init_rejects_an_unknown_size(tmp_path, monkeypatch, capsys):
     assert run_cli(["init", "pythia-7m", "-o", str(tmp_path / "x")]) == 1
     assert "unknown Pythia size" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_init_takes_its_arguments_and_options_from_the_init_spec():
+    """`init` and a recipe's `init` are one declaration: every field of InitSpec is a parameter of the command."""
+    from typer.main import get_command
+
+    from mesh_convert.cli import app
+
+    parameters = {param.name for param in get_command(app).commands["init"].params}
+    assert set(InitSpec.model_fields) <= parameters
+
+
+def test_the_router_gap_has_one_bound_the_dtype_that_stores_it():
+    """As for `convert`: any positive gap that the model's dtype (float32 here) holds, whatever its size."""
+    assert scratch_config(InitSpec(size="14m", router_gap=100.0)).router_gap == 100.0
+    with pytest.raises(UserError, match="--router-gap 1e\\+39 does not fit float32"):
+        scratch_config(InitSpec(size="14m", router_gap=1e39))
+
+
+@pytest.mark.parametrize("key", ["loops=0", "prelude=-1", "coda=-1"])
+def test_a_recipes_init_layout_has_the_options_bounds(tmp_path, key):
+    """The recipe's `init` shares the layout options' declaration, and with it their bounds."""
+    from mesh_convert.train.recipe import load_recipe
+
+    with pytest.raises(UserError, match=f"init.{key.split('=')[0]}: Input should be greater than or equal to"):
+        load_recipe(None, [f"init.{key}", f"tokenizer={tmp_path}", f"data.train=[{tmp_path / 'x.txt'}]",
+                           "train.max_steps=1"])
 
 
 def test_cpu_smoke_recipe_lowers_the_loss_on_real_text(shared_dir, tmp_path, monkeypatch):

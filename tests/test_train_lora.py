@@ -17,7 +17,18 @@ from mesh_convert.modeling.modeling_mesh import LoopLinear
 from mesh_convert.train.recipe import LoraSection, Recipe
 from mesh_convert.train.loop import train
 from mesh_convert.train.lora import DEFAULT_TARGETS, merge_adapter, wrap_lora
-from helpers import ROOT, char_tokenizer, metrics, recipe, run_cli, state_of, tiny_converted, write_recipe, write_text
+from helpers import (
+    ROOT,
+    Payload,
+    char_tokenizer,
+    metrics,
+    recipe,
+    run_cli,
+    state_of,
+    tiny_converted,
+    write_recipe,
+    write_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +153,6 @@ def test_peft_reading_a_deprecated_transformers_property_shows_no_warning(lora_r
 def test_merge_of_a_non_adapter_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert run_cli(["merge", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
     assert "is not a LoRA adapter directory" in capsys.readouterr().err
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
 
 
 def _pickled(adapter: Path, marker: Path) -> None:

@@ -1,1 +1,2 @@
-"""Looking inside models: per-loop diagnostics (`diagnose`) and weights/routers (`inspect`)."""
+"""Looking inside models: per-loop diagnostics (`diagnose`, its figures in `plots`) and
+weights/routers (`inspect`)."""

@@ -1,4 +1,5 @@
-"""The paper's three representation probes (spec section 6), for MeSH and plain models.
+"""The paper's three representation probes (spec section 6), for MeSH and plain models; their
+figures are `plots`'.
 
 A model is read as a chain of states, each an (L x D) matrix per sample:
 
@@ -30,7 +31,6 @@ std), which is what a "mean +- std" band over the sample set shows.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ import torch
 
 from ..train.data import read_documents, tokenize_stream
 from ..errors import UserError
-from ..convert.plan import Layout, default_layout
+from ..layout import Layout, default_layout
 
 # ---------------------------------------------------------------------------------------------
 # Layouts: which hidden states are the loop boundaries.
@@ -62,14 +62,13 @@ def is_mesh(model) -> bool:
 
 def model_layout(model) -> Layout:
     """The layout a MeSH model was built with."""
-    c = model.config
-    return Layout(c.num_prelude_layers, c.num_core_layers, c.num_loops, c.num_coda_layers)
+    return Layout.of(model.config)
 
 
 def resolve_layout(model, layout: str | None = None, loops: int | None = None) -> Layout:
     """The layout to read the model with: a MeSH model's own, or the one given for a plain model.
 
-    For a plain model, `loops` alone picks the converter's default split (`convert.plan.default_layout`).
+    For a plain model, `loops` alone picks the converter's default split (`layout.default_layout`).
     """
     depth = model.config.num_hidden_layers
     if is_mesh(model):
@@ -423,140 +422,6 @@ def run_diagnostics(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg): each function returns its Figure so callers and tests can inspect it.
-# ---------------------------------------------------------------------------------------------
-
-PLOT_DPI = 120
-# Figures grow with the model's loops and slots up to this size (inches at PLOT_DPI) and no more:
-# uncapped, the router plot of 64 loops and 1024 slots was 1,335 inches wide and took 16 GB to draw.
-MAX_FIGURE_INCHES = (20.0, 14.0)
-# At most this many labelled ticks (or legend entries) per axis; the others stay unlabelled.
-MAX_LABELS = 32
-
-
-def pyplot_agg():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def figure_size(width: float, height: float) -> tuple[tuple[float, float], bool]:
-    """The size for a figure that would like to be `width` x `height` inches, capped, and whether
-    it got its full size (only then is there room to print a number in every cell)."""
-    capped = (min(width, MAX_FIGURE_INCHES[0]), min(height, MAX_FIGURE_INCHES[1]))
-    return capped, capped == (width, height)
-
-
-def labelled(count: int, limit: int = MAX_LABELS) -> range:
-    """The positions, out of `count`, that get a label: all of them, or evenly spaced `limit` or fewer."""
-    return range(0, count, math.ceil(count / limit) if count > limit else 1)
-
-
-def _title(result: DiagnosticsResult) -> str:
-    return f"{Path(result.model).name or result.model} ({result.variant}, {result.layout}, {result.samples} x {result.seq_len} tokens)"
-
-
-def plot_updates(result: DiagnosticsResult):
-    """Bar per block: mean relative update magnitude with a +-std error bar."""
-    plt = pyplot_agg()
-    mean, std = DiagnosticsResult.mean_std(result.updates)
-    names = result.block_names
-    size, roomy = figure_size(max(5.0, 1.1 * len(names) + 2), 4.2)
-    fig, ax = plt.subplots(figsize=size, layout="constrained")
-    ax.bar(range(len(names)), mean.tolist(), yerr=std.tolist(), capsize=5 if roomy else 0, color="tab:blue", alpha=0.8)
-    for x, (m, s) in enumerate(zip(mean.tolist(), std.tolist()) if roomy else ()):
-        ax.annotate(f"{m:.3f}", (x, m + s), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-    positions = labelled(len(names))
-    slanted = {} if roomy else {"rotation": 45, "ha": "right"}  # many names side by side
-    ax.set_xticks(positions, [names[i] for i in positions], **slanted)
-    ax.set_ylabel("2||f(h) - h|| / (||f(h)|| + ||h||)")
-    ax.set_ylim(0, max(1e-6, float((mean + std).nan_to_num().max())) * 1.18)
-    ax.set_title(f"Relative update magnitude\n{_title(result)}", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def plot_cka(result: DiagnosticsResult):
-    """Heatmap of the mean CKA between states, each cell annotated with mean and std."""
-    plt = pyplot_agg()
-    mean, std = DiagnosticsResult.mean_std(result.cka)
-    names = result.state_names
-    side = max(4.5, 0.85 * len(names) + 2.5)
-    size, roomy = figure_size(side + 0.8, side)
-    fig, ax = plt.subplots(figsize=size, layout="constrained")
-    image = ax.imshow(mean.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    for i in range(len(names)) if roomy else ():
-        for j in range(len(names)):
-            value = mean[i, j].item()
-            colour = "black" if value > 0.6 else "white"
-            ax.text(j, i, f"{value:.2f}\n±{std[i, j].item():.2f}", ha="center", va="center", fontsize=7, color=colour)
-    positions = labelled(len(names))
-    ax.set_xticks(positions, [names[i] for i in positions], rotation=45, ha="right")
-    ax.set_yticks(positions, [names[i] for i in positions])
-    ax.set_title(f"RBF CKA (threshold {result.threshold:g})\n{_title(result)}", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="CKA")
-    return fig
-
-
-def plot_spectra(result: DiagnosticsResult):
-    """One line per state: normalised singular values (log scale) with a +-std band."""
-    plt = pyplot_agg()
-    mean, std = DiagnosticsResult.mean_std(result.spectra)
-    fig, ax = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
-    ranks = list(range(1, mean.shape[1] + 1))
-    colours = plt.get_cmap("viridis")
-    # Rank-deficient states (fewer distinct tokens than singular values) have values at
-    # round-off level; a floor keeps them from stretching the axis over 15 decades.
-    floor = 1e-4
-    in_legend = set(labelled(len(result.state_names), limit=12))  # a legend of a dozen fits the figure
-    for i, name in enumerate(result.state_names):
-        colour = colours(i / max(1, len(result.state_names) - 1))
-        label = name if i in in_legend else "_" + name  # matplotlib leaves names with "_" out of the legend
-        ax.plot(ranks, mean[i].clamp_min(floor).tolist(), label=label, color=colour, linewidth=1.5)
-        low = (mean[i] - std[i]).clamp_min(floor).tolist()
-        ax.fill_between(ranks, low, (mean[i] + std[i]).clamp_min(floor).tolist(), color=colour, alpha=0.15)
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=max(floor, float(mean.nan_to_num(1.0).min()) * 0.5), top=1.5)
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("sigma_i / sigma_1")
-    ax.set_title(f"Singular value spectra (top {mean.shape[1]})\n{_title(result)}", fontsize=9)
-    ax.legend(fontsize=8, ncols=2)
-    ax.grid(alpha=0.3, which="both")
-    return fig
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a PNG and free the figure (pyplot keeps every open figure alive otherwise)."""
-    plt = pyplot_agg()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
-    return path
-
-
-DIAGNOSTICS_FILES = {
-    "json": "diagnostics.json",
-    "updates": "update_magnitude.png",
-    "cka": "cka.png",
-    "spectra": "spectra.png",
-}
-
-
-def write_outputs(result: DiagnosticsResult, output_dir: Path) -> dict[str, Path]:
-    """The JSON of all numbers and the three plots, in `output_dir`."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {key: output_dir / name for key, name in DIAGNOSTICS_FILES.items()}
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    save_figure(plot_updates(result), paths["updates"])
-    save_figure(plot_cka(result), paths["cka"])
-    save_figure(plot_spectra(result), paths["spectra"])
-    return paths
-
-
 __all__ = [
     "DiagnosticsResult",
     "Layout",
@@ -565,12 +430,8 @@ __all__ = [
     "load_samples",
     "normalized_spectrum",
     "parse_layout",
-    "plot_cka",
-    "plot_spectra",
-    "plot_updates",
     "rbf_cka",
     "relative_update",
     "resolve_layout",
     "run_diagnostics",
-    "write_outputs",
 ]

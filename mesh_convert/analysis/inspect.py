@@ -10,19 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ..convert.record import ConversionRecord
-from ..io import has_tokenizer, load_model, load_tokenizer
-from .diagnose import (
-    figure_size,
-    is_mesh,
-    json_safe,
-    labelled,
-    model_layout,
-    pyplot_agg,
-    save_figure,
-    token_windows,
-    tokenize_file,
-)
+from ..artifacts.record import ConversionRecord
+from ..io import has_tokenizer
+from ..loading import load_model, load_tokenizer
+from .diagnose import is_mesh, json_safe, model_layout, token_windows, tokenize_file
+from .plots import figure_size, labelled, pyplot_agg, save_figure
 from ..errors import UserError
 
 # Used when no --data is given: varied everyday text, enough to see how routers spread tokens.

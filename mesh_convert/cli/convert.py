@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from ..convert.options import ConvertOptions
-from ..convert.remote_code import warn_removed
+from ..artifacts.remote_code import warn_removed
 from ..errors import UserError, shown
 from .params import flag, with_options
 

@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         """Tokenize text once into a store that training memory-maps (the Megatron / GPT-NeoX .bin/.idx
         format, 2 bytes a token for vocabularies up to 65,536). Interrupted, it goes on where it stopped
         when run again."""
-        from ..io import check_output_directory, load_tokenizer
+        from ..io import check_output_directory
+        from ..loading import load_tokenizer
         from ..train.prepare import plan_arrow_chunks, plan_file_chunks, prepare_store, source_fingerprint
         from ..train.store import tokenizer_identity
 

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..convert.output import check_target, staged_directory
+from ..artifacts.output import check_target, staged_directory
 from ..errors import UserError, shown
+from ..io import RUN_EXPORTS
 
 DEFAULT_SEQ_LEN = 512  # the paper's samples are longer; 512 keeps CPU runs practical
 
@@ -22,7 +23,6 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-RUN_SUBFOLDERS = ("model", "adapter")  # what `train` writes into every run's output folder
 TABLE_SLOTS, TOP_SLOTS = 12, 4  # router tables: a column per slot up to 12 slots, else the 4 heaviest
 OVERWRITE_HELP = (
     "Replace a non-empty --output folder "
@@ -32,7 +32,7 @@ OVERWRITE_HELP = (
 
 def _default_output(prefix: str, model: str) -> Path:
     """`<prefix>-<model name>` in the working directory. A hub id "org/name" becomes
-    "org--name", like the hub cache does; a run's `model` / `adapter` folder and its
+    "org--name", like the hub cache does; a run's exports (`model`, `merged`, `adapter`) and its
     `checkpoints/step-N` carry the run's name too, so two runs do not share one folder."""
     path = Path(model).expanduser()
     if not path.exists():
@@ -41,14 +41,14 @@ def _default_output(prefix: str, model: str) -> Path:
     name = path.name
     if path.parent.name == "checkpoints":
         name = f"{path.parent.parent.name}-{name}"
-    elif name in RUN_SUBFOLDERS:
+    elif name in RUN_EXPORTS:  # what `train` exports into a run's output folder
         name = f"{path.parent.name}-{name}"
     return Path(f"{prefix}-{name or 'model'}")
 
 
 def _data_file(data: Path) -> Path:
     """--data: a file, or one of `eval`'s built-in data names (wikitext2, lambada)."""
-    from ..eval.harness import resolve_data
+    from ..eval.data import resolve_data
 
     return resolve_data(data)[0]
 
@@ -158,15 +158,9 @@ def diagnose(
 ):
     """Probe how each block updates the hidden state: relative update magnitude, RBF CKA between
     states, singular value spectra (the MeSH paper's figures 3-5)."""
-    from ..analysis.diagnose import (
-        DIAGNOSTICS_FILES,
-        check_threshold,
-        load_samples,
-        resolve_layout,
-        run_diagnostics,
-        write_outputs,
-    )
-    from ..io import load_model, load_tokenizer
+    from ..analysis.diagnose import check_threshold, load_samples, resolve_layout, run_diagnostics
+    from ..analysis.plots import DIAGNOSTICS_FILES, write_outputs
+    from ..loading import load_model, load_tokenizer
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(

@@ -1,7 +1,7 @@
 """Typer parameters derived from pydantic options (as mergekit derives its click options), so
 that each option's type, choices, default and help are declared once, on the options model.
 
-A field takes part when its `json_schema_extra` has a `cli` entry (see `convert.options`):
+A field takes part when its `json_schema_extra` has a `cli` entry (see `mesh_convert.options`):
 `argument`, or the option's `flags`, and optionally `type`/`default` for parsing it as text.
 `Literal` fields become choices, which typer checks and lists in the error.
 """
@@ -44,6 +44,13 @@ def with_options(options: type[BaseModel], *extra: inspect.Parameter) -> Callabl
     return decorate
 
 
+def option(name: str, annotation, default, *flags: str, help: str, **bounds) -> inspect.Parameter:
+    """A command-line option that is not one of the options model's (e.g. init's --output; `...`:
+    required); `bounds`: typer's `min`/`max`."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             default=typer.Option(default, *flags, help=help, **bounds), annotation=annotation)
+
+
 def flag(name: str, *flags: str, help: str) -> inspect.Parameter:
     """A boolean command-line switch that is not one of the options (e.g. --dry-run)."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(False, *flags, help=help), annotation=bool)
+    return option(name, bool, False, *flags, help=help)

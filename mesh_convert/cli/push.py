@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ..convert.remote_code import warn_removed
+from ..artifacts.remote_code import warn_removed
 from ..errors import shown
 
 console = Console()

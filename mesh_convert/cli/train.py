@@ -2,16 +2,17 @@
 
 import shlex
 from pathlib import Path
-from typing import Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..convert.options import Variant
+from ..artifacts.remote_code import strip_foreign_code, warn_removed
 from ..errors import UserError, first_line, is_our_fault, shown
 from ..io import check_output_directory
-from ..convert.remote_code import strip_foreign_code, warn_removed
+from ..layout import Layout
+from ..train.recipe import InitSpec  # light: pydantic and yaml
+from .params import flag, option, with_options
 
 console = Console(stderr=True)
 OVERWRITE_RUN_HELP = "Replace an earlier run in output_dir (one with checkpoints resumes, see checkpoint.resume)."
@@ -82,42 +83,27 @@ def register(app: typer.Typer) -> None:
         _run(recipe, overrides, dry_run, method="lora", overwrite=overwrite)
 
     @app.command("init")
-    def init_command(
-        ctx: typer.Context,
-        size: str = typer.Argument(..., help="pythia-<size> (e.g. pythia-160m) or 'custom'."),
-        loops: int = typer.Option(2, "--loops", "-k", help="Loops K of the shared core."),
-        output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
-        prelude: int = typer.Option(None, "--prelude", help="Prelude layers (default: the paper's layout)."),
-        coda: int = typer.Option(None, "--coda", help="Coda layers (default: the paper's layout)."),
-        variant: Variant = typer.Option("mesh", "--variant", help="The recurrence between loops: MeSH's memory, or a baseline."),
-        router_init: Literal["random", "base"] = typer.Option(None, "--router-init", help="mesh routers: random, or base (the conversion's function-preserving init: starts as the base recurrence). Default: random."),
-        router_gap: float = typer.Option(None, "--router-gap", help="Logit gap of --router-init base (default 8)."),
-        layers: int = typer.Option(None, "--layers", help="Unrolled layers (custom size, or override)."),
-        hidden: int = typer.Option(None, "--hidden", help="Hidden size D."),
-        heads: int = typer.Option(None, "--heads", help="Attention heads."),
-        intermediate: int = typer.Option(None, "--intermediate", help="MLP size (default 4*D)."),
-        vocab: int = typer.Option(None, "--vocab", help="Vocabulary size (default 50304)."),
-        context: int = typer.Option(None, "--context", help="Context length (default 2048)."),
-        tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to copy next to the model."),
-        seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the random weights (numpy's are 32-bit)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
-    ):
+    @with_options(
+        InitSpec,
+        option("output", Path, ..., "--output", "-o", help="Output directory."),
+        option("tokenizer", Path | None, None, "--tokenizer", help="Tokenizer directory to copy next to the model."),
+        option("seed", int, 0, "--seed", help="Seed of the random weights (numpy's are 32-bit).", min=0, max=2**32 - 1),
+        flag("overwrite", "--overwrite", help="Replace a non-empty output directory."),
+    )
+    def init_command(ctx: typer.Context, output: Path, tokenizer: Path | None, seed: int, overwrite: bool, **values):
         """A randomly initialised MeSH model, with the paper's from-scratch init."""
         from pydantic import ValidationError
 
-        from ..convert.card import write_model_card
-        from ..convert.output import check_target, staged_directory
+        from ..artifacts.card import write_model_card
+        from ..artifacts.output import check_target, staged_directory
+        from ..artifacts.record import with_removed_code
         from ..convert.plan import mesh_parameter_counts
-        from ..convert.record import with_removed_code
-        from ..train.recipe import InitSpec, explain
+        from ..train.recipe import explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
         check_output_directory(output)
         try:
-            routers = {k: v for k, v in (("router_init", router_init), ("router_gap", router_gap)) if v is not None}
-            spec = InitSpec(size=size, loops=loops, prelude=prelude, coda=coda, variant=variant, num_layers=layers,
-                            hidden_size=hidden, num_heads=heads, intermediate_size=intermediate, vocab_size=vocab,
-                            max_position_embeddings=context, **routers)
+            spec = InitSpec(**values)
         except ValidationError as error:
             raise explain(error, "init") from None
         sources = (tokenizer,) if tokenizer is not None else ()
@@ -141,7 +127,7 @@ def register(app: typer.Typer) -> None:
             record = with_removed_code(record, removed)
             record.write(staging)
             write_model_card(staging, record, name=output.resolve().name)  # the name the user gave it
-        console.print(f"{config.layout} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
+        console.print(f"{Layout.of(config)} ({config.variant}): {counts['nonembedding']:,} non-embedding parameters, "
                       f"{counts['routers']:,} router parameters -> {shown(output)}", highlight=False)
         warn_removed(console, removed)
 

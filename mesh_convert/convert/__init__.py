@@ -1,2 +1,2 @@
-"""Conversion: source checkpoint -> plan -> tensors -> safetensors shards, plus the conversion
-record (`record`) and the model card (`card`) written next to them."""
+"""Conversion: source checkpoint -> plan -> tensors -> safetensors shards; the record and the
+model card written next to them are `artifacts`'."""

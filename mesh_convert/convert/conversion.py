@@ -21,18 +21,18 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from transformers import GenerationConfig
 
+from ..artifacts.card import write_model_card
+from ..artifacts.output import check_target, staged_directory
+from ..artifacts.record import with_removed_code
+from ..artifacts.remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
 from ..errors import UserError
 from ..io import torch_dtype
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM, relax_is_dense
-from .remote_code import AUTO_MAP, REMOTE_CODE_FILES, strip_foreign_code
-from .card import write_model_card
 from .families import MESH_EMBED, MESH_FINAL_NORM, MESH_HEAD, final_norm_names, layer_tensor_shapes
 from .options import ConvertOptions
-from .plan import ConversionPlan, loop_sources, make_plan, shared_sources
-from .output import check_target, staged_directory
+from .plan import ConversionPlan, make_plan, shared_sources
 from .reader import CheckpointReader, one_thread
-from .record import with_removed_code
 from .shards import ShardWriter, TensorSpan
 from .source import fetch_checkpoint, load_generation_config, tokenizer_files
 
@@ -90,7 +90,7 @@ def _average(tensors: list[torch.Tensor], dtype: torch.dtype, chunk: int = 1 << 
     return out
 
 
-def _router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def router_tensors(config: MeshConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Function-preserving routers (spec section 5): zero weights, and a bias that puts almost all
     mass on the step's own slot (transitional step -> slot 1, loop t -> slot t+2), for writing and
     reading alike, so each step reads back exactly what it wrote."""
@@ -133,7 +133,7 @@ def iter_tensor_groups(
         yield f"prelude layer {j}", copy_layer("prelude", j, j)
 
     shared = shared_sources(layout, plan.options.tie)
-    stand_ins = loop_sources(layout)
+    stand_ins = layout.loop_sources()
     def tied(i: int, name: str) -> torch.Tensor | TensorSpan:
         """A shared core tensor on its own: a copy of its one stand-in, or the stand-ins' mean."""
         sources = [family.layer(layer) + name for layer in shared[i]]
@@ -167,7 +167,7 @@ def iter_tensor_groups(
         yield f"coda layer {j}", copy_layer("coda", j, first_coda + j)
     yield "final norm", {MESH_FINAL_NORM + n: load(family.final_norm + n) for n in final_norm_names(config)}
     if config.variant == "mesh":
-        yield "routers", _router_tensors(config, dtype)
+        yield "routers", router_tensors(config, dtype)
     if not config.tie_word_embeddings:
         head = next(name for name in family.heads if name in reader)
         yield "output head", {MESH_HEAD: load(head)}

@@ -1,27 +1,21 @@
 """The options of a conversion, each declared once: its type and choices, default, bounds, and the
-flag and help text the command line derives from it (`cli.params`)."""
+flag and help text the command line derives from it (`cli.params`). Those that `init` shares (the
+layout, the variant, the router gap) are declared in `mesh_convert.options`."""
 
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, TypeAdapter, field_validator
 
-Variant = Literal["mesh", "base", "residual", "anchor", "anchor_emb"]
+from ..options import DEFAULT_ROUTER_GAP, Coda, Loops, Prelude, RouterGap, VariantOption, cli_argument, cli_option
+
 Tie = Literal["upper", "stepwise", "lower", "average"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 RelaxInit = Literal["svd", "zero"]
 
-# Logit gap of the function-preserving router init (spec section 5): off-target mass is
-# (B-1)*e^-gap; BENCHMARKS.md shows how it was chosen.
-DEFAULT_ROUTER_GAP = 8.0
-
-
 # Each slot is one more hidden state per token in the memory buffer, and one more output of every
 # router; the paper uses K+3 and found K+1 .. K+4 alike. Far beyond that is a typo, not a design.
 MAX_SLOTS = 1024
-# The largest finite value of each output dtype (torch.finfo(dtype).max), known here without torch:
-# the router init stores the gap as a bias in that dtype.
-DTYPE_MAX = {"float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
 
 
 def default_slots(loops: int) -> int:
@@ -35,17 +29,6 @@ def _bytes(size: str) -> int:
     return int(TypeAdapter(ByteSize).validate_python(size))
 
 
-def cli_argument(**cli) -> dict:
-    """Field metadata: a positional command-line argument."""
-    return {"cli": {"argument": True, **cli}}
-
-
-def cli_option(*flags: str, **cli) -> dict:
-    """Field metadata: a command-line option under `flags`; `type` overrides the field's type for
-    parsing (the field's validator then reads the text)."""
-    return {"cli": {"flags": flags, **cli}}
-
-
 class ConvertOptions(BaseModel):
     """Everything a conversion depends on; the CLI (and recipes) build this, and it validates."""
 
@@ -55,14 +38,10 @@ class ConvertOptions(BaseModel):
         description="GPT-NeoX or Llama-family checkpoint: local dir, Hub id, or alias pythia-<size>[-deduped] (14m ... 12b).",
         json_schema_extra=cli_argument(),
     )
-    loops: int = Field(ge=1, description="K: how many times the shared core runs.",
-                       json_schema_extra=cli_option("--loops", "-k"))
-    prelude: int | None = Field(default=None, ge=0, description="P unshared bottom layers (default: the paper's layout).",
-                                json_schema_extra=cli_option("--prelude"))
-    coda: int | None = Field(default=None, ge=0, description="Q unshared top layers (default: the paper's layout).",
-                             json_schema_extra=cli_option("--coda"))
-    variant: Variant = Field(default="mesh", description="The recurrence between loops: MeSH's memory, or a baseline.",
-                             json_schema_extra=cli_option("--variant"))
+    loops: Loops
+    prelude: Prelude = None
+    coda: Coda = None
+    variant: VariantOption = "mesh"
     tie: Tie = Field(
         default="upper",
         description="How a core layer is made from its K stand-ins (upper: best after healing, BENCHMARKS.md).",
@@ -70,9 +49,8 @@ class ConvertOptions(BaseModel):
     )
     slots: int | None = Field(default=None, ge=2, description="B memory slots (default K+3).",
                               json_schema_extra=cli_option("--slots"))
-    router_gap: float = Field(default=DEFAULT_ROUTER_GAP, gt=0, allow_inf_nan=False,
-                              description="Logit gap of the function-preserving router init (with --relax-rank full, 16 or more reproduces the logits within 1e-4).",
-                              json_schema_extra=cli_option("--router-gap"))
+    router_gap: RouterGap = Field(default=DEFAULT_ROUTER_GAP,
+                                  description="Logit gap of the function-preserving router init (with --relax-rank full, 16 or more reproduces the logits within 1e-4).")
     relax_rank: int | Literal["full"] = Field(
         default=0, description="Per-loop delta rank: 0 (none), N, or full (dense: with --relax-init svd the original layers; mesh then gives the original's logits with a large --router-gap, base exactly, anchor and residual not).",
         json_schema_extra=cli_option("--relax-rank", type=str, default="0"),

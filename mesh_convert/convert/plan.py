@@ -4,8 +4,6 @@ so that `--dry-run` plans stay light."""
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,10 +13,12 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from .. import __version__
 from ..errors import UserError
+from ..artifacts.record import ConversionRecord, Params, converted_name
+from ..layout import Layout, resolve_layout
 from .families import SourceFamily, source_family
-from .options import DEFAULT_ROUTER_GAP, DTYPE_MAX, MAX_SLOTS, ConvertOptions, Tie, default_slots
+from ..options import DEFAULT_ROUTER_GAP, DTYPE_MAX, check_router_gap
+from .options import MAX_SLOTS, ConvertOptions, Tie, default_slots
 from .pythia import parse_alias, pythia_config_fields
-from .record import ConversionRecord, Params
 from .source import SourceRef, fetch_config, load_source_config, resolve_source
 
 if TYPE_CHECKING:
@@ -27,155 +27,23 @@ if TYPE_CHECKING:
 TIES = get_args(Tie)
 
 
-_LAYOUT_TEXT = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*[Rr]\s*(\d+)\s*\+\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """P prelude layers, C core layers looped K times, Q coda layers: `P+CRK+Q`."""
-
-    prelude: int
-    core: int
-    loops: int
-    coda: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Layout":
-        """`"4+8R2+4"` -> Layout(4, 8, 2, 4); ValueError for anything else."""
-        match = _LAYOUT_TEXT.match(text)
-        if match is None:
-            raise ValueError(f"layout {text!r} is not of the form P+CRK+Q (e.g. 4+8R2+4)")
-        layout = cls(*(int(group) for group in match.groups()))
-        if layout.core < 1 or layout.loops < 1:
-            raise ValueError(f"layout {text!r} needs at least one core layer and one loop")
-        return layout
-
-    @property
-    def text(self) -> str:
-        return f"{self.prelude}+{self.core}R{self.loops}+{self.coda}"
-
-    @property
-    def name(self) -> str:
-        """The layout as it stands in folder and model names, `P_CRK_Q`: a Hub repository name
-        allows no `+`, and transformers warns on every load of remote code from a folder with one."""
-        return self.text.replace("+", "_")
-
-    @property
-    def unrolled_layers(self) -> int:
-        return self.prelude + self.core * self.loops + self.coda
-
-    def boundary_index(self, t: int) -> int:
-        """Index of h^(t) in a model's `hidden_states` (entry 0 is the embeddings)."""
-        return self.prelude + t * self.core
-
-    @property
-    def state_names(self) -> list[str]:
-        return ["h_emb", *(f"h^({t})" for t in range(self.loops + 1)), "h_out"]
-
-    @property
-    def block_names(self) -> list[str]:
-        return ["prelude", *(f"loop {t + 1}" for t in range(self.loops)), "coda"]
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None) -> str:
-    """A converted model's default name, for its folder and its model card: the source's last
-    part, the variant (so that conversions of one source into two variants do not meet), the
-    layout as `P_CRK_Q`, and the relaxation rank where there are deltas (they change the
-    parameter count). E.g. `pythia-160m-mesh-2_4R2_2`, `pythia-160m-mesh-2_4R2_2-relax64`."""
-    base = source.rstrip("/").rsplit("/", 1)[-1] or "model"
-    relax = f"relax{relax_rank}" if relax_rank not in (0, None) else None
-    return "-".join(part for part in (base, variant, layout_name, relax) if part)
-
-
-def _layouts(num_layers: int, loops: int, min_outer: int = 1) -> list[Layout]:
-    """Every compute-matched layout P + C*K + Q = num_layers with C >= 1 and P, Q >= min_outer."""
-    layouts = []
-    for core in range(1, num_layers // loops + 1):
-        rest = num_layers - core * loops
-        for prelude in range(min_outer, rest - min_outer + 1):
-            layouts.append(Layout(prelude, core, loops, rest - prelude))
-    return layouts
-
-
-def default_layout(num_layers: int, loops: int) -> Layout:
-    """The paper's rule: prelude = coda ~ C/2, i.e. C ~ N/(K+1), with the outer layers split evenly.
-
-    Reproduces 2+4R2+2 (12 layers), 4+8R2+4 and 3+6R3+3 (24), 3+5R2+3 (16). Among the layouts
-    closest to C = N/(K+1), an even split of the outer layers wins; an odd extra layer goes to the coda.
-    """
-    if loops < 1:
-        raise ValueError("--loops must be at least 1")
-    # Per core size, the one split of the rest with coda - prelude in {0, 1}, both at least 1.
-    balanced = [
-        Layout(rest // 2, core, loops, rest - rest // 2)
-        for core in range(1, num_layers // loops + 1)
-        if (rest := num_layers - core * loops) >= 2
-    ]
-    if not balanced:
-        raise ValueError(
-            f"{num_layers} layers are too few for {loops} loops with the default layout's prelude and coda layer "
-            "(set --prelude and --coda, 0 allowed, for another layout)"
-        )
-    target = num_layers / (loops + 1)
-    return min(balanced, key=lambda l: (abs(l.core - target), l.coda != l.prelude, -l.core))
-
-
-def resolve_layout(num_layers: int, loops: int, prelude: int | None = None, coda: int | None = None) -> Layout:
-    """The default layout, or the one the user's --prelude/--coda pin down, or a ValueError that names
-    layouts that would work."""
-    if prelude is None and coda is None:
-        return default_layout(num_layers, loops)
-    if loops < 1:
-        raise ValueError("--loops must be at least 1")
-    for name, value in (("--prelude", prelude), ("--coda", coda)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0")
-    options = [
-        layout
-        for layout in _layouts(num_layers, loops, min_outer=0)
-        if (prelude is None or layout.prelude == prelude) and (coda is None or layout.coda == coda)
-    ]
-    if options:
-        # With one of the two given, the other follows as close to it as the layer count allows.
-        given = prelude if prelude is not None else coda
-        return min(options, key=lambda l: (abs(l.prelude - l.coda), -l.core, abs(l.prelude - given)))
-    asked = " ".join(f"{flag} {value}" for flag, value in (("--prelude", prelude), ("--coda", coda)) if value is not None)
-    rest = num_layers - (prelude or 0) - (coda or 0)
-    message = f"{asked} does not fit {num_layers} layers with {loops} loops"
-    if coda is not None and prelude is not None:
-        message += f" ({rest} layers are left for the core, not a positive multiple of {loops})"
-    valid = _layouts(num_layers, loops)
-    if not valid:
-        raise ValueError(f"{message}; no layout of {num_layers} layers fits {loops} loops")
-    near = sorted(valid, key=lambda l: abs(l.prelude - (prelude or l.prelude)) + abs(l.coda - (coda or l.coda)))[:4]
-    raise ValueError(f"{message}; these would: " + "; ".join(f"--prelude {l.prelude} --coda {l.coda} ({l.text})" for l in near))
-
-
-def loop_sources(layout: Layout) -> list[list[int]]:
-    """sources[t][i]: the original layer that loop t of core position i stands in for (P + t*C + i)."""
-    P, C = layout.prelude, layout.core
-    return [[P + t * C + i for i in range(C)] for t in range(layout.loops)]
-
-
 def shared_sources(layout: Layout, tie: str) -> list[list[int]]:
     """For each core position, the original layers its shared weights are made from."""
-    P, C, K = layout.prelude, layout.core, layout.loops
-    stand_ins = [[P + t * C + i for t in range(K)] for i in range(C)]
+    by_loop = layout.loop_sources()  # by_loop[t][i]: the layer that loop t of position i stands in for
     if tie == "average":
-        return stand_ins
+        return [list(stand_ins) for stand_ins in zip(*by_loop)]
     if tie == "lower":
-        return [[P + i] for i in range(C)]
+        return [[layer] for layer in by_loop[0]]
     if tie == "upper":
-        return [[P + (K - 1) * C + i] for i in range(C)]
+        return [[layer] for layer in by_loop[-1]]
     if tie == "stepwise":
-        # round(linspace(P, P + C*K - 1, C)): evenly spaced over the middle block (Python rounds half to even, as numpy)
-        if C == 1:
-            return [[P]]
-        step = (C * K - 1) / (C - 1)
-        return [[P + round(i * step)] for i in range(C)]
+        # round(linspace(0, C*K - 1, C)) over the middle block's layers: evenly spaced (Python rounds
+        # half to even, as numpy)
+        middle = [layer for loop in by_loop for layer in loop]
+        if layout.core == 1:
+            return [middle[:1]]
+        step = (len(middle) - 1) / (layout.core - 1)
+        return [[middle[round(i * step)]] for i in range(layout.core)]
     raise ValueError(f"unknown tie strategy {tie!r}; choose one of {', '.join(TIES)}")
 
 
@@ -194,7 +62,7 @@ def mesh_config_fields(
     layout: Layout,
     variant: str = "mesh",
     slots: int | None = None,
-    router_gap: float | None = None,
+    router_gap: float = DEFAULT_ROUTER_GAP,
     relax_rank: int | str = 0,
     provenance: dict | None = None,
 ) -> dict:
@@ -215,7 +83,7 @@ def mesh_config_fields(
         num_hidden_layers=layout.unrolled_layers,
         variant=variant,
         num_slots=slots,
-        router_gap=DEFAULT_ROUTER_GAP if router_gap is None else router_gap,
+        router_gap=router_gap,
         relax_rank=relax_rank,
         provenance=provenance,
         architectures=["MeshForCausalLM"],
@@ -311,11 +179,6 @@ def count_parameters(source_config, mesh_config: MeshConfig | Mapping) -> dict[s
     return counts
 
 
-def off_target_mass(slots: int, gap: float) -> float:
-    """Softmax mass that the function-preserving router init leaves off its target slot."""
-    return (slots - 1) * math.exp(-gap) / (1 + (slots - 1) * math.exp(-gap))
-
-
 @dataclass
 class ConversionPlan:
     options: ConvertOptions
@@ -391,13 +254,8 @@ def output_dtype_name(options: ConvertOptions, source_config) -> str:
 
 
 def check_router_options(options: ConvertOptions, slots: int, dtype_name: str) -> None:
-    """The router init stores the gap as a bias in the output dtype: it must be a number that dtype holds."""
-    largest = DTYPE_MAX[dtype_name]
-    if options.router_gap > largest:
-        raise UserError(
-            f"--router-gap {options.router_gap:g} does not fit {dtype_name}, the dtype the router biases are "
-            f"stored in: use a gap in (0, {largest:g}] (the default is {DEFAULT_ROUTER_GAP:g})"
-        )
+    """The router gap fits the output dtype, and the memory is not absurdly large."""
+    check_router_gap(options.router_gap, dtype_name)
     if options.variant == "mesh" and slots > MAX_SLOTS:
         raise UserError(
             f"--slots {slots} is more than {MAX_SLOTS}: every slot adds a hidden state per token to the memory "
@@ -441,7 +299,7 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
         },
         "tie": options.tie,
         "layer_map": layer_map(layout, options.tie),
-        "loop_sources": loop_sources(layout),
+        "loop_sources": layout.loop_sources(),
         "router_gap": options.router_gap,
         "relax_rank": options.relax_rank,
         "relax_init": options.relax_init if options.relax_rank != 0 else None,

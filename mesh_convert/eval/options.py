@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..convert.options import cli_argument, cli_option
+from ..options import cli_argument, cli_option
 
 Task = Literal["auto", "perplexity", "lambada"]
 EvalDtype = Literal["float32", "bfloat16", "float16"]

@@ -10,9 +10,14 @@ import sys
 import torch
 
 from ..errors import UserError, shown
-from ..io import load_model, load_tokenizer, model_source, transformers_bars_hidden
-from . import harness as ev
+from ..io import model_source
+from ..loading import load_model, load_tokenizer, transformers_bars_hidden
+from .data import TextDataset, load_text_dataset
+from .lambada import lambada
+from .models import model_device, parse_device
 from .options import EvalOptions
+from .perplexity import perplexity
+from .tasks import lm_eval_task_manager, lm_eval_tasks
 
 
 def validate(options: EvalOptions) -> None:
@@ -23,14 +28,14 @@ def validate(options: EvalOptions) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value})")
     if options.context and options.stride and options.stride > options.context:
         raise UserError(f"--stride ({options.stride}) cannot exceed --context ({options.context})")
-    ev.parse_device(options.device)
+    parse_device(options.device)
     for model in options.models:
         model_source(model)
     if options.tokenizer:
         model_source(options.tokenizer)
 
 
-def choose_task(options: EvalOptions, dataset: ev.TextDataset) -> str:
+def choose_task(options: EvalOptions, dataset: TextDataset) -> str:
     return dataset.default_task if options.task == "auto" else options.task
 
 
@@ -38,7 +43,7 @@ def evaluate_model(
     model_name: str, tokenizer, options: EvalOptions, dataset, task_manager, progress
 ) -> dict:
     """All requested evaluations of one model, as a JSON-able dict."""
-    model = load_model(model_name, dtype=options.dtype, device=ev.parse_device(options.device))
+    model = load_model(model_name, dtype=options.dtype, device=parse_device(options.device))
     result: dict = {"model": model_name}
     try:
         if dataset is not None:
@@ -51,7 +56,7 @@ def evaluate_model(
             result[kind] = _run_data_task(kind, model, tokenizer, dataset, options, advance).to_dict()
         if options.tasks:
             bar = progress.add_task(f"{shown(model_name)} · lm-eval {shown(','.join(options.tasks))}", total=None)
-            result["lm_eval"] = ev.lm_eval_tasks(
+            result["lm_eval"] = lm_eval_tasks(
                 model,
                 tokenizer,
                 options.tasks,
@@ -63,7 +68,7 @@ def evaluate_model(
             progress.update(bar, total=1, completed=1)
     finally:
         # Only one model in memory at a time: drop this one before the next is loaded.
-        on_cuda = ev.model_device(model).type == "cuda"
+        on_cuda = model_device(model).type == "cuda"
         del model
         gc.collect()
         if on_cuda:
@@ -74,7 +79,7 @@ def evaluate_model(
 def _run_data_task(kind, model, tokenizer, dataset, options: EvalOptions, advance):
     if kind == "lambada":
         examples = dataset.documents[: options.limit] if options.limit else dataset.documents
-        return ev.lambada(
+        return lambada(
             model,
             tokenizer,
             examples,
@@ -82,7 +87,7 @@ def _run_data_task(kind, model, tokenizer, dataset, options: EvalOptions, advanc
             max_length=options.context,
             on_progress=advance,
         )
-    return ev.perplexity(
+    return perplexity(
         model,
         tokenizer,
         dataset.text(),
@@ -120,8 +125,8 @@ def evaluate_all(options: EvalOptions, progress) -> dict:
     anything with its task methods)."""
     validate(options)
     data = options.data or (None if options.tasks else "wikitext2")
-    dataset = ev.load_text_dataset(data) if data else None
-    task_manager = ev.lm_eval_task_manager(options.tasks, options.include_path) if options.tasks else None
+    dataset = load_text_dataset(data) if data else None
+    task_manager = lm_eval_task_manager(options.tasks, options.include_path) if options.tasks else None
     # Tokenizers are cheap to load: a missing one fails now rather than after the first model.
     tokenizers = [load_tokenizer(options.tokenizer or name) for name in options.models]
     results = []

@@ -27,11 +27,11 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from ..convert.record import FILENAME, ConversionRecord, published_adapter_config, published_config
-from ..convert.card import write_model_card
+from ..artifacts.record import FILENAME, ConversionRecord, published_adapter_config, published_config
+from ..artifacts.card import write_model_card
 from ..errors import UserError, hub_error, scrub
 from ..io import TOKENIZER_FILES, hub_timeout, open_safetensors, refuse_links_out, resolve_endpoint, upload_answer_timeout
-from ..convert.remote_code import REMOTE_CODE_FILES, may_name_code, without_foreign_code
+from ..artifacts.remote_code import REMOTE_CODE_FILES, may_name_code, without_foreign_code
 
 DEFAULT_BRANCH = constants.DEFAULT_REVISION  # "main"
 DEFAULT_COMMIT_MESSAGE = "Upload MeSH model converted with mesh-convert"

@@ -447,6 +447,30 @@ class MeshPreTrainedModel(PreTrainedModel):
                 init.normal_(module.weight_delta_in, mean=0.0, std=self.config.initializer_range)
 
 
+class UnrolledCalls:
+    """The layer calls of one forward pass, in unrolled order: what every call shares (the mask,
+    the rotary embeddings, the positions, the KV cache), and what the caller asked to collect."""
+
+    def __init__(self, shared: dict, hidden_states: list | None, attentions: list | None):
+        self.shared = shared
+        self.hidden_states = hidden_states
+        self.attentions = attentions
+
+    def __call__(self, layer: nn.Module, h: torch.Tensor, cache_index: int, loop: int | None = None) -> torch.Tensor:
+        """Run `layer` at `cache_index` of the unrolled stack (and the KV cache), as loop step `loop`."""
+        h, weights = layer(h, cache_index=cache_index, loop=loop, **self.shared)
+        if self.hidden_states is not None:
+            self.hidden_states.append(h)
+        if self.attentions is not None and weights is not None:  # sdpa and flash return none, as in transformers
+            self.attentions.append(weights)
+        return h
+
+    def pass_on(self, h: torch.Tensor) -> None:
+        """At a loop boundary the state passed on is the recurrence's, not the last layer's output."""
+        if self.hidden_states is not None and len(self.hidden_states) > 1:
+            self.hidden_states[-1] = h
+
+
 class MeshModel(MeshPreTrainedModel):
     def __init__(self, config: MeshConfig):
         super().__init__(config)
@@ -503,56 +527,63 @@ class MeshModel(MeshPreTrainedModel):
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(h_emb.shape[1], device=h_emb.device).unsqueeze(0) + past_seen
-        # Positional: the cache parameter's name depends on the transformers version.
-        causal_mask = create_causal_mask(config, h_emb, attention_mask, cache, position_ids)
-        position_embeddings = self.rotary_emb(h_emb, position_ids=position_ids)
-
-        all_hidden_states = [h_emb] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
-
-        def run(layer, h, cache_index, loop=None):
-            h, weights = layer(
-                h,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
+        calls = UnrolledCalls(
+            dict(
+                # Positional: the cache parameter's name depends on the transformers version.
+                attention_mask=create_causal_mask(config, h_emb, attention_mask, cache, position_ids),
+                position_embeddings=self.rotary_emb(h_emb, position_ids=position_ids),
                 # As in transformers' models: flash attention finds packed (padding-free) documents
                 # from the restarting positions, since it gets no mask.
                 position_ids=position_ids,
                 cache=cache,
-                cache_index=cache_index,
-                loop=loop,
                 output_attentions=output_attentions,
                 **kwargs,
-            )
-            if output_hidden_states:
-                all_hidden_states.append(h)
-            if output_attentions and weights is not None:  # sdpa and flash return none, as in transformers
-                all_attentions.append(weights)
-            return h
+            ),
+            hidden_states=[h_emb] if output_hidden_states else None,
+            attentions=[] if output_attentions else None,
+        )
 
-        def record_boundary(h):
-            # At a loop boundary the state passed on is the recurrence's, not the last layer's output.
-            if output_hidden_states and len(all_hidden_states) > 1:
-                all_hidden_states[-1] = h
+        h_pre = self.run_prelude(calls, h_emb)
+        h = self.run_recurrence(calls, h_emb, h_pre)
+        h = self.final_norm(self.run_coda(calls, h))
+        if output_hidden_states:  # as in transformers: the last state is the normalised one
+            calls.hidden_states[-1] = h
 
+        output = BaseModelOutputWithPast(
+            last_hidden_state=h,
+            **{CACHE_FIELD: cache},
+            hidden_states=tuple(calls.hidden_states) if output_hidden_states else None,
+            attentions=tuple(calls.attentions) if output_attentions else None,
+        )
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def run_prelude(self, calls: UnrolledCalls, h_emb: torch.Tensor) -> torch.Tensor:
+        """h_pre: the P unshared prelude layers, run once."""
         h = self.emb_dropout(h_emb)
         for i, layer in enumerate(self.prelude):
-            h = run(layer, h, config.unrolled_index("prelude", i))
-        h_pre = h
+            h = calls(layer, h, self.config.unrolled_index("prelude", i))
+        return h
 
+    def run_recurrence(self, calls: UnrolledCalls, h_emb: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+        """h^(K): the transitional step gives h^(0); then the C core layers run K times, and after
+        each loop the variant's recurrence gives the state passed on (MeSH: a write and a read of
+        the memory; residual and anchors: a skip connection; base: none)."""
+        config = self.config
+        h = h_pre
         memory_state = None
         if self.memory is not None:  # transitional step: router pair 0 writes h_pre and reads h^(0)
             memory_state = self.memory.initial_state(h_emb)
             write, read = self.memory.route(0, h_pre)
             h = self.memory.write_then_read(memory_state, h_pre, write, read)
-        record_boundary(h)
+        calls.pass_on(h)
 
         for t in range(config.num_loops):
             h_in = h
             if self.memory is not None:  # routers read the core's input h^(t)
                 write, read = self.memory.route(t + 1, h_in)
             for i, layer in enumerate(self.core):
-                h = run(layer, h, config.unrolled_index("core", i, t), loop=t)
+                h = calls(layer, h, config.unrolled_index("core", i, t), loop=t)
             if self.memory is not None:
                 h = self.memory.write_then_read(memory_state, h, write, read)
             elif config.variant == "residual":  # (`.to`: a multi-device map may split these)
@@ -561,22 +592,14 @@ class MeshModel(MeshPreTrainedModel):
                 h = h + h_pre.to(h.device)
             elif config.variant == "anchor_emb":
                 h = h + h_emb.to(h.device)
-            record_boundary(h)
+            calls.pass_on(h)
+        return h
 
+    def run_coda(self, calls: UnrolledCalls, h: torch.Tensor) -> torch.Tensor:
+        """h_out: the Q unshared coda layers, run once (the final norm follows)."""
         for j, layer in enumerate(self.coda):
-            h = run(layer, h, config.unrolled_index("coda", j))
-        h = self.final_norm(h)
-        if output_hidden_states:  # as in transformers: the last state is the normalised one
-            all_hidden_states[-1] = h
-
-        output = BaseModelOutputWithPast(
-            last_hidden_state=h,
-            **{CACHE_FIELD: cache},
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
-        return_dict = return_dict if return_dict is not None else config.return_dict
-        return output if return_dict else output.to_tuple()
+            h = calls(layer, h, self.config.unrolled_index("coda", j))
+        return h
 
 
 class MeshForCausalLM(MeshPreTrainedModel, GenerationMixin):

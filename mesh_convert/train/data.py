@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import check_largest_id
+from ..loading import check_largest_id
 from .prepare import chunk_documents, plan_file_chunks
 from .store import IndexedTokens
 

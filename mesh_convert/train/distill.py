@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .recipe import DistillSection
-from ..io import load_model
+from ..loading import load_model
 
 
 class Distiller:

@@ -12,21 +12,16 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import UserError, first_line, is_our_fault, shown
-from ..io import (
-    check_model_dir,
-    check_output_directory,
-    load_model,
-    load_tokenizer,
-    model_file_errors,
-    transformers_bars_hidden,
-)
-from ..convert.remote_code import warn_removed
+from ..io import check_model_dir, check_output_directory
+from ..loading import load_model, load_tokenizer, model_file_errors, transformers_bars_hidden
+from ..artifacts.remote_code import warn_removed
 from .recipe import Recipe, lr_schedule, recipe_yaml
 from .checkpoint import MetricsLog, Resume, TrainState, accelerate_view, checkpoint_dirs, choose_checkpoint, save_checkpoint
 from .run_folder import check_inputs_apart, check_not_occupied, exclusive_run
@@ -35,7 +30,7 @@ from .optim import count_trainable, make_optimizer, param_groups, select_trainab
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
     processes: int
     micro_batch_size: int
@@ -43,7 +38,7 @@ class RunPlan:
     global_batch_size: int
     block_size: int
     steps: int
-    peak_lr: float
+    peak_lr: float | None = None  # None until the model is known: its provenance gives the default
 
     @property
     def tokens_per_step(self) -> int:
@@ -54,7 +49,8 @@ class RunPlan:
         return self.steps * self.tokens_per_step
 
 
-def plan_run(recipe: Recipe, processes: int, peak_lr: float) -> RunPlan:
+def plan_run(recipe: Recipe, processes: int, peak_lr: float | None = None) -> RunPlan:
+    """How the global batch splits over `processes` and micro-batches, and how many steps the run takes."""
     train = recipe.train
     per_step = train.micro_batch_size * processes
     if train.global_batch_size % per_step:
@@ -271,9 +267,9 @@ def train(
     check_inputs_apart(recipe, recipe_file, recipe_yaml(recipe))
     world = PartialState(cpu=_cpu_requested()).num_processes
     _check_all_processes_started(world)
-    plan_run(recipe, world, 1.0)  # fail on an impossible batch split before loading anything
+    plan = plan_run(recipe, world)  # an impossible batch split fails here, before anything loads
     with denormals_flushed(), exclusive_run(Path(recipe.output_dir)):
-        return _train(recipe, console, overwrite, on_step)
+        return _train(recipe, plan, console, overwrite, on_step)
 
 
 # What a resumed run must share with the run that wrote its checkpoints: the model and what of it
@@ -343,27 +339,80 @@ def _resume_point(recipe: Recipe, output: Path, overwrite: bool, console) -> tup
     return resume, own
 
 
-def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, set_seed
+@dataclass
+class _Run:
+    """What a training run holds from its set-up (`_set_up`) to its export."""
 
-    from .data import BatchPlan, model_inputs
+    recipe: Recipe
+    plan: RunPlan  # with the peak LR
+    accelerator: Any
+    model: Any  # as Accelerate prepared it
+    optimizer: Any
+    tokenizer: Any
+    data: Any  # TrainData: the training rows of this process, the held-out blocks
+    state: TrainState
+    metrics: MetricsLog
+    checkpoints: Path
+    resumed: bool  # from a checkpoint: the export may replace an earlier one
+    parameters: dict  # trainable and frozen counts
+    annealer: Any = None
+    distiller: Any = None
+
+
+def _train(recipe: Recipe, plan: RunPlan, console, overwrite: bool, on_step: Callable[[int, dict], None] | None) -> dict:
+    """Set up, step to the end (logging, evaluating and checkpointing on the way), export."""
+    run = _set_up(recipe, plan, console, overwrite)
+    state, plan = run.state, run.plan
+    progress = _Progress(console if run.accelerator.is_main_process else None, plan.steps, state.step)
+    run.model.train()
+    last_loss = float("nan")
+    throughput = _Throughput()
+    while state.step < plan.steps:
+        step_loss, grad_norm = _optimizer_step(run)
+        last_loss = run.accelerator.reduce(step_loss, "mean").item()
+        if not math.isfinite(last_loss):
+            progress.close()
+            raise _diverged(f"the loss is {last_loss} at step {state.step}", run.checkpoints)
+        throughput.add(plan.tokens_per_step)
+        record = _log_step(run, last_loss, grad_norm, throughput)
+        progress.update(state.step, record)
+        if _checkpoint_due(run):
+            if not _weights_finite(run.model, run.accelerator):  # keep the checkpoints on disk usable
+                progress.close()
+                raise _diverged(f"the weights hold NaN or inf after step {state.step}", run.checkpoints)
+            save_checkpoint(run.accelerator, run.checkpoints, state.step, state.tokens, recipe.checkpoint.keep_last)
+        if on_step is not None:
+            on_step(state.step, record)
+    progress.close()
+
+    with transformers_bars_hidden():  # transformers' "Writing model shards" bar would follow ours
+        summary = _export(recipe, run.accelerator, run.model, run.tokenizer, state, last_loss,
+                          replace=overwrite or run.resumed)
+    summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=run.parameters)
+    if recipe.trackers:
+        run.accelerator.end_training()
+    return summary
+
+
+def _set_up(recipe: Recipe, plan: RunPlan, console, overwrite: bool) -> _Run:
+    """The accelerator, where the run starts, its data, its model and optimizer (restored from the
+    checkpoint it resumes), its recipe.yaml, metrics log and trackers."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .data import BatchPlan
     from .sources import build_data
 
     output = Path(recipe.output_dir)
-    checkpoints = output / "checkpoints"
-    batches = plan_run(recipe, PartialState().num_processes, 1.0)
     # Accelerate owns accumulation (needed for DeepSpeed, whose engine steps inside backward).
     accelerator = Accelerator(
         cpu=_cpu_requested(),
         mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=batches.grad_accum,
+        gradient_accumulation_steps=plan.grad_accum,
         log_with=list(recipe.trackers) or None,
         project_dir=str(output),
     )
-    world = accelerator.num_processes
     main = accelerator.is_main_process
-    rank = accelerator.process_index
     resume, continues = _resume_point(recipe, output, overwrite, console if main else None)
     set_seed(recipe.seed)
 
@@ -371,11 +420,51 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
     check_data_files(recipe)
     config = model_config(recipe)
     tokenizer = load_tokenizer(recipe.tokenizer_path, remedy="set `tokenizer` to a tokenizer directory")
-    rows = BatchPlan(batches.global_batch_size, batches.micro_batch_size, batches.steps, rank, world)
+    rows = BatchPlan(plan.global_batch_size, plan.micro_batch_size, plan.steps, accelerator.process_index,
+                     accelerator.num_processes)
     data = build_data(recipe.data, tokenizer, recipe.seed, rows, config, console if main else None)
     if hasattr(data.train, "save"):  # a streamed position, one per process, kept in each checkpoint
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: data.train.save(folder))
         accelerator.register_load_state_pre_hook(lambda models, folder: data.train.load(folder))
+    model, optimizer, plan, parameters, annealer = _model_and_optimizer(recipe, plan, accelerator)
+
+    distiller = None
+    if recipe.distill.teacher:
+        from .distill import Distiller
+
+        vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
+        distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
+
+    state = _restore(resume, accelerator, annealer) if resume is not None else TrainState()
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.yaml").write_text(recipe_yaml(recipe))
+    metrics = MetricsLog(output / "metrics.jsonl", main, state.step if continues else None)
+    if recipe.trackers:
+        accelerator.init_trackers("mesh-convert", config=_flat(recipe.model_dump(mode="json")))
+    return _Run(recipe, plan, accelerator, model, optimizer, tokenizer, data, state, metrics, output / "checkpoints",
+                resume is not None, parameters, annealer, distiller)
+
+
+def _restore(resume: Resume, accelerator, annealer) -> TrainState:
+    """The model's, optimizer's (and data position's) state as the checkpoint holds them; the step it was at."""
+    try:
+        with accelerate_view(resume.path) as view:
+            accelerator.load_state(str(view))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # states of another model or optimizer
+        raise UserError(f"cannot resume from {resume.path}: it does not fit this run's model and optimizer "
+                        f"({type(error).__name__}: {first_line(error)})") from None
+    if annealer is not None:
+        annealer.restore(resume.state.step)
+    return resume.state
+
+
+def _model_and_optimizer(recipe: Recipe, plan: RunPlan, accelerator):
+    """The model to train (what of it trains set), its optimizer at the run's peak LR (the plan,
+    now with it), both prepared by Accelerate, its trainable and frozen parameter counts, and the
+    annealer of its deltas (or None)."""
+    from accelerate.utils import DistributedType
+
     model = load_base_model(recipe)
     if recipe.train.gradient_checkpointing:
         # transformers 5.23 renamed it activation checkpointing (the old name warns that it goes in v6);
@@ -385,8 +474,8 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_trainable(model, recipe)
-    plan = plan_run(recipe, world, default_peak_lr(recipe, model.config))
-    counts = count_trainable(model)
+    plan = replace(plan, peak_lr=default_peak_lr(recipe, model.config))
+    parameters = count_trainable(model)
 
     annealer = None
     if recipe.anneal.target_rank is not None:
@@ -397,102 +486,91 @@ def _train(recipe: Recipe, console, overwrite: bool, on_step: Callable[[int, dic
         annealer = Annealer(model, recipe.anneal, plan.steps)
     groups = param_groups(model, recipe.optim)
     optimizer = make_optimizer(groups, recipe.optim, plan.peak_lr)
-    state = TrainState()
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.train.compile:
         # In place: the module keeps its class and parameter names, so checkpoints and the saved
         # model have no `_orig_mod.` prefix (torch.compile(model) would wrap it).
         model.compile()
+    return model, optimizer, plan, parameters, annealer
 
-    distiller = None
-    if recipe.distill.teacher:
-        from .distill import Distiller
 
-        vocab = accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
-        distiller = Distiller(recipe.distill, accelerator.device, DTYPES[recipe.train.mixed_precision], vocab)
+def _optimizer_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over the plan's micro-batches: this process's mean loss of the step, and
+    the gradient norm where gradients are clipped."""
+    from .data import model_inputs
 
-    if resume is not None:
-        state = resume.state
-        try:
-            with accelerate_view(resume.path) as view:
-                accelerator.load_state(str(view))
-        except (OSError, ValueError, KeyError, RuntimeError) as error:  # states of another model or optimizer
-            raise UserError(f"cannot resume from {resume.path}: it does not fit this run's model and optimizer "
-                            f"({type(error).__name__}: {first_line(error)})") from None
-        if annealer is not None:
-            annealer.restore(state.step)
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "recipe.yaml").write_text(recipe_yaml(recipe))
-    metrics = MetricsLog(output / "metrics.jsonl", main, state.step if continues else None)
-    if recipe.trackers:
-        accelerator.init_trackers("mesh-convert", config=_flat(recipe.model_dump(mode="json")))
+    recipe, plan, state, accelerator, model = run.recipe, run.plan, run.state, run.accelerator, run.model
+    step = state.step
+    set_lr(run.optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
+    step_loss = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    for micro in range(plan.grad_accum):
+        inputs = model_inputs(run.data.train.rows(step, micro).to(accelerator.device), plan.block_size)
+        with accelerator.accumulate(model):  # no gradient sync until the last micro-batch
+            out = model(**inputs, use_cache=False)
+            loss = out.loss
+            step_loss += loss.detach() / plan.grad_accum
+            if run.distiller is not None:
+                loss = loss + run.distiller.loss(out.logits, inputs["input_ids"])
+            if run.annealer is not None and (penalty := run.annealer.penalty(step)) is not None:
+                loss = loss + penalty
+            del out
+            accelerator.backward(loss)  # divided by the accumulation steps there
+            if accelerator.sync_gradients and recipe.optim.grad_clip is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+            run.optimizer.step()  # a no-op until the accumulation is complete
+            run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += plan.tokens_per_step
+    if run.annealer is not None:
+        run.annealer.after_step(state.step)
+    return step_loss, grad_norm
 
-    progress = _Progress(console if main else None, plan.steps, state.step)
-    model.train()
-    last_loss = float("nan")
-    window_start, window_tokens = time.perf_counter(), 0
-    while state.step < plan.steps:
-        step = state.step
-        set_lr(optimizer, lr_schedule(step, plan.steps, recipe.optim.warmup, recipe.optim.min_lr_ratio))
-        step_loss = torch.zeros((), device=accelerator.device)
-        grad_norm = None
-        for micro in range(plan.grad_accum):
-            inputs = model_inputs(data.train.rows(step, micro).to(accelerator.device), plan.block_size)
-            with accelerator.accumulate(model):  # no gradient sync until the last micro-batch
-                out = model(**inputs, use_cache=False)
-                loss = out.loss
-                step_loss += loss.detach() / plan.grad_accum
-                if distiller is not None:
-                    loss = loss + distiller.loss(out.logits, inputs["input_ids"])
-                if annealer is not None and (penalty := annealer.penalty(step)) is not None:
-                    loss = loss + penalty
-                del out
-                accelerator.backward(loss)  # divided by the accumulation steps there
-                if accelerator.sync_gradients and recipe.optim.grad_clip is not None:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                optimizer.step()  # a no-op until the accumulation is complete
-                optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens += plan.tokens_per_step
-        if annealer is not None:
-            annealer.after_step(state.step)
 
-        last_loss = accelerator.reduce(step_loss, "mean").item()
-        if not math.isfinite(last_loss):
-            progress.close()
-            raise _diverged(f"the loss is {last_loss} at step {state.step}", checkpoints)
-        window_tokens += plan.tokens_per_step
-        record = {"step": state.step, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if state.step % recipe.train.log_every == 0 or state.step == plan.steps:
-            elapsed = time.perf_counter() - window_start
-            record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else None
-            window_start, window_tokens = time.perf_counter(), 0
-        every = recipe.train.eval_every
-        if data.eval is not None and ((every and state.step % every == 0) or state.step == plan.steps):
-            record.update(validation_loss(model, accelerator, data.eval, plan.micro_batch_size, recipe.train.eval_batches))
-        if state.step % recipe.train.log_every == 0 or "eval_loss" in record or state.step == plan.steps:
-            metrics.write(record)
-            if recipe.trackers:
-                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
-        progress.update(state.step, record)
-        if recipe.checkpoint.every and state.step % recipe.checkpoint.every == 0 and state.step < plan.steps:
-            if not _weights_finite(model, accelerator):  # keep the checkpoints on disk usable
-                progress.close()
-                raise _diverged(f"the weights hold NaN or inf after step {state.step}", checkpoints)
-            save_checkpoint(accelerator, checkpoints, state.step, state.tokens, recipe.checkpoint.keep_last)
-        if on_step is not None:
-            on_step(state.step, record)
-    progress.close()
+class _Throughput:
+    """Training tokens per second since the last logged step."""
 
-    with transformers_bars_hidden():  # transformers' "Writing model shards" bar would follow ours
-        summary = _export(recipe, accelerator, model, tokenizer, state, last_loss, replace=overwrite or resume is not None)
-    summary.update(steps=state.step, tokens=state.tokens, final_loss=last_loss, parameters=counts)
-    if recipe.trackers:
-        accelerator.end_training()
-    return summary
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float | None:
+        """The rate, and a new window from now."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else None
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+def _log_step(run: _Run, loss: float, grad_norm, throughput: _Throughput) -> dict:
+    """The step's record: loss, LR, tokens, the gradient norm where clipped, the throughput where
+    the step is logged and the held-out loss where it is evaluated (every `train.log_every` and
+    `train.eval_every` steps, and the last); written to metrics.jsonl and the trackers when due."""
+    recipe, state, plan = run.recipe, run.state, run.plan
+    last = state.step == plan.steps
+    logged = state.step % recipe.train.log_every == 0 or last
+    record = {"step": state.step, "loss": loss, "lr": run.optimizer.param_groups[0]["lr"], "tokens": state.tokens}
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    if logged:
+        record["tokens_per_s"] = throughput.rate()
+    every = recipe.train.eval_every
+    if run.data.eval is not None and ((every and state.step % every == 0) or last):
+        record.update(validation_loss(run.model, run.accelerator, run.data.eval, plan.micro_batch_size,
+                                      recipe.train.eval_batches))
+    if logged or "eval_loss" in record:
+        run.metrics.write(record)
+        if recipe.trackers:
+            run.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=state.step)
+    return record
+
+
+def _checkpoint_due(run: _Run) -> bool:
+    """Every `checkpoint.every` steps, but not at the end: the export follows."""
+    every = run.recipe.checkpoint.every
+    return bool(every) and run.state.step % every == 0 and run.state.step < run.plan.steps
 
 
 def _weights_finite(model, accelerator) -> bool:
@@ -543,9 +621,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _export(recipe: Recipe, accelerator, model, tokenizer, state: TrainState, final_loss: float, replace: bool) -> dict:
     """Write the trained model (or adapter), the tokenizer and conversion.json with a training
     section, each staged and published whole; `replace` allows replacing an earlier export."""
-    from ..convert.card import write_model_card
-    from ..convert.output import staged_directory
-    from ..convert.record import ConversionRecord
+    from ..artifacts.card import write_model_card
+    from ..artifacts.output import staged_directory
+    from ..artifacts.record import ConversionRecord
     from .lora import copy_side_files, retitle_adapter_card
     from .scratch import scratch_record
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ..convert.record import ConversionRecord, with_removed_code, with_training
-from ..convert.remote_code import strip_foreign_code
+from ..artifacts.record import ConversionRecord, with_removed_code, with_training
+from ..artifacts.remote_code import strip_foreign_code
 from ..errors import UserError, first_line, is_our_fault, unpickling_refusal
-from ..io import check_weights_inside, load_model, open_safetensors, read_json_object, transformers_bars_hidden
+from ..io import check_weights_inside, open_safetensors, read_json_object
+from ..loading import load_model, transformers_bars_hidden
 from .recipe import LoraSection
 
 # Every attention and MLP projection of each decoder family (the routers train through
@@ -197,7 +198,7 @@ def retitle_adapter_card(directory: Path, title: str, base: str | None) -> None:
     Card for Model ID"."""
     from huggingface_hub import ModelCard
 
-    from ..convert.card import hub_model_id
+    from ..artifacts.card import hub_model_id
 
     path = directory / "README.md"
     card = ModelCard.load(path)
@@ -222,8 +223,8 @@ def merge_adapter(
 
     import mesh_convert.modeling  # noqa: F401  (registers MeSH with the Auto classes)
 
-    from ..convert.card import write_model_card
-    from ..convert.output import check_target, staged_directory
+    from ..artifacts.card import write_model_card
+    from ..artifacts.output import check_target, staged_directory
 
     adapter_dir, output = Path(adapter_dir), Path(output)
     config = read_adapter(adapter_dir)

@@ -425,7 +425,7 @@ def prepare_store(
     """Tokenize `chunks` into a store at `target`, published whole; the parts are kept beside it
     (in `.NAME.parts-KEY`) until then, so that running it again after an interruption goes on.
     `transient`: the progress bar goes when done (a step of a longer command)."""
-    from ..convert.output import resolve_target, staged_directory
+    from ..artifacts.output import resolve_target, staged_directory
 
     target = Path(target)
     key = job_key(sources, tokenizer_id, text_field, chunk_bytes)

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..convert.options import Variant
 from ..convert.source import MAX_LAYERS
 from ..errors import UserError
+from ..options import DEFAULT_ROUTER_GAP, Coda, Loops, Prelude, RouterGap, VariantOption, cli_argument, cli_option
 
 TRAINABLE = ("all", "core+routers", "routers", "routers+deltas", "lora", "lora+routers")
 
@@ -24,7 +24,8 @@ class Strict(BaseModel):
     """Every section forbids unknown keys (reported with a difflib suggestion by `load_recipe`)
     and every number must be finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # Validators are built on first use: `mesh-convert --help` imports InitSpec for `init`'s options.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, defer_build=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -45,24 +46,31 @@ class Strict(BaseModel):
 
 
 class InitSpec(Strict):
-    """A randomly initialised MeSH model, built at the start of training (the paper's from-scratch recipe)."""
+    """A randomly initialised MeSH model, built at the start of training (the paper's from-scratch
+    recipe); its fields are also `mesh-convert init`'s arguments and options."""
 
-    size: str = Field("pythia-160m", description="pythia-<size>, or 'custom' with the dimensions below")
-    loops: int = Field(2, ge=1)
-    prelude: int | None = None
-    coda: int | None = None
-    variant: Variant = "mesh"
+    size: str = Field("pythia-160m", description="pythia-<size> (e.g. pythia-160m), or 'custom' with the dimensions below.",
+                      json_schema_extra=cli_argument(default=...))
+    loops: Loops = 2
+    prelude: Prelude = None
+    coda: Coda = None
+    variant: VariantOption = "mesh"
     router_init: Literal["random", "base"] = Field(
-        "random", description="mesh: random routers, or the conversion's function-preserving ones (starts as base)"
+        "random", description="mesh routers: random, or base (the conversion's function-preserving init: starts as the base "
+        "recurrence).", json_schema_extra=cli_option("--router-init"),
     )
-    router_gap: float = Field(8.0, gt=0, le=60, description="logit gap of router_init: base")
+    router_gap: RouterGap = Field(DEFAULT_ROUTER_GAP, description="Logit gap of --router-init base.")
     # Dimensions that override (or, for size=custom, define) the Pythia architecture.
-    num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS)
-    hidden_size: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=1)
-    vocab_size: int | None = Field(None, ge=1)
-    max_position_embeddings: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS, description="Unrolled layers (custom size, or override).",
+                                   json_schema_extra=cli_option("--layers"))
+    hidden_size: int | None = Field(None, ge=1, description="Hidden size D.", json_schema_extra=cli_option("--hidden"))
+    num_heads: int | None = Field(None, ge=1, description="Attention heads.", json_schema_extra=cli_option("--heads"))
+    intermediate_size: int | None = Field(None, ge=1, description="MLP size (default 4*D).",
+                                          json_schema_extra=cli_option("--intermediate"))
+    vocab_size: int | None = Field(None, ge=1, description="Vocabulary size (default 50304).",
+                                   json_schema_extra=cli_option("--vocab"))
+    max_position_embeddings: int | None = Field(None, ge=1, description="Context length (default 2048).",
+                                                json_schema_extra=cli_option("--context"))
 
 
 class HubData(Strict):

@@ -11,11 +11,13 @@ import os
 import torch
 
 from .. import __version__
+from ..artifacts.record import ConversionRecord, Params
 from ..convert.plan import mesh_parameter_counts
-from ..convert.record import ConversionRecord, Params
 from ..errors import UserError
+from ..layout import Layout, resolve_layout
 from ..modeling.configuration_mesh import MeshConfig
 from ..modeling.modeling_mesh import MeshForCausalLM
+from ..options import check_router_gap
 from .recipe import InitSpec
 
 OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
@@ -24,9 +26,10 @@ OUTPUT_PROJECTIONS = ("attention.dense", "mlp.dense_4h_to_h")
 def scratch_config(spec: InitSpec) -> MeshConfig:
     """The MeshConfig of `spec`: a Pythia size's architecture (optionally resized), in its default
     (or the given) layout."""
-    from ..convert.plan import mesh_config_from_source, resolve_layout
+    from ..convert.plan import mesh_config_from_source
     from ..convert.pythia import PYTHIA_SUITE, parse_alias, pythia_config
 
+    check_router_gap(spec.router_gap, "float32")  # the dtype the model is made in
     if spec.size == "custom":
         missing = [k for k in ("num_layers", "hidden_size", "num_heads") if getattr(spec, k) is None]
         if missing:
@@ -56,12 +59,10 @@ def scratch_config(spec: InitSpec) -> MeshConfig:
         raise UserError(f"hidden_size {source.hidden_size} is not a multiple of num_heads {source.num_attention_heads}")
     try:
         layout = resolve_layout(source.num_hidden_layers, spec.loops, spec.prelude, spec.coda)
-        config = mesh_config_from_source(
-            source, layout, variant=spec.variant, provenance={"init": "from scratch", "spec": spec.model_dump()}
-        )
+        config = mesh_config_from_source(source, layout, variant=spec.variant, router_gap=spec.router_gap,
+                                         provenance={"init": "from scratch", "spec": spec.model_dump()})
     except ValueError as error:
         raise UserError(str(error)) from None
-    config.router_gap = spec.router_gap
     config.dtype = "float32"
     config.embedding_multiplier = math.sqrt(config.hidden_size)  # applied in the forward pass
     return config
@@ -73,7 +74,7 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
     (every read then starts as a near-uniform mix of all slots); `base` takes the conversion's
     function-preserving routers with `config.router_gap`, so MeSH starts as the base recurrence
     (plus the gap's leak) and learns away from it."""
-    from ..convert.conversion import _router_tensors
+    from ..convert.conversion import router_tensors
 
     check_fits_in_memory(config)
     torch.manual_seed(seed)
@@ -83,7 +84,7 @@ def init_scratch_model(config: MeshConfig, seed: int, router_init: str = "random
         if name.endswith(OUTPUT_PROJECTIONS):
             module.weight.normal_(0.0, std)
     if router_init == "base" and model.model.memory is not None:
-        model.load_state_dict(_router_tensors(config, torch.float32), strict=False)
+        model.load_state_dict(router_tensors(config, torch.float32), strict=False)
     return model
 
 
@@ -118,14 +119,15 @@ def scratch_record(config: MeshConfig, spec: InitSpec, seed: int, command: str |
     original model to compare with), the spec, the seed and the `init` command that made it (none
     for a model that a training run made from its recipe's `init`)."""
     counts = mesh_parameter_counts(config)
+    layout = Layout.of(config)
     return ConversionRecord(
         mesh_convert_version=__version__,
         **({"command": command} if command else {}),
-        layout=config.layout,
-        prelude=config.num_prelude_layers,
-        core=config.num_core_layers,
-        loops=config.num_loops,
-        coda=config.num_coda_layers,
+        layout=layout.text,
+        prelude=layout.prelude,
+        core=layout.core,
+        loops=layout.loops,
+        coda=layout.coda,
         variant=config.variant,
         slots=config.num_slots if config.variant == "mesh" else None,
         relax_rank=config.relax_rank,

@@ -3,7 +3,7 @@
 first use and cached) or a Hub dataset streamed (`stream.py`)."""
 
 from ..errors import UserError
-from ..io import check_largest_id
+from ..loading import check_largest_id
 from .data import BatchPlan, PackedBlocks, ShuffledOrder, StoredOrder, StoredSequences, TrainData
 from .prepare import cached_store, check_data_file
 from .recipe import DataSection

@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import UserError
-from ..io import parse_json
-from .source import cache_snapshot
+from ..io import cache_snapshot, parse_json
+from ..layout import Layout
 
 FILENAME = "conversion.json"
 
@@ -134,12 +134,17 @@ class ConversionRecord(_Section):
     def source_model(self) -> str | None:
         return self.source.model if self.source else None
 
+    def counted_layout(self) -> Layout | None:
+        """The layout of the recorded counts, None where one of them is missing."""
+        parts = (self.prelude, self.core, self.loops, self.coda)
+        return None if None in parts else Layout(*parts)
+
     def layout_text(self) -> str | None:
         """`P+CRK+Q`, rebuilt from the counts when the record does not store it."""
         if self.layout:
             return self.layout
-        parts = (self.prelude, self.core, self.loops, self.coda)
-        return None if None in parts else "{}+{}R{}+{}".format(*parts)
+        counted = self.counted_layout()
+        return counted.text if counted else None
 
     def relaxed_to(self, rank: int, relax_parameters: int) -> ConversionRecord:
         """The record of this model annealed to relaxation `rank`, whose deltas now hold
@@ -281,6 +286,16 @@ def _command_without_local_paths(command: str) -> str:
         return command
 
 
+def converted_name(source: str, variant: str, layout_name: str | None, relax_rank: int | str | None) -> str:
+    """A converted model's default name, for its folder and its model card: the source's last
+    part, the variant (so that conversions of one source into two variants do not meet), the
+    layout as `P_CRK_Q`, and the relaxation rank where there are deltas (they change the
+    parameter count). E.g. `pythia-160m-mesh-2_4R2_2`, `pythia-160m-mesh-2_4R2_2-relax64`."""
+    base = source.rstrip("/").rsplit("/", 1)[-1] or "model"
+    relax = f"relax{relax_rank}" if relax_rank not in (0, None) else None
+    return "-".join(part for part in (base, variant, layout_name, relax) if part)
+
+
 def with_training(record: ConversionRecord | None, training: dict | None) -> ConversionRecord | None:
     """`record` (of the source model) with the `training` section of a run that continued it."""
     if training is None:
@@ -299,5 +314,5 @@ def with_removed_code(record: ConversionRecord | None, removed: list[str]) -> Co
     return base.model_copy(update={"removed_remote_code": earlier + [item for item in removed if item not in earlier]})
 
 
-__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "published_adapter_config",
-           "published_config", "with_removed_code", "with_training"]
+__all__ = ["FILENAME", "ConversionRecord", "EvalEntry", "Params", "Source", "Training", "converted_name",
+           "published_adapter_config", "published_config", "with_removed_code", "with_training"]

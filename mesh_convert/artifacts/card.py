@@ -13,9 +13,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import io
-from ..convert.plan import Layout, converted_name
-from ..convert.record import ConversionRecord, Params
 from ..errors import printable
+from ..layout import Layout
+from .record import ConversionRecord, Params, converted_name
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2510.07739"
@@ -185,7 +185,7 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         # A local source is named by its folder alone: the card is published, the user's paths are not.
         source = source.rstrip("/").rsplit("/", 1)[-1] if source else None
         origin = f"converted from {_code(source)} by mesh-convert" if source else "built with mesh-convert"
-    complete = None not in (r.prelude, r.core, r.loops, r.coda)
+    layout = r.counted_layout()
     relax = f"{r.relax_rank} (none)" if r.relax_rank == 0 else r.relax_rank
     if r.relax_init is not None:  # recorded only where there are deltas
         relax = f"{relax} ({r.relax_init} start)"
@@ -214,8 +214,8 @@ def _context(r: ConversionRecord, model_name: str, model_ref: str, tokenizer_ref
         "command_block": _code_block(r.command, "bash") if r.command else None,
         "origin": origin,
         "layout_lines": _layout_lines(r),
-        "unrolled": r.prelude + r.core * r.loops + r.coda if complete else None,
-        "stored": r.prelude + r.core + r.coda if complete else None,
+        "unrolled": layout.unrolled_layers if layout else None,
+        "stored": layout.stored_layers if layout else None,
         "layout_extras": [line for line, value in (
             (f"- recurrence between loops: {_code(r.variant)}", r.variant),
             (f"- memory slots: {r.slots}", r.slots),
