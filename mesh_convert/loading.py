@@ -121,3 +121,25 @@ def check_largest_id(largest: int, vocab: int | None, option: str) -> None:
             f"tokenizer and model do not match (see {option})"
         )
 
+
+def parse_device(name: str | None) -> torch.device:
+    """Where a model runs: `auto` (or nothing) means CUDA when there is a GPU, else the CPU. A
+    device this machine does not have, or `meta` (which holds no numbers), is a UserError."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{name}' (e.g. cpu, cuda, cuda:1, auto)") from None
+    if device.type == "meta":
+        raise UserError("device 'meta' holds no numbers, so nothing can be computed on it: use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}' requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device '{name}' requested but MPS is not available")
+    return device

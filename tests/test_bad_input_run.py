@@ -151,6 +151,12 @@ def test_the_readme_token_budget_1e8_is_read_as_a_number(work, tmp_path, capfd):
 COMMANDS = [
     ("eval of a model that lacks a weight", ["eval", "{root}/lacking", "--data", "{root}/train.txt"],
      ["lacks weights its config needs", "model.final_norm"]),
+    ("eval on the meta device", ["eval", "{root}/mesh", "--data", "{root}/train.txt", "--device", "meta"],
+     ["device 'meta' holds no numbers"]),
+    ("inspect on the meta device", ["inspect", "{root}/mesh", "--device", "meta", "--output", "{out}"],
+     ["device 'meta' holds no numbers"]),
+    ("diagnose on a GPU this machine lacks", ["diagnose", "{root}/mesh", "--data", "{root}/train.txt", "--device", "cuda:99",
+                                              "--output", "{out}"], ["device 'cuda:99' requested but"]),
     ("eval of a truncated shard", ["eval", "{root}/truncated", "--data", "{root}/train.txt"], ["truncated", "model.safetensors"]),
     ("diagnose of a truncated shard", ["diagnose", "{root}/truncated", "--data", "{root}/train.txt", "--output", "{out}"],
      ["truncated", "model.safetensors"]),

@@ -217,7 +217,7 @@ def test_published_records_cut_absolute_paths_to_their_last_part():
 
 def test_a_published_config_names_where_it_was_loaded_from_by_the_folder_only():
     """transformers' `_name_or_path`, which a config saved by another tool may hold, went up whole."""
-    from mesh_convert.convert.record import published_config
+    from mesh_convert.artifacts.record import published_config
 
     config = {"_name_or_path": "/home/alice/clients/acme/model", "model_type": "mesh"}
     assert published_config(config) == {"_name_or_path": "model", "model_type": "mesh"}

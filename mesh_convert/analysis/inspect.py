@@ -301,7 +301,7 @@ def inspect_model(
     data: Path | None = None,
     samples: int = 8,
     seq_len: int = 128,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     tokenizer: str | None = None,
 ) -> InspectReport:
     """Everything `mesh-convert inspect` shows, for a MeSH or a plain checkpoint directory."""

@@ -53,14 +53,6 @@ def _data_file(data: Path) -> Path:
     return resolve_data(data)[0]
 
 
-def _default_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_at_least(**options: tuple[int | None, int]) -> None:
     """A one-line UserError for an integer option below its minimum (None = not given)."""
     for name, (value, minimum) in options.items():
@@ -160,7 +152,7 @@ def diagnose(
     states, singular value spectra (the MeSH paper's figures 3-5)."""
     from ..analysis.diagnose import check_threshold, load_samples, resolve_layout, run_diagnostics
     from ..analysis.plots import DIAGNOSTICS_FILES, write_outputs
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer, parse_device
 
     # Everything checkable without the model first, so that mistakes cost no loading time.
     _check_at_least(
@@ -171,7 +163,7 @@ def diagnose(
     inputs = _local_inputs(model, tokenizer, data)
     check_target(output, overwrite, inputs, DIAGNOSTICS_FILES.values())
     data = _data_file(data)  # after the local checks: a built-in name may be downloaded
-    lm = load_model(model, device=_default_device(device))
+    lm = load_model(model, device=parse_device(device))
     chosen = resolve_layout(lm, layout, loops)
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, lm.config.max_position_embeddings)
     if seq_len > lm.config.max_position_embeddings:
@@ -296,6 +288,7 @@ def inspect(
 ):
     """Show a model's layout, variant, provenance, parameter counts and (MeSH) router behaviour."""
     from ..analysis.inspect import INSPECT_FILES, inspect_model, write_inspect_outputs
+    from ..loading import parse_device
 
     _check_at_least(samples=(samples, 1), seq_len=(seq_len, 2))
     output = output or _default_output("inspect", str(model_dir))
@@ -303,7 +296,7 @@ def inspect(
     check_target(output, overwrite, inputs, INSPECT_FILES.values())
     if data is not None:
         data = _data_file(data)  # after the local checks: a built-in name may be downloaded
-    report = inspect_model(model_dir, data, samples, seq_len, _default_device(device), tokenizer)
+    report = inspect_model(model_dir, data, samples, seq_len, parse_device(device), tokenizer)
     paths = _publish_outputs(
         output, overwrite, inputs, INSPECT_FILES.values(), lambda folder: write_inspect_outputs(report, folder)
     )

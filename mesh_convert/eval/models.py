@@ -17,19 +17,6 @@ Progress = Callable[[int, int], None]
 MAX_DEFAULT_CONTEXT = 2048
 
 
-def parse_device(name: str) -> torch.device:
-    """`auto` means CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown device '{name}' (e.g. cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available")
-    return device
-
-
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -11,10 +11,10 @@ import torch
 
 from ..errors import UserError, shown
 from ..io import model_source
-from ..loading import load_model, load_tokenizer, transformers_bars_hidden
+from ..loading import load_model, load_tokenizer, parse_device, transformers_bars_hidden
 from .data import TextDataset, load_text_dataset
 from .lambada import lambada
-from .models import model_device, parse_device
+from .models import model_device
 from .options import EvalOptions
 from .perplexity import perplexity
 from .tasks import lm_eval_task_manager, lm_eval_tasks
