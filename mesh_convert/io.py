@@ -194,8 +194,9 @@ def hub_info(repo_id: str, revision: str | None = None, repo_type: str = "model"
         raise HubUnreachable(f"cannot fetch {repo_id}: offline mode is on (HF_HUB_OFFLINE)")
     endpoint = resolve_endpoint()
     try:
-        with hub_timeout():
-            return HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, expand=["siblings"])
+        # Its own timeout, given: repo_info passes one to the client, which overrides the client's.
+        return HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, repo_type=repo_type, expand=["siblings"],
+                                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
     except Exception as error:
         user_error = hub_error(error, repo_id, endpoint, fetching=True, revision=revision)
         if user_error is None:

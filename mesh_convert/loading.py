@@ -38,6 +38,22 @@ def transformers_bars_hidden() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """transformers' loading messages kept off the terminal inside the block (its load report of
+    missing weights, warnings about a checkpoint's model type), where the commands say what matters
+    of them in their own one line; its own level comes back after."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with transformers_bars_hidden():
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def model_file_errors() -> tuple[type[BaseException], ...]:
     """What transformers raises for model files it cannot use: missing or unreadable files and bad
     JSON (OSError), unknown architectures (ValueError), fields of the wrong type or value
@@ -61,7 +77,7 @@ def load_model(name: str | Path, *, dtype: str | torch.dtype = "float32", device
 
     source, unreachable = pretrained_source(name)
     try:
-        with transformers_bars_hidden():
+        with transformers_quiet():
             # transformers does not pass local_files_only on to its look for a peft adapter: say it twice.
             offline = {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}} if unreachable else {}
             model, loading = AutoModelForCausalLM.from_pretrained(
@@ -99,7 +115,8 @@ def load_tokenizer(name: str | Path, *, remedy: str = "pass --tokenizer DIR"):
         raise UserError(f"no tokenizer files in {name}; {remedy}")
     unreachable = pretrained_source(name)[1] if hub else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(unreachable))
+        with transformers_quiet():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bool(unreachable))
     except Exception as error:  # the tokenizers library fails on a damaged file with a plain Exception
         if is_our_fault(error):
             raise

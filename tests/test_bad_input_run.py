@@ -226,3 +226,18 @@ def test_weights_that_do_not_fit_their_config_are_still_the_users(work, tmp_path
     shutil.copy(other / "model.safetensors", mixed / "model.safetensors")
     code, _, err = run(["eval", str(mixed), "--data", str(work["text"])], capfd)
     assert_one_error_line(code, err, "cannot load the model", "RuntimeError")
+
+
+def test_a_refused_load_shows_only_its_line_not_transformers_report(work, tmp_path):
+    """In a process of its own, as a user runs it: transformers printed its load report (a table of
+    the missing weights) above the error line."""
+    import subprocess
+    import sys
+
+    from helpers import SUBPROCESS_ENV
+
+    result = subprocess.run([sys.executable, "-m", "mesh_convert", "eval", str(work["root"] / "lacking"), "--data",
+                             str(work["text"])], capture_output=True, text=True, timeout=300,
+                            env={**SUBPROCESS_ENV, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: the model in") and "lacks weights its config needs" in result.stderr

@@ -656,6 +656,14 @@ def assert_ends_with_one_error_line(code: int, err: str, *needles: str) -> None:
         assert token not in err
 
 
+def test_a_failed_commit_in_a_log_is_its_one_line_without_upload_bars(hub, model_dir, monkeypatch, capfd):
+    """Where stderr is no terminal (a log, a batch job), huggingface_hub's upload bars went above the line."""
+    hub.fail("POST", r"/api/models/alice/tiny-mesh/commit/main", 500)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_one_clear_line(code, err, "500", "alice/tiny-mesh")
+
+
 def test_an_lfs_upload_failing_after_its_retries_is_one_line(hub, model_dir, monkeypatch, capfd):
     hub.fail("PUT", r"/__lfs__/.*", 500)  # huggingface_hub retries this five times, then wraps the error
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
@@ -674,6 +682,17 @@ def test_a_hub_that_never_answers_times_out_and_says_so(hub, model_dir, monkeypa
     code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
     assert_ends_with_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
     assert file_digests(model_dir) == before
+
+
+def test_a_hub_that_never_answers_a_conversions_question_times_out(hub, tmp_path, monkeypatch, capfd):
+    """The first question a conversion asks (the repo's files) passed no timeout of its own, which
+    left the client's unset: a server that accepted and never answered held it forever."""
+    hub.fail("GET", r"/api/models/.*", None)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, _, err = invoke(capfd, "alice/tiny", "--loops", "2", "-o", str(tmp_path / "out"))
+    assert_ends_with_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_upload_that_is_never_answered_says_how_long_it_waited(hub, model_dir, monkeypatch, capfd):

@@ -16,6 +16,7 @@ import fnmatch
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -245,6 +246,22 @@ def staged(folder: Path, published: Published) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- pushing
 
 
+@contextmanager
+def upload_bars_on_terminals() -> Iterator[None]:
+    """huggingface_hub's upload bars where someone watches (stderr is a terminal) and nowhere else:
+    in a log they are lines of carriage returns above the result or the error line."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if sys.stderr is not None and sys.stderr.isatty() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
 def repo_url(endpoint: str, repo_id: str, revision: str | None) -> str:
     url = f"{endpoint}/{repo_id}"
     return f"{url}/tree/{revision}" if revision and revision != DEFAULT_BRANCH else url
@@ -330,7 +347,7 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         # Staged before any request, so that a staging failure leaves no new repo behind.
-        with staged(folder, published) as upload, hub_endpoint(endpoint), hub_timeout():
+        with staged(folder, published) as upload, hub_endpoint(endpoint), hub_timeout(), upload_bars_on_terminals():
             full_id = _upload(api, folder, upload, repo_id, private, revision, commit_message or DEFAULT_COMMIT_MESSAGE,
                               record)
     except Exception as error:
