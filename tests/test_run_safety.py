@@ -1,6 +1,6 @@
 """A training run trusts nothing it did not write: a checkpoint's pickles are loaded as data only
-(a planted payload never runs), a damaged checkpoint is passed over for the previous one, the run
-keeps clear of its inputs, and two runs never share an output_dir."""
+(a planted payload never runs, and is refused), a damaged checkpoint is passed over for the
+previous one, the run keeps clear of its inputs, and two runs never share an output_dir."""
 
 import json
 import os
@@ -65,27 +65,21 @@ def test_a_checkpoint_holds_our_state_as_json_and_pickles_only_what_accelerate_s
 @pytest.mark.parametrize("planted", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
 def test_a_payload_planted_in_any_pickle_of_a_checkpoint_never_runs(work, tmp_path, capsys, planted):
     """Each pickle a checkpoint holds (and the registered-object file Accelerate would unpickle with
-    code allowed), replaced by a payload: resuming refuses that checkpoint in one line, falls back to
-    the previous one, and the payload never runs."""
+    code allowed), replaced by a payload: resuming refuses in one line naming the file, does not
+    pass over the tampered checkpoint for an older one in silence, and the payload never runs."""
     run = run_copy(work, tmp_path)
     marker = tmp_path / "ran"
-    torch.save(Payload(marker), run / "checkpoints" / "step-00000004" / planted)
-    data = recipe(work["model"], work["text"], run, **work["settings"])
-    code, _, err = invoke(capsys, "train", write_recipe(tmp_path / "r.yaml", data))
-    assert not marker.exists(), "the payload ran"
-    assert code == 0, err
-    assert f"step-00000004 ({planted} does not load as data" in err and "posix.system" in err, err
-    assert f"resuming from {run / 'checkpoints' / 'step-00000002'}" in " ".join(err.split())
-    assert [r["step"] for r in metrics(run)] == list(range(1, 7))
-
-    # Named explicitly, such a checkpoint is refused, with the one to use instead.
-    torch.save(Payload(marker), run / "checkpoints" / "step-00000004" / planted)  # the run above saved it anew
-    data = recipe(work["model"], work["text"], tmp_path / "elsewhere", train={"max_steps": 6},
-                  checkpoint={"resume": str(run / "checkpoints" / "step-00000004")})
-    code, _, err = invoke(capsys, "train", write_recipe(tmp_path / "r2.yaml", data))
-    assert code == 1 and not marker.exists(), err
-    assert "does not load as data" in err and "the newest usable one beside it is" in err, err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "elsewhere").exists()
+    tampered = run / "checkpoints" / "step-00000004" / planted
+    torch.save(Payload(marker), tampered)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for resume, output in (("auto", run), (str(tampered.parent), tmp_path / "elsewhere")):
+        data = recipe(work["model"], work["text"], output, **work["settings"])
+        data["checkpoint"]["resume"] = resume
+        code, _, err = invoke(capsys, "train", write_recipe(tmp_path / "r.yaml", data))
+        assert not marker.exists(), "the payload ran"
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{tampered} holds pickled code (" in " ".join(err.split()) and "posix.system" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before and not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as meant
@@ -101,10 +95,14 @@ def test_a_payload_in_a_distributed_checkpoint_is_refused_unread(tmp_path):
         (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "tokens": 8}))
         dcp.save({"weight": torch.ones(2), "extra": entry}, checkpoint_id=checkpoint / "pytorch_model_fsdp_0")
     assert checkpoint_problem(tmp_path / "clean") is None
-    assert "posix.system" in checkpoint_problem(tmp_path / "payload") and not marker.exists()
+    with pytest.raises(UserError, match="__0_0.distcp holds pickled code|holds pickled code .*posix.system"):
+        checkpoint_problem(tmp_path / "payload")
+    assert not marker.exists()
     metadata = tmp_path / "clean" / "pytorch_model_fsdp_0" / ".metadata"
     metadata.write_bytes(pickle.dumps(Payload(marker)))
-    assert "posix.system" in checkpoint_problem(tmp_path / "clean") and not marker.exists()
+    with pytest.raises(UserError, match=r"\.metadata holds pickled code \(it references posix.system"):
+        checkpoint_problem(tmp_path / "clean")
+    assert not marker.exists()
 
 
 def test_a_truncated_random_state_is_passed_over_with_a_warning(work, tmp_path, capsys):

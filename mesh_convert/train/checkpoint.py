@@ -106,7 +106,8 @@ class Resume:
 
 def choose_checkpoint(root: Path, resume: str) -> Resume | None:
     """The checkpoint to resume from, checked to load as data: `auto` = the newest that does (the
-    newer ones that do not are listed in `skipped`), `never` = none, or a path (refused if damaged)."""
+    newer, damaged ones are listed in `skipped`), `never` = none, or a path (refused if damaged);
+    one that would run code is refused, whichever it is."""
     if resume == "never":
         return None
     if resume != "auto":
@@ -133,7 +134,8 @@ def choose_checkpoint(root: Path, resume: str) -> Resume | None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None: a state that does not read,
-    weights that do not open, or a pickled file that is damaged or would run code."""
+    weights that do not open, or a pickled file that is damaged. A pickled file that would run code
+    is a UserError at once: a tampered checkpoint is not passed over in silence for an older one."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -150,9 +152,22 @@ def checkpoint_problem(path: Path) -> str | None:
                 _load_data_only(file)
             elif file.name == ".metadata":  # torch.distributed.checkpoint's index, and its non-tensor entries
                 _check_distributed_checkpoint(file)
-        except (SafetensorError, OSError, ValueError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        except pickle.UnpicklingError as error:
+            if _names_code(error):
+                raise UserError(f"{file} holds pickled code ({unpickling_refusal(error)}): the checkpoint was tampered "
+                                "with or is not one of mesh-convert's; no checkpoint is resumed from while it is there "
+                                "(remove it to resume from an earlier one)") from None
+            return f"{name} does not load as data ({unpickling_refusal(error)})"
+        except (SafetensorError, OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
             return f"{name} does not load as data ({unpickling_refusal(error)})"
     return None
+
+
+def _names_code(error: pickle.UnpicklingError) -> bool:
+    """Whether an unpickling refusal is of something that is not data (a callable, an object of a
+    class not allowed): a file that would run code, not a damaged one."""
+    text = str(error)
+    return text.startswith("Weights only load failed") and "GLOBAL" in text or "which is not data" in text
 
 
 # ----------------------------------------------------------------------------- loading as data

@@ -184,6 +184,9 @@ def check_patterns(config, names: list[str], where: Path) -> None:
         fields = ", ".join(sorted({field for field, _, _ in forms}))
         raise UserError(f"{where}: a regular expression in {fields} takes more than {PATTERNS_SECONDS:g} s to match "
                         "the model's module names (one that backtracks without end); refused") from None
+    except OSError as error:  # no process could be started (a process limit, an interpreter we may not run)
+        raise UserError(f"cannot check the regular expressions of {where} in a process of their own: "
+                        f"{error.strerror or error}") from None
 
 
 def _mismatch(error: RuntimeError) -> str:
