@@ -2,7 +2,8 @@
 repeated to size), each case in fresh processes:
 
 1. tokenizing: `mesh-convert prepare-data --workers 1` and `--workers 2` against the bare fast
-   tokenizer (one thread, the same text in the same 1 MiB pieces), interleaved; per worker ratio;
+   tokenizer (one thread, the same documents, 256 a call), interleaved; per worker ratio; and two
+   bare tokenizers at once, what two cores of this machine give;
 2. time to the first step and peak RSS of `mesh-convert train recipes/cpu-smoke.yaml` with
    data.train=CORPUS (the cached store, prepared by a run before) for a small and a big corpus;
 3. a resume at a late step against one at an early step (the checkpoint's step set to each);
@@ -85,10 +86,18 @@ def checked(result: dict, what: str) -> dict:
 
 def tokenizing(work: Path, env: dict, megabytes: float, repeats: int) -> dict:
     text = corpus(work / f"tokenize-{megabytes:g}mb.jsonl", megabytes)
-    runs = {"bare": [], "workers_1": [], "workers_2": []}
+    from concurrent.futures import ThreadPoolExecutor
+
+    bare_command = [sys.executable, "-c", BARE, TOKENIZER / "tokenizer.json", text]
+    runs = {"bare": [], "bare_pair": [], "workers_1": [], "workers_2": []}
     for _ in range(repeats):
-        result = checked(bc.run_child([sys.executable, "-c", BARE, TOKENIZER / "tokenizer.json", text], env=env), "bare")
+        result = checked(bc.run_child(bare_command, env=env), "bare")
         runs["bare"].append(json.loads(result["stdout"]))
+        # two bare tokenizers at once: what the machine's cores give two processes (the ceiling
+        # for two workers; on shared virtual cores it can be well under twice one)
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda _: checked(bc.run_child(bare_command, env=env, sample=False), "bare"), range(2)))
+        runs["bare_pair"].append(sum(json.loads(r["stdout"])["tokens_per_s"] for r in pair))
         for workers in (1, 2):
             out = work / f"tokenize-store-{workers}"
             shutil.rmtree(out, ignore_errors=True)
@@ -96,10 +105,13 @@ def tokenizing(work: Path, env: dict, megabytes: float, repeats: int) -> dict:
                                               "--json"), env=env), "prepare-data")
             runs[f"workers_{workers}"].append(json.loads(result["stdout"]))
     bare = bc.median(r["tokens_per_s"] for r in runs["bare"])
-    summary = {"corpus_mb": megabytes, "bare_tokens_per_s": bare, "runs": runs}
+    pair = bc.median(runs["bare_pair"])
+    summary = {"corpus_mb": megabytes, "bare_tokens_per_s": bare, "bare_pair_tokens_per_s": pair,
+               "bare_pair_vs_twice_bare": bc.ratio(pair, 2 * bare), "runs": runs}
     for workers in (1, 2):
         rate = bc.median(r["tokens_per_s"] for r in runs[f"workers_{workers}"])
         summary[f"workers_{workers}"] = {"tokens_per_s": rate, "per_worker_vs_bare": bc.ratio(rate / workers, bare)}
+    summary["workers_2"]["vs_bare_pair"] = bc.ratio(summary["workers_2"]["tokens_per_s"], pair)
     last = runs["workers_1"][-1]
     summary["bytes_per_token"] = last["bytes_per_token"]
     return summary
@@ -132,7 +144,7 @@ def first_step(work: Path, env: dict, sizes: dict, repeats: int) -> dict:
 
 def resume(work: Path, env: dict, megabytes: float, steps: dict, repeats: int) -> dict:
     """A checkpoint after step 1, its recorded step set to each of `steps`, resumed for one step."""
-    import torch
+    from mesh_convert.train.checkpoint import TrainState
 
     text = work / f"big-{megabytes:g}mb.jsonl"
     base = work / "resume-base"
@@ -144,8 +156,7 @@ def resume(work: Path, env: dict, megabytes: float, steps: dict, repeats: int) -
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(base, folder)
         shutil.rmtree(folder / "model")
-        state = folder / "checkpoints" / "step-00000001" / "custom_checkpoint_0.pkl"
-        torch.save({"step": step, "tokens": step * 4 * 64}, state)
+        TrainState(step, step * 4 * 64).write(folder / "checkpoints" / "step-00000001")
     runs = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -331,6 +342,8 @@ def main() -> int:
     rows = [
         ["tokenizing, 1 worker / bare, per worker", bc.fmt(t["workers_1"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
         ["tokenizing, 2 workers / bare, per worker", bc.fmt(t["workers_2"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
+        ["tokenizing, 2 workers / two bare at once", bc.fmt(t["workers_2"]["vs_bare_pair"], ".2f", "x"), ""],
+        ["the machine: two bare at once / twice one", bc.fmt(t["bare_pair_vs_twice_bare"], ".2f", "x"), ""],
         [f"first step, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["wall_ratio"], ".2f", "x"), "<= 1.2x"],
         [f"peak RSS, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["rss_ratio"], ".2f", "x"), "<= 1.2x"],
         [f"resume at step {args.late_step:,} / at step 1", bc.fmt(r["late_vs_early"], ".2f", "x"), "<= 1.5x"],
