@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -303,12 +303,14 @@ def json_problem(error: ValueError) -> str:
     return error.msg if isinstance(error, json.JSONDecodeError) else first_line(error)
 
 
-def checked_text(text: str, where: str) -> str:
+def checked_text(text: str, where: str | Callable[[], str]) -> str:
     """`text` as read from JSON, refused where it holds an unpaired surrogate (`"\\ud800"` is valid
-    JSON, but no valid Unicode: tokenizers cannot take it)."""
+    JSON, but no valid Unicode: tokenizers cannot take it). `where` names the text in the message;
+    a callable is asked only then (finding a line number can mean reading the file up to it)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
+        where = where() if callable(where) else where
         raise UserError(f"{where}: the text holds an unpaired surrogate ({text[error.start]!r}), which is not "
                         "valid Unicode") from None
     return text

@@ -221,7 +221,7 @@ def _text_of(record, text_field: str, where) -> str:
     if not isinstance(text, str):
         kind = "null" if text is None else type(text).__name__
         raise UserError(f"{where()}: {text_field!r} is {kind}, not a string of text")
-    return checked_text(text, where())
+    return checked_text(text, where)
 
 
 def _line_number(path: str, offset: int) -> int:
