@@ -300,7 +300,6 @@ def make_plan(options: ConvertOptions, command: str = "", builtin_facts: bool = 
         "tie": options.tie,
         "layer_map": layer_map(layout, options.tie),
         "loop_sources": layout.loop_sources(),
-        "router_gap": options.router_gap,
         "relax_rank": options.relax_rank,
         "relax_init": options.relax_init if options.relax_rank != 0 else None,
     }
