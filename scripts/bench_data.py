@@ -14,6 +14,7 @@ repeated to size), each case in fresh processes:
    optional: pip install --no-deps litdata==0.2.76 lightning-utilities boto3).
 
     python scripts/bench_data.py --small-mb 8 --big-mb 1024 --repeats 3 --json benchmarks/data-cpu.json
+    python scripts/bench_data.py --cases tokenizing --tokenize-mb 128 --json benchmarks/data-tokenize-128mb-cpu.json
     python scripts/bench_data.py --small-mb 1 --big-mb 4 --repeats 1   # a quick check of the script
 """
 
@@ -146,7 +147,7 @@ def resume(work: Path, env: dict, megabytes: float, steps: dict, repeats: int) -
     """A checkpoint after step 1, its recorded step set to each of `steps`, resumed for one step."""
     from mesh_convert.train.checkpoint import TrainState
 
-    text = work / f"big-{megabytes:g}mb.jsonl"
+    text = corpus(work / f"big-{megabytes:g}mb.jsonl", megabytes)
     base = work / "resume-base"
     checked(bc.run_child(cli("train", bc.REPO / "recipes" / "cpu-smoke.yaml", f"output_dir={base}", f"tokenizer={TOKENIZER}", "train.max_steps=2",
                              "train.eval_every=0", "checkpoint.every=1", f"data.train=[{text}]", "--overwrite"),
@@ -307,6 +308,9 @@ def _litdata_item(item):
     yield torch.from_numpy(open_store(path, None).indexed.sequence(index).astype("int64")).to(torch.uint16)
 
 
+CASES = ("tokenizing", "first_step", "resume", "two_processes", "formats")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small-mb", type=float, default=8)
@@ -316,6 +320,7 @@ def main() -> int:
     parser.add_argument("--late-step", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=bc.BENCH_CACHE / "data", help="corpora, stores and runs (kept)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"which cases, comma-separated (of {', '.join(CASES)})")
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     parser.add_argument("--shared", type=Path, default=SHARED, help="the shared folder (tokenizer and texts)")
     args = parser.parse_args()
@@ -331,27 +336,35 @@ def main() -> int:
            "MESH_CONVERT_CACHE": str(args.work / "cache")}
     os.environ["MESH_CONVERT_CACHE"] = env["MESH_CONVERT_CACHE"]
     info = bc.environment()
-    results = {
-        "tokenizing": tokenizing(args.work, env, args.tokenize_mb, args.repeats),
-        "first_step": first_step(args.work, env, {"small": args.small_mb, "big": args.big_mb}, args.repeats),
-        "resume": resume(args.work, env, args.big_mb, {"early": 1, "late": args.late_step}, args.repeats),
-        "two_processes": shares(args.work),
-        "formats": formats(args.work, args.formats_mb),
+    cases = {
+        "tokenizing": lambda: tokenizing(args.work, env, args.tokenize_mb, args.repeats),
+        "first_step": lambda: first_step(args.work, env, {"small": args.small_mb, "big": args.big_mb}, args.repeats),
+        "resume": lambda: resume(args.work, env, args.big_mb, {"early": 1, "late": args.late_step}, args.repeats),
+        "two_processes": lambda: shares(args.work),
+        "formats": lambda: formats(args.work, args.formats_mb),
     }
-    t, f, r = results["tokenizing"], results["first_step"], results["resume"]
-    rows = [
-        ["tokenizing, 1 worker / bare, per worker", bc.fmt(t["workers_1"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
-        ["tokenizing, 2 workers / bare, per worker", bc.fmt(t["workers_2"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
-        ["tokenizing, 2 workers / two bare at once", bc.fmt(t["workers_2"]["vs_bare_pair"], ".2f", "x"), ""],
-        ["the machine: two bare at once / twice one", bc.fmt(t["bare_pair_vs_twice_bare"], ".2f", "x"), ""],
-        [f"first step, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["wall_ratio"], ".2f", "x"), "<= 1.2x"],
-        [f"peak RSS, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["rss_ratio"], ".2f", "x"), "<= 1.2x"],
-        [f"resume at step {args.late_step:,} / at step 1", bc.fmt(r["late_vs_early"], ".2f", "x"), "<= 1.5x"],
-        ["bytes on disk a token", bc.fmt(t["bytes_per_token"], ".3f"), "<= 2.1"],
-        ["share of each of 2 processes (store; stream)", " / ".join(
-            f"{results['two_processes'][k][0]:.2f}" for k in ("store_share", "stream_share")), "about 0.5"],
-    ]
-    for name, store in results["formats"]["stores"].items():
+    chosen = [name for name in args.cases.split(",") if name]
+    if unknown := set(chosen) - set(CASES):
+        raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))} (the cases: {', '.join(CASES)})")
+    results = {name: cases[name]() for name in CASES if name in chosen}
+    rows = []
+    if t := results.get("tokenizing"):
+        rows += [
+            [f"tokenizing {args.tokenize_mb:g} MB, 1 worker / bare, per worker", bc.fmt(t["workers_1"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
+            [f"tokenizing {args.tokenize_mb:g} MB, 2 workers / bare, per worker", bc.fmt(t["workers_2"]["per_worker_vs_bare"], ".2f", "x"), ">= 0.8x"],
+            ["tokenizing, 2 workers / two bare at once", bc.fmt(t["workers_2"]["vs_bare_pair"], ".2f", "x"), ""],
+            ["the machine: two bare at once / twice one", bc.fmt(t["bare_pair_vs_twice_bare"], ".2f", "x"), ""],
+            ["bytes on disk a token", bc.fmt(t["bytes_per_token"], ".3f"), "<= 2.1"],
+        ]
+    if f := results.get("first_step"):
+        rows += [[f"first step, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["wall_ratio"], ".2f", "x"), "<= 1.2x"],
+                 [f"peak RSS, {args.big_mb:g} MB / {args.small_mb:g} MB corpus", bc.fmt(f["rss_ratio"], ".2f", "x"), "<= 1.2x"]]
+    if r := results.get("resume"):
+        rows.append([f"resume at step {args.late_step:,} / at step 1", bc.fmt(r["late_vs_early"], ".2f", "x"), "<= 1.5x"])
+    if shared := results.get("two_processes"):
+        rows.append(["share of each of 2 processes (store; stream)", " / ".join(
+            f"{shared[k][0]:.2f}" for k in ("store_share", "stream_share")), "about 0.5"])
+    for name, store in results.get("formats", {}).get("stores", {}).items():
         if "skipped" not in store:
             rows.append([f"store {name}: write / open / {results['formats']['reads']} random blocks; bytes a token",
                          f"{store['write_s']:.1f} s / {store['open_s'] * 1e3:.1f} ms / {store['read_s'] * 1e3:.1f} ms; "
