@@ -174,6 +174,7 @@ def test_hub_dataset_through_datasets_equals_the_same_file_given_directly(work, 
     assert losses(tmp_path / "hub") == losses(tmp_path / "file")  # the same documents, in the same order
 
 
+@pytest.mark.filterwarnings("error:'set_vital' is deprecated")  # torchdata's warning, which users cannot act on
 def test_streamed_hub_dataset_trains_and_holds_out_its_first_blocks(work, dataset_folder, tmp_path):
     out = tmp_path / "streamed"
     data = with_data(recipe(work["model"], work["text"], out, train={"max_steps": 3, "eval_every": 3}),

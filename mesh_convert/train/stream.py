@@ -12,6 +12,7 @@ they come from are left out of training wherever they occur.
 
 import hashlib
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,15 @@ class TokenBlocks(torch.utils.data.IterableDataset):
         self.carry, self.epoch = list(state["carry"]), int(state["epoch"])
 
 
+@contextmanager
+def _torchdata_quiet():
+    """torchdata 0.11's loader calls a torch function that now warns of itself, which the user
+    can do nothing about: on building the loader and on starting its iterator."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        yield
+
+
 class StreamedOrder:
     """This process's rows: the next micro_batch blocks of its own stream, in order."""
 
@@ -112,8 +122,9 @@ class StreamedOrder:
         self.plan = plan
         # spawn: the workers start clean (forking a process that holds torch's and the
         # tokenizer's threads can deadlock them).
-        self.loader = StatefulDataLoader(blocks, batch_size=plan.micro_batch, num_workers=workers,
-                                         multiprocessing_context="spawn", persistent_workers=True)
+        with _torchdata_quiet():
+            self.loader = StatefulDataLoader(blocks, batch_size=plan.micro_batch, num_workers=workers,
+                                             multiprocessing_context="spawn", persistent_workers=True)
         self.batches = None
         self.next = (0, 0)
 
@@ -121,8 +132,7 @@ class StreamedOrder:
         if (step, micro) != self.next:
             raise RuntimeError(f"streamed data asked for step {step}.{micro} where {self.next} comes next")
         if self.batches is None:
-            with warnings.catch_warnings():  # torchdata 0.11 calls a torch function that now warns of itself
-                warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            with _torchdata_quiet():
                 self.batches = iter(self.loader)
         try:
             ids = next(self.batches)
