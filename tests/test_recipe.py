@@ -62,6 +62,12 @@ def test_dotted_overrides_are_typed_and_checked(tmp_path):
         load_recipe(path, ["train.max_steps"])
     with pytest.raises(UserError, match="train.max_steps"):
         load_recipe(path, ["train.max_steps=many"])
+    with pytest.raises(UserError, match=r"override seed: the value is not valid YAML \(could not determine a constructor"):
+        load_recipe(path, ['seed=!!python/object/apply:os.system ["true"]'])
+    with pytest.raises(UserError, match="override data.train: the value is not valid YAML"):
+        load_recipe(path, ["data.train=[a.txt"])
+    with pytest.raises(UserError, match="override seed: the value is nested too deeply"):
+        load_recipe(path, ["seed=" + "[" * 100_000])
 
 
 def test_what_yaml_and_overrides_naturally_write_is_read_as_meant(tmp_path):

@@ -282,7 +282,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r} is not of the form key.sub=value")
-    return key.split("."), yaml.safe_load(value) if value != "" else None
+    try:
+        return key.split("."), yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as error:  # a python tag is one: safe_load builds no objects
+        problem = getattr(error, "problem", None) or "cannot be read"
+        raise UserError(f"override {key}: the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise UserError(f"override {key}: the value is nested too deeply") from None
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
