@@ -237,6 +237,28 @@ def test_a_private_folder_stays_private_while_and_after_it_is_overwritten(source
     assert (out / "config.json").is_file() and not leftovers(tmp_path)
 
 
+def test_a_read_only_empty_target_gets_the_result_and_keeps_its_mode(source, tmp_path, capsys, monkeypatch,
+                                                                     converted_names):
+    """Moving a folder to another parent needs its owner's write bit (its ".." entry is rewritten):
+    a result given a 0555 target's mode first could not be published by anyone but root, and
+    stayed behind in its work folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    publish, modes = output_module._publish, []
+
+    def look_at_the_result_being_published(work, *args):
+        modes.append((work / output_module.NEW).stat().st_mode & 0o777)
+        publish(work, *args)
+
+    monkeypatch.setattr(output_module, "_publish", look_at_the_result_being_published)
+    code, _, err = invoke(capsys, source, "-k", "2", "-o", out)
+    assert code == 0, err
+    assert modes == [0o755] and out.stat().st_mode & 0o777 == 0o555
+    assert sorted(p.name for p in out.iterdir()) == converted_names and not leftovers(tmp_path)
+    out.chmod(0o755)
+
+
 def test_an_output_name_at_the_length_limit_converts(source, tmp_path, capsys, converted_names):
     """The work folder beside it has a longer name than the target: it is cut short to fit."""
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")

@@ -210,8 +210,17 @@ def _left_by_a_dead_run(work: Path, target: Path) -> bool:
 def _remove(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+        return
+
+    def unlock_and_retry(function, failed, _error) -> None:
+        # A folder without its owner's write bit (a replaced result that kept a read-only
+        # target's mode) cannot be emptied as it is: ours to delete, so made writable first.
+        with suppress(OSError):
+            parent = os.path.dirname(failed)
+            os.chmod(parent, stat.S_IMODE(os.stat(parent).st_mode) | stat.S_IRWXU)
+            function(failed)
+
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": unlock_and_retry})
 
 
 def _clear_work_folder(work: Path, target: Path) -> None:
@@ -326,8 +335,12 @@ def staged_directory(
         # is reported as what it is, an interruption after the new version was published.
         with _stop_signals(lambda number, frame: stops.append(number)):
             mode = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else new_folder_mode
-            (work / NEW).chmod(mode)
+            # The owner's write bit stays until the folder is in place: moving a folder to
+            # another parent rewrites its ".." entry (a read-only target's mode comes last).
+            (work / NEW).chmod(mode | stat.S_IWUSR)
             _publish(work, target, overwrite, own_files)
+            if not mode & stat.S_IWUSR:
+                target.chmod(mode)
             _clear_work_folder(work, target)
     except OSError as error:
         _clear_work_folder(work, target)
