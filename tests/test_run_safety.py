@@ -62,15 +62,20 @@ def test_a_checkpoint_holds_our_state_as_json_and_pickles_only_what_accelerate_s
     assert [p.name for p in pickled_files(newest)] == ["optimizer.bin", "random_states_0.pkl"]
 
 
-@pytest.mark.parametrize("planted", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
-def test_a_payload_planted_in_any_pickle_of_a_checkpoint_never_runs(work, tmp_path, capsys, planted):
+@pytest.mark.parametrize("form", ["torch.save", "plain pickle"])
+@pytest.mark.parametrize("planted", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "pytorch_model.bin"])
+def test_a_payload_planted_in_any_pickle_of_a_checkpoint_never_runs(work, tmp_path, capsys, planted, form):
     """Each pickle a checkpoint holds (and the registered-object file Accelerate would unpickle with
-    code allowed), replaced by a payload: resuming refuses in one line naming the file, does not
-    pass over the tampered checkpoint for an older one in silence, and the payload never runs."""
+    code allowed, and a model's .bin), replaced by a payload in torch's zip format or as a plain
+    pickle: resuming refuses in one line naming the file, does not pass over the tampered
+    checkpoint for an older one in silence, and the payload never runs."""
     run = run_copy(work, tmp_path)
     marker = tmp_path / "ran"
     tampered = run / "checkpoints" / "step-00000004" / planted
-    torch.save(Payload(marker), tampered)
+    if form == "torch.save":
+        torch.save(Payload(marker), tampered)
+    else:  # not a zip archive: torch cannot memory-map it, which must not make it "damaged"
+        tampered.write_bytes(pickle.dumps(Payload(marker), protocol=2))
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     for resume, output in (("auto", run), (str(tampered.parent), tmp_path / "elsewhere")):
         data = recipe(work["model"], work["text"], output, **work["settings"])

@@ -190,7 +190,9 @@ def _load_data_only(file: Path | io.BytesIO):
     import torch
     from accelerate.utils.other import load
 
-    mmap = {"mmap": True} if isinstance(file, Path) else {}
+    # torch memory-maps only its zip format; any other file is read whole, so that a plain pickle
+    # meets the weights-only unpickler (which names any code in it) instead of mmap's refusal
+    mmap = {"mmap": True} if isinstance(file, Path) and zipfile.is_zipfile(file) else {}
     try:
         with torch.serialization.safe_globals(_deepspeed_globals()):
             return load(file, map_location="cpu", **mmap)
