@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..artifacts.remote_code import strip_foreign_code, warn_removed
-from ..errors import UserError, first_line, is_our_fault, shown
+from ..errors import UserError, shown
 from ..io import check_output_directory
 from ..layout import Layout
 from ..train.recipe import InitSpec  # light: pydantic and yaml
@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
         from ..artifacts.output import check_target, staged_directory
         from ..artifacts.record import with_removed_code
         from ..convert.plan import mesh_parameter_counts
+        from ..loading import load_tokenizer
         from ..train.recipe import explain
         from ..train.scratch import init_scratch_model, scratch_config, scratch_record
 
@@ -108,20 +109,15 @@ def register(app: typer.Typer) -> None:
             raise explain(error, "init") from None
         sources = (tokenizer,) if tokenizer is not None else ()
         check_target(output, overwrite, sources)  # before building a model that may be large
+        # and the tokenizer before any weight: a broken one is one line, not one after a progress bar
+        copied = load_tokenizer(tokenizer, remedy="pass another --tokenizer, or none") if tokenizer else None
         config = scratch_config(spec)
         model = init_scratch_model(config, seed, spec.router_init)
         counts = mesh_parameter_counts(config)
         with staged_directory(output, overwrite, sources) as staging:
             model.save_pretrained(staging)
-            if tokenizer is not None:
-                from transformers import AutoTokenizer
-
-                try:
-                    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(staging)
-                except Exception as error:  # the tokenizers library fails on a damaged file with a plain Exception
-                    if is_our_fault(error):
-                        raise
-                    raise UserError(f"cannot load the tokenizer in {tokenizer}: {first_line(error)}") from None
+            if copied is not None:
+                copied.save_pretrained(staging)
             removed = strip_foreign_code(staging)  # a tokenizer's own auto_map, saved from its config
             record = scratch_record(config, spec, seed, command=shlex.join(["mesh-convert", *ctx.obj["argv"]]))
             record = with_removed_code(record, removed)
