@@ -656,6 +656,27 @@ def test_a_link_planted_in_the_default_output_folder_is_not_written_through(
     assert code == 0 and not leftovers(tmp_path), stderr
 
 
+@pytest.mark.parametrize("command, written", [("inspect", "inspect.json"), ("diagnose", "diagnostics.json")])
+def test_a_users_folder_holding_a_file_of_the_reports_name_is_not_an_earlier_result(
+    capsys, mesh_dir, text_file, tmp_path, monkeypatch, command, written
+):
+    """Only a report mesh-convert wrote makes a folder an earlier result, replaced without
+    --overwrite: the default folder may be a link someone planted to a folder of the user's that
+    holds a file of that name."""
+    monkeypatch.chdir(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / written).write_text("the user's own notes\n")
+    (tmp_path / f"{'diagnostics' if command == 'diagnose' else 'inspect'}-{mesh_dir.name}").symlink_to(precious)
+    data = ["--data", str(text_file), "--samples", "2", "--seq-len", "16"] if command == "diagnose" else []
+    code, _, stderr = invoke(capsys, command, str(mesh_dir), *data)
+    assert code == 1 and "exists and is not empty (use --overwrite" in stderr, stderr
+    assert [p.name for p in precious.iterdir()] == [written] and (precious / written).read_text() == "the user's own notes\n"
+    out = tmp_path / "out"
+    assert invoke(capsys, command, str(mesh_dir), *data, "--output", str(out))[0] == 0
+    assert json.loads((out / written).read_text())["written_by"].startswith("mesh-convert ")
+
+
 @pytest.mark.parametrize("command", ["inspect", "diagnose"])
 def test_a_read_only_output_location_is_one_line(capsys, mesh_dir, text_file, tmp_path, monkeypatch, command):
     read_only = tmp_path / "read-only"

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts.output import report_mark
 from ..train.data import read_documents, tokenize_stream
 from ..errors import UserError
 from ..layout import Layout, default_layout
@@ -328,6 +329,7 @@ class DiagnosticsResult:
         spectra_mean, spectra_std = self.mean_std(self.spectra)
         return json_safe(
             {
+                **report_mark(),
                 "model": self.model,
                 "model_type": self.model_type,
                 "variant": self.variant,

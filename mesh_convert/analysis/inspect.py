@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts.output import report_mark
 from ..artifacts.record import ConversionRecord
 from ..io import has_tokenizer
 from ..loading import load_model, load_tokenizer
@@ -282,6 +283,7 @@ class InspectReport:
     def to_dict(self) -> dict:
         return json_safe(
             {
+                **report_mark(),
                 "model_dir": self.model_dir,
                 "model_type": self.model_type,
                 "layout": self.layout,

@@ -23,7 +23,7 @@ import psutil
 from rich.console import Console
 
 from ..errors import Interrupted, UserError
-from ..io import check_output_directory
+from ..io import check_output_directory, parse_json
 
 
 def resolve_target(target: Path) -> Path:
@@ -94,14 +94,41 @@ def check_target(target: Path, overwrite: bool, sources: tuple[Path, ...] = (), 
 
 
 def _holds_only(target: Path, names) -> bool:
-    """Whether `target` is a folder holding nothing but regular files with these names."""
+    """Whether `target` is an empty folder, or one holding nothing but regular files with these
+    names among which the JSON reports say mesh-convert wrote them (REPORT_MARK): a user's folder
+    that merely holds an `inspect.json` is not an earlier result to replace."""
     try:
         if not target.is_dir():
             return False
-        with os.scandir(target) as entries:
-            return all(entry.name in names and entry.is_file(follow_symlinks=False) for entry in entries)
+        with os.scandir(target) as scanned:
+            entries = list(scanned)
+        if not all(entry.name in names and entry.is_file(follow_symlinks=False) for entry in entries):
+            return False
+        reports = [Path(entry.path) for entry in entries if entry.name.endswith(".json")]
+        return not entries or bool(reports) and all(map(_marked_report, reports))
     except OSError:
         return False
+
+
+REPORT_MARK = "written_by"  # the key, in a command's JSON report, that says mesh-convert wrote it
+_REPORT_MAX_BYTES = 64 << 20
+
+
+def report_mark() -> dict:
+    """What a JSON report carries to be known as one of ours (see `_holds_only`)."""
+    from .. import __version__
+
+    return {REPORT_MARK: f"mesh-convert {__version__}"}
+
+
+def _marked_report(path: Path) -> bool:
+    if path.stat().st_size > _REPORT_MAX_BYTES:
+        return False
+    try:
+        report = parse_json(path.read_bytes())
+    except ValueError:
+        return False
+    return isinstance(report, dict) and str(report.get(REPORT_MARK, "")).startswith("mesh-convert ")
 
 
 # A run works in a folder of its own beside the target, `.NAME.partial-TOKEN`: the new result
