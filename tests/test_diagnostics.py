@@ -677,6 +677,19 @@ def test_a_users_folder_holding_a_file_of_the_reports_name_is_not_an_earlier_res
     assert json.loads((out / written).read_text())["written_by"].startswith("mesh-convert ")
 
 
+@pytest.mark.filterwarnings("error:Glyph")  # pytest holds warnings back from stderr: make one fail the command
+@pytest.mark.parametrize("command", ["inspect", "diagnose"])
+def test_a_model_named_with_escapes_and_dollars_draws_without_a_raw_escape(capsys, mesh_dir, text_file, tmp_path, command):
+    """The model's folder name goes into the figures' titles: matplotlib warned of each missing
+    glyph (ESC printed raw on the terminal), and `$...$` would be parsed as mathtext."""
+    named = tmp_path / "m\x1b]0;pwned\x07\x1b[2J $\\frac$"
+    shutil.copytree(mesh_dir, named)
+    data = ["--data", str(text_file), "--samples", "2", "--seq-len", "16"] if command == "diagnose" else []
+    code, stdout, stderr = invoke(capsys, command, str(named), *data, "--output", str(tmp_path / "out"))
+    assert code == 0, stderr
+    assert "\x1b" not in stdout + stderr and "Glyph" not in stderr, stderr
+
+
 @pytest.mark.parametrize("command", ["inspect", "diagnose"])
 def test_a_read_only_output_location_is_one_line(capsys, mesh_dir, text_file, tmp_path, monkeypatch, command):
     read_only = tmp_path / "read-only"

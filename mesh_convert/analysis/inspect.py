@@ -15,7 +15,7 @@ from ..artifacts.record import ConversionRecord
 from ..io import has_tokenizer
 from ..loading import load_model, load_tokenizer
 from .diagnose import is_mesh, json_safe, model_layout, token_windows, tokenize_file
-from .plots import figure_size, labelled, pyplot_agg, save_figure
+from .plots import figure_size, figure_text, labelled, pyplot_agg, save_figure
 from ..errors import UserError
 
 # Used when no --data is given: varied everyday text, enough to see how routers spread tokens.
@@ -258,7 +258,8 @@ def plot_router_heatmap(stats: RouterStats, title: str = ""):
     rows = labelled(steps)
     axes[0].set_yticks(rows, [stats.steps[i] for i in rows])
     fig.colorbar(image, ax=list(axes), fraction=0.04, pad=0.02)
-    fig.suptitle(f"{title}\n{stats.source}" if title else stats.source, fontsize=9)
+    source = figure_text(stats.source)
+    fig.suptitle(f"{title}\n{source}" if title else source, fontsize=9)
     return fig
 
 
@@ -345,7 +346,7 @@ def write_inspect_outputs(report: InspectReport, output_dir: Path) -> dict[str, 
     paths = {"json": output_dir / INSPECT_FILES["json"]}
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if report.routers is not None:
-        title = f"{Path(report.model_dir).name}: {report.layout}, B = {report.num_slots}"
+        title = f"{figure_text(Path(report.model_dir).name)}: {report.layout}, B = {report.num_slots}"
         paths["routers"] = save_figure(
             plot_router_heatmap(report.routers, title), output_dir / INSPECT_FILES["routers"]
         )

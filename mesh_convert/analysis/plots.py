@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from ..errors import printable
 from .diagnose import DiagnosticsResult
 
 PLOT_DPI = 120
@@ -41,8 +42,15 @@ def labelled(count: int, limit: int = MAX_LABELS) -> range:
     return range(0, count, math.ceil(count / limit) if count > limit else 1)
 
 
+def figure_text(value: object) -> str:
+    """A name for a figure: control characters written out (matplotlib would warn of each
+    missing glyph, ESC included, on the terminal), and `$` kept from starting mathtext."""
+    return printable(value).replace("$", r"\$")
+
+
 def _title(result: DiagnosticsResult) -> str:
-    return f"{Path(result.model).name or result.model} ({result.variant}, {result.layout}, {result.samples} x {result.seq_len} tokens)"
+    name = figure_text(Path(result.model).name or result.model)
+    return f"{name} ({result.variant}, {result.layout}, {result.samples} x {result.seq_len} tokens)"
 
 
 def plot_updates(result: DiagnosticsResult):
