@@ -149,14 +149,16 @@ def upload_answer_timeout() -> float:
 
 
 @contextmanager
-def hub_timeout(read: float | None = None) -> Iterator[None]:
+def hub_timeout(commit_read: float | None = None) -> Iterator[None]:
     """Requests to the Hub time out after HF_HUB_DOWNLOAD_TIMEOUT seconds without an answer
-    (`read` seconds, if given, for the answer itself: a commit's answer takes longer to come).
+    (`commit_read` seconds, if given, for the answer to a commit, which takes longer to come).
 
     huggingface_hub's shared HTTP client has no timeout of its own, and only downloads pass one:
     API calls (creating a repo, listing files, committing) would wait forever on a server that
     accepts the connection and never answers. For the duration, the shared client (whatever
     factory made it, so a user's proxy settings stay) gets a timeout; its own comes back afterwards.
+    Only the commit gets the long wait: huggingface_hub retries a request that timed out five
+    times, so a long wait on every request (the preupload question too) held a push for minutes.
     """
     from huggingface_hub import constants, get_session
 
@@ -168,11 +170,22 @@ def hub_timeout(read: float | None = None) -> Iterator[None]:
     session = get_session()
     previous = session.timeout
     seconds = constants.HF_HUB_DOWNLOAD_TIMEOUT
-    session.timeout = httpx.Timeout(seconds, read=seconds if read is None else read)
+    session.timeout = httpx.Timeout(seconds)
+    commit_timeout = httpx.Timeout(seconds, read=commit_read).as_dict() if commit_read is not None else None
+
+    def wait_longer_for_a_commit(request) -> None:
+        if "/commit/" in request.url.path:
+            request.extensions["timeout"] = commit_timeout
+
+    hooks = session.event_hooks["request"]
+    if commit_timeout is not None:
+        hooks.append(wait_longer_for_a_commit)
     try:
         yield
     finally:
         session.timeout = previous
+        if wait_longer_for_a_commit in hooks:
+            hooks.remove(wait_longer_for_a_commit)
 
 
 class HubUnreachable(UserError):

@@ -535,6 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
         except HttpError as error:
             status = error.status
             self._send_json(error.status, {"error": error.message}, error.headers)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (a delayed answer)
+            self.close_connection = True
+            status = 0
         except Exception as error:  # a bug in the stand-in: answer, and keep the message for the test
             status = 500
             self.hub.unhandled.append(f"{method} {self.path}: {type(error).__name__}: {error}")

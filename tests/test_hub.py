@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -705,6 +706,22 @@ def test_an_upload_that_is_never_answered_says_how_long_it_waited(hub, model_dir
     assert_ends_with_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s a request",
                           "2 s for the upload's answer")
     assert file_digests(model_dir) == before
+
+
+def test_only_the_commit_waits_longer_than_an_api_call(hub, model_dir, monkeypatch, capfd):
+    """The upload's long wait is for the commit's answer: a preupload question as slow as that
+    would be waited for six times over (huggingface_hub retries a timed-out request five times),
+    which held a push for minutes on a server that never answered it."""
+    import huggingface_hub.utils._http as hub_http
+
+    hub.delay("POST", r"/api/models/alice/tiny-mesh/preupload/main", 2.5)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(io, "UPLOAD_ANSWER_SECONDS", 10.0)
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda seconds: None))  # the retries' back-off
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    code, _, err = invoke(capfd, "push", str(model_dir), "alice/tiny-mesh")
+    assert_ends_with_one_error_line(code, err, "did not answer in time", "HF_HUB_DOWNLOAD_TIMEOUT=1 s")
+    assert "model.safetensors" not in hub.files("alice/tiny-mesh")
 
 
 def test_a_commit_the_hub_takes_longer_to_check_than_an_api_call_may_take_still_lands(hub, model_dir, monkeypatch, capfd):

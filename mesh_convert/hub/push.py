@@ -303,7 +303,7 @@ def _upload(
     try:
         if wrote_card:
             link(card_path, upload / "README.md")
-        with hub_timeout(read=upload_answer_timeout()):
+        with hub_timeout(commit_read=upload_answer_timeout()):
             api.upload_folder(
                 repo_id=full_id,
                 folder_path=upload,
